@@ -1,0 +1,317 @@
+"""The keyed half of the flow: dedup, window and aggregate the events of one shard.
+
+A shard owns the organizations that hash to it (see ``operators.intake.shard_of``).
+It hears from every Kafka partition, so it can take the minimum of their
+watermarks and close windows the way a single-partition stream would::
+
+    >>> from operators.records import ShardBatch
+    >>> from operators.windows import TumblingWindows
+    >>> logic = UsageWindowLogic(UsageWindowParams(TumblingWindows(60_000), 86_400_000, 1))
+    >>> event = (1, "org", "cust", "api_calls", 30_000, 2 * 10**18, 0, 7, "t1", None)
+    >>> rows, _ = logic.on_batch([ShardBatch(0, 1, 65_000, False, [event, event])])
+    >>> [(r.window_start_ms, r.event_count, r.total_scaled) for r in rows], logic.duplicates
+    ([(0, 1, 2000000000000000000)], 1)
+
+Every window store decides with the event's ``watermark_before`` (its own
+partition's watermark just before it), so what counts where is the same on
+every replay. Windows are emitted when the flow's watermark passes their end,
+corrected while within the allowed lateness, then forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from bytewax.operators import StatefulBatchLogic
+
+from operators import telemetry
+from operators.catalog import Catalog, MetricDefinition
+from operators.records import CountedUsage, LateRecord, MetricRow, ShardBatch, WindowRow
+from operators.watermark import NO_WATERMARK, FlowWatermark
+from operators.windows import SessionWindows, TumblingWindows, WindowKind
+from operators.aggregations import Sum
+from state.dedup import DedupSnapshot, DedupStore
+from state.sessions import SessionStore
+from state.windows import AggregateWindowStore, WindowStore
+
+ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class UsageWindowParams:
+    """Parameters a shard's state depends on; a resume with others fails loudly."""
+
+    windows: WindowKind
+    dedup_horizon_ms: int
+    shards: int
+    allowed_lateness_ms: int = 0
+    rollups: tuple[str, ...] = ()
+    catalog: Catalog = field(default_factory=Catalog)
+    emit_counted_usage: bool = False
+
+
+@dataclass(frozen=True)
+class UsageShardSnapshot:
+    """Everything one shard needs to resume exactly where its snapshot was taken."""
+
+    shards: int
+    watermark: FlowWatermark
+    forgotten_before: int
+    dedup: DedupSnapshot
+    usage: object
+    rollups: dict
+    metrics: dict
+    pending_late: tuple
+    duplicates: int
+
+
+def _source_position(late: tuple) -> tuple[int, int]:
+    record = late[2]
+    return record.source_partition, record.source_offset
+
+
+class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot]):
+    """Dedup by transaction, then aggregate per (org, customer, code, window).
+
+    Emits ``WindowRow`` (usage windows and rollups), ``MetricRow`` (catalog
+    metrics), ``LateRecord`` (late events that are not copies of a counted
+    transaction) and, when enabled, one ``CountedUsage`` per batch.
+    """
+
+    def __init__(self, params: UsageWindowParams, resume: UsageShardSnapshot | None = None) -> None:
+        self.params = params
+        if resume is not None and resume.shards != params.shards:
+            raise ValueError(
+                f"recovery state was written with {resume.shards} shards, the flow now has "
+                f"{params.shards}; keep TALLYFLOW_SHARDS or start a new recovery store"
+            )
+        lateness = params.allowed_lateness_ms
+        self.watermark = resume.watermark.resumed() if resume else FlowWatermark()
+        self.forgotten_before = resume.forgotten_before if resume else NO_WATERMARK
+        self.dedup = DedupStore(params.dedup_horizon_ms, resume.dedup if resume else None)
+        self.usage = _store(params.windows, Sum(), lateness, resume.usage if resume else None,
+                            fast_usage=True)
+        # Rollups count exactly what the usage windows count: they stay open long
+        # enough for any event the usage windows can still accept.
+        rollup_lateness = lateness + _longest_window(params.windows)
+        self.rollups = {
+            grain: WindowStore(TumblingWindows(ROLLUP_SIZES_MS[grain]),
+                               resume.rollups.get(grain) if resume else None, rollup_lateness, grain)
+            for grain in params.rollups
+        }
+        self.metric_stores = [
+            _store(m.windows, m.aggregation, lateness, resume.metrics.get(m.name) if resume else None)
+            for m in params.catalog.metrics
+        ]
+        self.pending_late: list = list(resume.pending_late) if resume else []
+        self.duplicates = resume.duplicates if resume else 0
+        self.window_tracing = telemetry.WindowTracing()  # sampled events' spans; not snapshotted
+
+    # -- input ---------------------------------------------------------------
+
+    def on_batch(self, values: list[ShardBatch]) -> tuple[Iterable[object], bool]:
+        out: list = []
+        counted: dict | None = {} if self.params.emit_counted_usage else None
+        duplicates_before = self.duplicates
+        for batch in values:
+            self._count(batch, out, counted)
+            self.pending_late.extend(batch.late)
+            self.watermark.report(batch.partition, batch.n_partitions, batch.watermark,
+                                  batch.at_end, batch.idle)
+            if batch.traces:
+                self.window_tracing.add(batch.traces)
+        current, closing = self.watermark.current, self.watermark.closing
+        self.forgotten_before = max(self.forgotten_before, current)
+        closed = self._emit(closing, self.forgotten_before)
+        out.extend(closed)
+        if self.window_tracing.pending:
+            out.extend(self.window_tracing.closed(closed))
+        if self.pending_late:
+            out.extend(self._release_late(closing))
+        self.dedup.forget_before(current)
+        if counted:
+            out.append(CountedUsage(counted, self.forgotten_before))
+        telemetry.record_duplicates(self.duplicates - duplicates_before)
+        telemetry.record_windows_closed(len(closed))
+        return out, StatefulBatchLogic.RETAIN
+
+    def _count(self, batch: ShardBatch, out: list, counted: dict | None) -> None:
+        events = batch.events
+        if not events:
+            return
+        fresh = self.dedup.keep_first_sightings(events)
+        self.duplicates += len(events) - len(fresh)
+        if isinstance(self.params.windows, TumblingWindows):
+            fresh = self._count_tumbling(batch, fresh, counted, out)
+        for event in fresh:
+            self._count_one(batch, event, out, counted)
+
+    def _count_tumbling(self, batch: ShardBatch, fresh: list, counted: dict | None, out: list) -> list:
+        """The hot path: sum the batch per (window, key) first, then touch the stores once per group.
+
+        Intake already sent aside events too late for their window, and rollups stay
+        open longer than the usage windows, so no per-event check is needed — except
+        for events seen before the shard's forgotten horizon (an idle partition came
+        back), which go the per-event way; they are returned.
+        """
+        size, forgotten = self.params.windows.size_ms, self.forgotten_before
+        groups: dict[tuple, list] = {}
+        per_event = []
+        for event in fresh:
+            _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
+            if seen < forgotten:
+                per_event.append(event)
+                continue
+            group_key = (timestamp - timestamp % size, org, customer, code)
+            group = groups.get(group_key)
+            if group is None:
+                groups[group_key] = [1, value, timestamp]
+            else:
+                group[0] += 1
+                group[1] += value
+                if timestamp > group[2]:
+                    group[2] = timestamp
+            if metric_values:
+                self._add_metrics(batch, event, metric_values, seen, out)
+        usage_add = self.usage.add_group
+        for (start, org, customer, code), (count, total, _latest) in groups.items():
+            usage_add(start, (org, customer, code), count, total)
+        for grain, store in self.rollups.items():
+            grain_ms = ROLLUP_SIZES_MS[grain]
+            for (start, org, customer, code), (count, total, _latest) in groups.items():
+                store.add_group(start - start % grain_ms, (org, customer, code), count, total)
+        if counted is not None:
+            for (start, org, customer, code), (count, total, latest) in groups.items():
+                day_key = (org, customer, code, start - start % _DAY_MS)
+                old = counted.get(day_key)
+                counted[day_key] = (count, total, latest) if old is None else (
+                    old[0] + count, old[1] + total, max(old[2], latest))
+        return per_event
+
+    def _count_one(self, batch: ShardBatch, event: tuple, out: list, counted: dict | None) -> None:
+        _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
+        if seen < self.forgotten_before:
+            seen = self.forgotten_before  # an idle partition came back: its windows may be gone
+        key = (org, customer, code)
+        if not self._add_usage(key, timestamp, value, seen):
+            out.append(self._late_at_shard(batch, event, "window_closed_idle_partition", seen))
+            telemetry.record_late(1)  # intake counted it on time; rollup or metric misses are not late events
+            return
+        for grain, store in self.rollups.items():
+            start = timestamp - timestamp % ROLLUP_SIZES_MS[grain]
+            if store.accepts(start, seen):
+                store.add(start, key, value)
+            else:
+                out.append(self._late_at_shard(batch, event, f"window_closed:{grain}", seen))
+        if metric_values:
+            self._add_metrics(batch, event, metric_values, seen, out)
+        if counted is not None:
+            day_key = (org, customer, code, timestamp - timestamp % _DAY_MS)
+            count, total, latest = counted.get(day_key, (0, 0, timestamp))
+            counted[day_key] = (count + 1, total + value, max(latest, timestamp))
+
+    def _add_usage(self, key: tuple, timestamp: int, value: int, seen: int) -> bool:
+        usage = self.usage
+        if isinstance(usage, SessionStore):
+            return usage.add(key, timestamp, value, seen)
+        added = False
+        for start in self.params.windows.starts_for(timestamp):
+            if usage.accepts(start, seen):
+                usage.add(start, key, value)
+                added = True
+        return added
+
+    def _add_metrics(self, batch: ShardBatch, event: tuple, metric_values: list, seen: int,
+                     out: list) -> None:
+        org, customer, timestamp = event[1], event[2], event[4]
+        for index, group, value in metric_values:
+            if not self.metric_stores[index].add((org, customer, group), timestamp, value, seen):
+                name = self.params.catalog.metrics[index].name
+                out.append(self._late_at_shard(batch, event, f"window_closed:metric:{name}", seen))
+
+    def _late_at_shard(self, batch: ShardBatch, event: tuple, reason: str, seen: int) -> LateRecord:
+        _digest, org, customer, code, timestamp, value, _seen, offset, txn, _metrics = event
+        raw = json.dumps({"transaction_id": txn, "organization_id": org,
+                          "external_customer_id": customer, "code": code,
+                          "timestamp": timestamp}).encode()
+        return LateRecord(org, customer, code, txn, timestamp, value, reason, seen,
+                          batch.topic, batch.partition, offset, raw)
+
+    # -- output --------------------------------------------------------------
+
+    def _emit(self, closing: int, watermark: int) -> list:
+        rows: list = []
+        if isinstance(self.usage, SessionStore):
+            rows += [WindowRow(*r.key, r.start_ms, r.end_ms, r.count, r.result, r.version, r.is_deleted)
+                     for r in self.usage.emit(closing, watermark)]
+        else:
+            rows += self.usage.emit_closed(closing, watermark)
+        for store in self.rollups.values():
+            rows += store.emit_closed(closing, watermark)
+        for metric, store in zip(self.params.catalog.metrics, self.metric_stores):
+            rows += [_metric_row(metric, r) for r in store.emit(closing, watermark)]
+        return rows
+
+    def _release_late(self, closing: int) -> list[LateRecord]:
+        """Late events whose window every partition has passed: new ones out, copies dropped.
+
+        By then every on-time copy of the transaction has been counted, so the
+        decision is the same on every replay; ties are broken by source position.
+        """
+        due = [late for late in self.pending_late if late[0] <= closing]
+        if not due:
+            return []
+        self.pending_late = [late for late in self.pending_late if late[0] > closing]
+        released = []
+        for _due, digest, record in sorted(due, key=_source_position):
+            if self.dedup.first_sighting(digest, record.timestamp_ms):
+                released.append(record)
+            else:
+                self.duplicates += 1
+        return released
+
+    def snapshot(self) -> UsageShardSnapshot:
+        started = time.perf_counter()
+        snapshot = self._snapshot()
+        telemetry.record_snapshot(time.perf_counter() - started)
+        return snapshot
+
+    def _snapshot(self) -> UsageShardSnapshot:
+        return UsageShardSnapshot(
+            self.params.shards,
+            self.watermark.copy(),
+            self.forgotten_before,
+            self.dedup.snapshot(),
+            self.usage.snapshot(),
+            {grain: store.snapshot() for grain, store in self.rollups.items()},
+            {m.name: s.snapshot() for m, s in zip(self.params.catalog.metrics, self.metric_stores)},
+            tuple(self.pending_late),
+            self.duplicates,
+        )
+
+
+def _longest_window(windows: WindowKind) -> int:
+    """How far past an event's own time the windows holding it can end."""
+    if isinstance(windows, SessionWindows):
+        return windows.gap_ms
+    return getattr(windows, "size_ms", 0)
+
+
+def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: bool = False):
+    if isinstance(windows, SessionWindows):
+        return SessionStore(windows.gap_ms, aggregation, lateness, resume)
+    if fast_usage:
+        return WindowStore(windows, resume, lateness)
+    return AggregateWindowStore(windows, aggregation, lateness, resume)
+
+
+def _metric_row(metric: MetricDefinition, row) -> MetricRow:
+    org, customer, group = row.key
+    names = [".".join(path) for path in metric.group_by]
+    group_key = json.dumps(dict(zip(names, group)), sort_keys=True, separators=(",", ":"))
+    return MetricRow(metric.name, org, customer, group_key, row.start_ms, row.end_ms, row.result,
+                     row.count, row.version, row.is_deleted)

@@ -1,0 +1,249 @@
+"""Running totals per customer, code and period (UTC day and month), and quota crossings.
+
+The keyed step after the shard's dedup and windows. It consumes ``CountedUsage`` (what a shard
+counted in one batch: deduped, on time, summed per customer, code and day), keeps the ABSOLUTE
+totals of every live (customer, code, period) in Bytewax state, and emits:
+
+* ``LiveTotals``: every total that changed in the batch, absolute, for the Redis sink. Writing
+  an absolute value is idempotent, so a replay after a crash converges on the exact totals;
+* ``QuotaAlert`` the first time a total exceeds a quota threshold. "Already alerted" is part of
+  the snapshotted state, so a committed epoch never alerts twice; the alert sink fences the
+  uncommitted epoch that a replay repeats (``sinks.alerts``).
+
+Memory stays bounded: a day period is dropped once the watermark has passed its end by the
+horizon (2 days, or more with long windows: no event for it can be counted any more), a month
+once the watermark is three calendar months on (the current month and the two before stay).
+A logic resumed from a snapshot re-emits all its totals once, so Redis is rewritten after a
+restart even for totals that never change again::
+
+    >>> from operators.quotas import parse_quotas
+    >>> from operators.records import CountedUsage
+    >>> rules = parse_quotas('[[quota]]\\ncode="api"\\nperiod="day"\\nmeasure="count"\\nthreshold=2\\n')
+    >>> logic = LiveTotalsLogic(LiveTotalsParams(shards=1, rules=rules))
+    >>> usage = CountedUsage({("org", "cus", "api", 0): (3, 5 * 10**18, 1_000)}, watermark=0)
+    >>> out, _ = logic.on_batch([usage])
+    >>> [(t[4], t[5], t[6]) for t in out[0].labelled()]
+    [('1970-01-01', 3, 5000000000000000000), ('1970-01', 3, 5000000000000000000)]
+    >>> [(a.period, a.threshold, a.observed) for a in out if isinstance(a, QuotaAlert)]
+    [('1970-01-01', '2', '3')]
+    >>> again, _ = logic.on_batch([usage])
+    >>> [a for a in again if isinstance(a, QuotaAlert)]   # alerted once per period
+    []
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Iterable
+
+import msgspec
+from bytewax.operators import StatefulBatchLogic
+
+from operators.quotas import QuotaRules, plain_decimal
+from operators.watermark import NO_WATERMARK
+
+DAY_MS = 86_400_000
+DEFAULT_DAY_HORIZON_MS = 2 * DAY_MS
+MONTHS_KEPT = 2  # whole months kept before the watermark's month
+STATE_VERSION = 1
+_ASAP = datetime(1970, 1, 1, tzinfo=timezone.utc)  # a notify time that has always passed
+
+PeriodKey = tuple  # (organization_id, external_customer_id, code, period_kind, period_start_ms)
+
+
+class LiveTotals(msgspec.Struct, frozen=True, gc=False):
+    """Absolute running totals that changed, ``{PeriodKey: (count, total_scaled)}``.
+
+    One item per batch, not one per total: the sink coalesces them per key anyway, and each
+    item crossing a Bytewax step costs far more than a dict entry.
+    """
+
+    totals: dict
+
+    def labelled(self):
+        """``(org, customer, code, period_kind, period label, count, total_scaled)`` per total."""
+        for (org, customer, code, kind, start), (count, total) in self.totals.items():
+            yield org, customer, code, kind, period_label(kind, start), count, total
+
+
+class QuotaAlert(msgspec.Struct, frozen=True, gc=False):
+    """A running total that first exceeded a quota threshold in a period."""
+
+    organization_id: str
+    external_customer_id: str
+    code: str
+    period_kind: str
+    period: str
+    measure: str  # "count" | "value"
+    threshold: str  # exact decimal text
+    observed: str  # exact decimal text of the total when the crossing was seen
+    event_timestamp_ms: int  # latest event time among the counted events that crossed it
+
+    @property
+    def identity(self) -> tuple:
+        """What makes an alert unique: at most one per (customer, code, period, threshold)."""
+        return (self.organization_id, self.external_customer_id, self.code, self.period,
+                self.measure, self.threshold)
+
+
+@dataclass(frozen=True)
+class LiveTotalsParams:
+    """What the state depends on; ``day_horizon_ms`` must cover the longest window."""
+
+    shards: int
+    rules: QuotaRules = field(default_factory=QuotaRules)
+    day_horizon_ms: int = DEFAULT_DAY_HORIZON_MS
+
+
+@dataclass(frozen=True)
+class LiveTotalsSnapshot:
+    """One shard's running totals; ``alerted`` holds the identities of fired alerts."""
+
+    version: int
+    shards: int
+    watermark: int
+    totals: dict  # PeriodKey -> (count, total_scaled); values are immutable tuples
+    alerted: frozenset
+    evicted_through_day: int
+
+
+@lru_cache(maxsize=4096)
+def day_label(day_start_ms: int) -> str:
+    """``2026-01-31`` for a UTC day start."""
+    return datetime.fromtimestamp(day_start_ms / 1000, timezone.utc).strftime("%Y-%m-%d")
+
+
+@lru_cache(maxsize=4096)
+def month_of(timestamp_ms: int) -> tuple[int, str, int]:
+    """(month start ms, ``2026-01``, month index ``year * 12 + month - 1``) for a UTC time.
+
+    >>> month_of(1_769_904_000_000 - 1)   # the last millisecond of January 2026
+    (1767225600000, '2026-01', 24312)
+    """
+    moment = datetime.fromtimestamp(timestamp_ms // 1000, timezone.utc)
+    start = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
+    return int(start.timestamp()) * 1000, f"{moment.year:04d}-{moment.month:02d}", \
+        moment.year * 12 + moment.month - 1
+
+
+@lru_cache(maxsize=4096)
+def month_start(timestamp_ms: int) -> int:
+    """The start of the UTC month holding ``timestamp_ms``."""
+    return month_of(timestamp_ms)[0]
+
+
+def period_label(kind: str, start_ms: int) -> str:
+    """``2026-01-31`` for a day, ``2026-01`` for a month."""
+    return day_label(start_ms) if kind == "day" else month_of(start_ms)[1]
+
+
+class LiveTotalsLogic(StatefulBatchLogic):
+    """Absolute running totals of one shard; emits the changed ones and first crossings."""
+
+    def __init__(self, params: LiveTotalsParams, resume: LiveTotalsSnapshot | None = None) -> None:
+        self.params = params
+        if resume is not None and resume.version != STATE_VERSION:
+            raise ValueError(f"live totals state version {resume.version} is not {STATE_VERSION}; "
+                             "start a new recovery store")
+        if resume is not None and resume.shards != params.shards:
+            raise ValueError(
+                f"live totals state was written with {resume.shards} shards, the flow now has "
+                f"{params.shards}; keep TALLYFLOW_SHARDS or start a new recovery store")
+        self.watermark = resume.watermark if resume else NO_WATERMARK
+        self.totals: dict = dict(resume.totals) if resume else {}
+        self.alerted: set = set(resume.alerted) if resume else set()
+        self.evicted_through_day = resume.evicted_through_day if resume else NO_WATERMARK
+        self._resync = resume is not None and bool(self.totals)
+
+    def on_batch(self, values: list) -> tuple[Iterable, bool]:
+        totals, changed, months = self.totals, {}, {}
+        watched, latest_of = self.params.rules.by_code, {}  # latest event time, watched codes only
+        get = totals.get
+        for usage in values:
+            for (org, customer, code, day), (count, total, latest) in usage.deltas.items():
+                month = months.get(day)
+                if month is None:
+                    month = months[day] = month_start(day)
+                day_key = (org, customer, code, "day", day)
+                month_key = (org, customer, code, "month", month)
+                had = get(day_key)
+                changed[day_key] = totals[day_key] = (
+                    (count, total) if had is None else (had[0] + count, had[1] + total))
+                had = get(month_key)
+                changed[month_key] = totals[month_key] = (
+                    (count, total) if had is None else (had[0] + count, had[1] + total))
+                if code in watched:
+                    for key in (day_key, month_key):
+                        if latest_of.get(key, -1) < latest:
+                            latest_of[key] = latest
+            if usage.watermark > self.watermark:
+                self.watermark = usage.watermark
+        out: list = [self._resync_all() if self._resync else LiveTotals(changed)]
+        if latest_of:
+            out.extend(self._crossings(latest_of))
+        self._evict()
+        return out, StatefulBatchLogic.RETAIN
+
+    def _crossings(self, latest_of: dict[PeriodKey, int]) -> list[QuotaAlert]:
+        """First crossings among the changed totals of watched codes (``latest_of``: key ->
+        latest event time in this batch)."""
+        alerts = []
+        watched = self.params.rules.by_code
+        for key, latest in latest_of.items():
+            rules = watched[key[2]].get(key[3])
+            if not rules:
+                continue
+            org, customer, code, kind, start = key
+            count, total = self.totals[key]
+            for rule in rules:
+                if rule.observed(count, total) <= rule.threshold_scaled:
+                    continue
+                identity = (org, customer, code, kind, start, rule.measure, rule.threshold_scaled)
+                if identity in self.alerted:
+                    continue
+                self.alerted.add(identity)
+                observed = str(count) if rule.measure == "count" else plain_decimal(total)
+                alerts.append(QuotaAlert(org, customer, code, kind, period_label(kind, start),
+                                         rule.measure, rule.threshold_text, observed, latest))
+        return alerts
+
+    def _evict(self) -> None:
+        """Drop periods no event can reach any more (see the module docstring)."""
+        if self.watermark == NO_WATERMARK:
+            return
+        horizon_day = (self.watermark - self.params.day_horizon_ms) // DAY_MS * DAY_MS
+        if horizon_day <= self.evicted_through_day:
+            return
+        self.evicted_through_day = horizon_day
+        oldest_month = month_of(self.watermark)[2] - MONTHS_KEPT
+
+        def expired(kind: str, start: int) -> bool:
+            if kind == "day":
+                return start + DAY_MS <= horizon_day
+            # A month also waits for the horizon, in case DEDUP_HORIZON is longer than months.
+            next_month = month_start(start + 32 * DAY_MS)
+            return month_of(start)[2] < oldest_month and next_month <= horizon_day
+
+        for key in [k for k in self.totals if expired(k[3], k[4])]:
+            del self.totals[key]
+        self.alerted = {a for a in self.alerted if not expired(a[3], a[4])}
+
+    def _resync_all(self) -> LiveTotals:
+        self._resync = False
+        return LiveTotals(dict(self.totals))
+
+    def on_notify(self) -> tuple[Iterable, bool]:
+        return ([self._resync_all()] if self._resync else []), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable, bool]:
+        return ([self._resync_all()] if self._resync else []), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return _ASAP if self._resync else None
+
+    def snapshot(self) -> LiveTotalsSnapshot:
+        return LiveTotalsSnapshot(STATE_VERSION, self.params.shards, self.watermark,
+                                  dict(self.totals), frozenset(self.alerted),
+                                  self.evicted_through_day)

@@ -1,0 +1,125 @@
+"""What flows between the steps of the usage dataflow, and out of it.
+
+Plain msgspec structs: cheap to build, to pickle across workers, and to
+encode as JSON rows for ClickHouse.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+ShardEvent = tuple
+"""A valid, on-time event on its way to its shard, as a tuple for speed::
+
+    (digest, organization_id, external_customer_id, code, timestamp_ms, value_scaled,
+     watermark_before, offset, transaction_id, metric_values)
+
+``watermark_before`` is its partition's watermark just before it (each window
+store decides with it, so the decision is the same on every replay);
+``metric_values`` is ``None`` or ``[(metric_index, group, value), ...]`` for the
+catalog metrics of its code.
+"""
+
+
+class ShardBatch(msgspec.Struct, frozen=True, gc=False):
+    """One Kafka partition's progress as one shard needs it: its events, then its watermark.
+
+    ``late`` holds ``(due_ms, digest, LateRecord)``: events that missed their
+    window, checked against counted transactions once the flow's watermark
+    reaches ``due_ms`` (by then every on-time copy has been seen).
+    """
+
+    partition: int
+    n_partitions: int
+    watermark: int
+    at_end: bool
+    events: list
+    late: list = []
+    idle: bool = False
+    topic: str = ""
+    traces: list = []  # operators.telemetry.TraceCarry of sampled events (tracing on only)
+
+
+class WindowRow(msgspec.Struct, frozen=True, gc=False):
+    """One aggregate row of ``usage_aggregates``; ``version`` grows with every correction."""
+
+    organization_id: str
+    external_customer_id: str
+    code: str
+    window_start_ms: int
+    window_end_ms: int
+    event_count: int
+    total_scaled: int
+    version: int
+    is_deleted: bool = False
+    grain: str = ""  # "" for the main windows, "hour" or "day" for rollups
+
+
+class MetricRow(msgspec.Struct, frozen=True, gc=False):
+    """One row of ``metric_aggregates``: a catalog metric for a customer, group and window."""
+
+    metric: str
+    organization_id: str
+    external_customer_id: str
+    group_key: str
+    window_start_ms: int
+    window_end_ms: int
+    value_scaled: int
+    event_count: int
+    version: int
+    is_deleted: bool = False
+
+
+class CountedUsage(msgspec.Struct, frozen=True, gc=False):
+    """What one shard counted in one batch (deduped, on time), summed per customer, code and day.
+
+    ``deltas`` maps ``(organization_id, external_customer_id, code, day_start_ms)`` to
+    ``(count, total_scaled, max_event_ms)``. Emitted only when live totals are enabled; it
+    leaves the shard step keyed by the shard, like every other output. ``watermark`` is the
+    shard's ``forgotten_before`` after the batch: no later batch counts an event older than it
+    minus the longest window and lateness, so live totals may drop periods well before it.
+    """
+
+    deltas: dict
+    watermark: int = -(2**63)
+
+
+class LateRecord(msgspec.Struct, frozen=True, gc=False):
+    """A valid event that arrived after its window closed: a row of ``usage_late_events``."""
+
+    organization_id: str
+    external_customer_id: str
+    code: str
+    transaction_id: str
+    timestamp_ms: int
+    value_scaled: int
+    reason: str
+    watermark_ms: int
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    raw: bytes
+
+
+class DeadLetter(msgspec.Struct, frozen=True, gc=False):
+    """An input message that is not a valid event, bound for the DLQ topic untouched."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list
+    reason: str
+    detail: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+    def dlq_headers(self) -> list[tuple[str, bytes]]:
+        """The original headers plus ours, which name the reason and the source position."""
+        return [
+            *self.headers,
+            ("tallyflow.reason", self.reason.encode()),
+            ("tallyflow.detail", self.detail.encode("utf-8", "replace")[:1024]),
+            ("tallyflow.source.topic", self.source_topic.encode()),
+            ("tallyflow.source.partition", str(self.source_partition).encode()),
+            ("tallyflow.source.offset", str(self.source_offset).encode()),
+        ]

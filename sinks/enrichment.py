@@ -1,0 +1,157 @@
+"""Customer attributes from Redis for aggregate rows: a bounded TTL cache over pipelined lookups.
+
+Attributes live in Redis hashes ``tallyflow:customer:{organization_id}:{external_customer_id}``;
+:class:`CustomerAttributes` returns the configured fields of many customers at once. Customers
+cached for less than the TTL cost nothing; the others cost one pipelined round trip per call
+(``HMGET`` + ``EXISTS`` per customer), never one per event: the ClickHouse sink calls it once
+per flush with the distinct customers of the rows it writes.
+
+No guarantee of freshness is needed for exactness: attributes are not part of any row key, so
+a row written again with changed attributes replaces its twin with the same totals.
+
+Redis down or slow never stops the caller: the lookup falls back to the cached attributes even
+when expired (``stale``), or to empty strings for customers never seen (``unavailable``), logs
+a warning, and skips Redis until a backoff delay has passed (see ``sinks.redis_client``).
+
+    >>> attributes = CustomerAttributes("redis://127.0.0.1:1/0", ("plan",), ttl_ms=60_000)
+    >>> attributes.lookup([("org", "cust")])   # nothing listens on port 1: empty, not an error
+    {('org', 'cust'): ('',)}
+    >>> attributes.stats["unavailable"]
+    1
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from typing import Callable, Iterable
+
+from prometheus_client import Counter as PromCounter
+
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect
+
+log = logging.getLogger(__name__)
+
+CUSTOMER_KEY = "tallyflow:customer:{}:{}"
+
+LOOKUPS = PromCounter(
+    "tallyflow_enrichment_lookups",
+    "Customer attribute lookups by outcome: hit (fresh in cache), fetched (known, from Redis), "
+    "unknown (no hash in Redis), stale (Redis unavailable, expired cache used), "
+    "unavailable (Redis unavailable, never seen: empty attributes)",
+    ["outcome"],
+)
+
+Customer = tuple  # (organization_id, external_customer_id)
+
+
+def customer_key(organization_id: str, external_customer_id: str) -> str:
+    """The Redis hash holding a customer's attributes.
+
+    >>> customer_key("org_1", "cus_9")
+    'tallyflow:customer:org_1:cus_9'
+    """
+    return CUSTOMER_KEY.format(organization_id, external_customer_id)
+
+
+class CustomerAttributes:
+    """Fields ``fields`` of customers' hashes, through a cache of ``max_entries`` for ``ttl_ms``.
+
+    Unknown customers are cached too (as empty attributes), so a customer without a hash is
+    looked up at most once per TTL. ``stats`` counts outcomes (also exported to Prometheus).
+    """
+
+    def __init__(self, url: str, fields: tuple[str, ...], ttl_ms: int, *,
+                 max_entries: int = 100_000, timeout_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fields = tuple(fields)
+        self.ttl_s = ttl_ms / 1000
+        self.max_entries = max_entries
+        self.clock = clock
+        self.stats: Counter[str] = Counter()
+        self._empty = ("",) * len(self.fields)
+        self._cache: OrderedDict[Customer, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._redis = connect(url, timeout_s=timeout_s)
+        self._breaker = Breaker(clock=clock)
+
+    def lookup(self, customers: Iterable[Customer]) -> dict[Customer, tuple[str, ...]]:
+        """Attributes (one string per field, ``""`` when absent) of each distinct customer."""
+        now = self.clock()
+        found: dict[Customer, tuple[str, ...]] = {}
+        missing: list[Customer] = []
+        cache = self._cache
+        for customer in set(customers):
+            entry = cache.get(customer)
+            if entry is not None and entry[0] > now:
+                cache.move_to_end(customer)
+                found[customer] = entry[1]
+            else:
+                missing.append(customer)
+        self._count("hit", len(found))
+        if missing:
+            found.update(self._fetch(missing, now))
+        return found
+
+    def _fetch(self, customers: list[Customer], now: float) -> dict[Customer, tuple[str, ...]]:
+        if not self.fields:
+            return {customer: () for customer in customers}
+        if self._breaker.ready():
+            try:
+                fetched = self._read(customers)
+            except REDIS_ERRORS as err:
+                delay = self._breaker.failed(err)
+                log.warning("Redis unavailable for enrichment: using cached or empty attributes",
+                            extra={"customers": len(customers), "retry_in_s": delay,
+                                   "error": str(err)})
+            else:
+                if self._breaker.succeeded():
+                    log.info("Redis is back for enrichment")
+                return self._store(fetched, now)
+        out = {}
+        for customer in customers:
+            entry = self._cache.get(customer)
+            out[customer] = self._empty if entry is None else entry[1]
+        unavailable = sum(1 for customer in customers if customer not in self._cache)
+        self._count("unavailable", unavailable)
+        self._count("stale", len(customers) - unavailable)
+        return out
+
+    def _read(self, customers: list[Customer]) -> list[tuple[Customer, tuple[str, ...] | None]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for customer in customers:
+            key = customer_key(*customer)
+            pipe.hmget(key, self.fields)
+            pipe.exists(key)
+        replies = pipe.execute()
+        results = []
+        for i, customer in enumerate(customers):
+            values, exists = replies[2 * i], replies[2 * i + 1]
+            attributes = tuple("" if v is None else v.decode("utf-8", "replace") for v in values)
+            results.append((customer, attributes if exists else None))
+        return results
+
+    def _store(self, fetched, now: float) -> dict[Customer, tuple[str, ...]]:
+        expires = now + self.ttl_s
+        out = {}
+        unknown = 0
+        for customer, attributes in fetched:
+            if attributes is None:
+                unknown += 1
+                attributes = self._empty
+            self._cache[customer] = (expires, attributes)
+            self._cache.move_to_end(customer)
+            out[customer] = attributes
+        self._count("unknown", unknown)
+        self._count("fetched", len(fetched) - unknown)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return out
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if n:
+            self.stats[outcome] += n
+            LOOKUPS.labels(outcome).inc(n)
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,78 @@
+"""Redis connections for the flow's Redis features, and a breaker that never makes them wait.
+
+Every Redis user in the flow (enrichment, live totals, alert fences) talks to Redis with short
+timeouts and no client-side retries, and goes through a :class:`Breaker`: after a failure it
+skips Redis until a backoff delay has passed (0.2 s doubling up to 10 s), so an unreachable or
+slow Redis costs at most one timeout per delay, never one per call. Time is injected::
+
+    >>> now = [0.0]
+    >>> breaker = Breaker(clock=lambda: now[0])
+    >>> breaker.ready(), breaker.failed("down"), breaker.ready()
+    (True, 0.2, False)
+    >>> now[0] = 0.25; breaker.ready()
+    True
+    >>> breaker.failed("still down"), breaker.succeeded(), breaker.ready()
+    (0.4, True, True)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.RedisError, OSError)
+"""What a call to an unreachable, restarting or overloaded Redis raises."""
+
+
+def connect(url: str, *, timeout_s: float = 0.5) -> redis.Redis:
+    """A client for ``url`` (``redis://host:port/db``) that fails fast instead of retrying.
+
+    The connection is lazy: this never blocks, the first command connects.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        decode_responses=False,
+    )
+
+
+class Breaker:
+    """Whether to try Redis now: closed until a failure, then open for a growing delay."""
+
+    def __init__(self, first_s: float = 0.2, cap_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.first_s, self.cap_s, self.clock = first_s, cap_s, clock
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error = ""
+
+    def ready(self) -> bool:
+        """True when Redis may be tried (no failure, or the delay has passed)."""
+        return self.failures == 0 or self.clock() >= self.retry_at
+
+    def seconds_until_ready(self) -> float:
+        return 0.0 if self.ready() else self.retry_at - self.clock()
+
+    def failed(self, error: object) -> float:
+        """Record a failure; returns the delay before the next attempt."""
+        delay = min(self.cap_s, self.first_s * 2 ** self.failures)
+        self.failures += 1
+        self.retry_at = self.clock() + delay
+        self.last_error = str(error)
+        return delay
+
+    def succeeded(self) -> bool:
+        """Record a success; True if this ended an outage."""
+        recovered = self.failures > 0
+        self.failures = 0
+        return recovered

@@ -1,0 +1,280 @@
+"""Live running totals to Redis hashes, for quota enforcement at an API gateway.
+
+Each total becomes the hash ``tallyflow:usage:{org}:{customer}:{code}:{period}`` with fields
+``count`` and ``value`` (an exact decimal string), expiring 4 days (day keys) or 100 days
+(month keys) after its last write. Writes are ``HSET count N value V`` + ``EXPIRE``, done by a
+small Lua script for up to 1,000 keys per call, all calls of a batch in one pipeline: one round
+trip per batch and a fraction of the client CPU of one command per key.
+
+Guarantee: exact totals, eventually. Writes are absolute, so writing a total twice, or an old
+total before its successor, converges on the latest one, and a replay after a crash rewrites the
+same totals; the live-totals step re-emits every total once when it resumes, which covers what
+was still unwritten when the process died. After a crash Redis can show totals from the
+uncommitted epoch (counted again by the replay) or, briefly, the older committed ones.
+
+Redis down or slow never blocks the flow: a background thread per sink partition writes, and
+the partition only hands it totals, coalesced per key (a newer total replaces a pending older
+one), and writes are spaced by at least 1 s, so a busy key costs one write per second, not one
+per batch: live totals lag the flow by about a second. The pending set is bounded by the number
+of live keys, so nothing needs to block or be dropped; when Redis answers again the thread
+catches up. A Redis that lost its data (restarted
+without persistence, failed over empty) is detected through a per-partition sentinel key, and
+the thread then rewrites every total it has written since the process started.
+
+    >>> usage_key(("org", "cus", "api_calls", "day", 1_769_817_600_000))
+    'tallyflow:usage:org:cus:api_calls:2026-01-31'
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Callable
+
+import msgspec
+from bytewax.outputs import FixedPartitionedSink
+from prometheus_client import Counter, Gauge
+
+from operators.live_totals import LiveTotals, PeriodKey, period_label
+from operators.validation import format_scaled
+from sinks.buffered import BufferedPartition
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect
+
+log = logging.getLogger(__name__)
+
+USAGE_KEY = "tallyflow:usage:{}:{}:{}:{}"
+SENTINEL_KEY = "tallyflow:live:sentinel:{}"
+KEY_TTL_S = {"day": 4 * 86_400, "month": 100 * 86_400}
+KEYS_PER_CALL = 1_000
+_WRITE_SCRIPT = """
+local totals = cjson.decode(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local total = totals[i]
+  redis.call('HSET', key, 'count', total[1], 'value', total[2])
+  redis.call('EXPIRE', key, total[3])
+end
+return #KEYS
+"""  # KEYS: the hashes; ARGV[1]: JSON [[count text, value text, ttl], ...] (one arg: cheap to send)
+_encode_json = msgspec.json.Encoder().encode
+
+WRITES = Counter("tallyflow_live_totals_written", "Live totals written to Redis")
+WRITE_ERRORS = Counter("tallyflow_live_totals_redis_errors", "Failed writes of live totals to Redis")
+RESYNCS = Counter("tallyflow_live_totals_resyncs", "Times Redis had lost its data and was rewritten")
+PENDING = Gauge("tallyflow_live_totals_pending", "Live totals waiting for Redis", ["part"])
+
+Total = tuple  # (count, total_scaled)
+
+
+def usage_key(key: PeriodKey) -> str:
+    org, customer, code, kind, start = key
+    return USAGE_KEY.format(org, customer, code, period_label(kind, start))
+
+
+class RedisTotalsWriter:
+    """A thread that writes coalesced totals to Redis, retrying with backoff while it cannot."""
+
+    def __init__(self, url: str, part: str, *, timeout_s: float = 5.0, max_pipeline: int = 10_000,
+                 min_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.part = part
+        self.max_pipeline = max_pipeline
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._redis = connect(url, timeout_s=timeout_s)
+        self._script = self._redis.register_script(_WRITE_SCRIPT)
+        self._breaker = Breaker(clock=clock)
+        self._sentinel = SENTINEL_KEY.format(part)
+        self._cond = threading.Condition()
+        self._pending: dict[PeriodKey, Total] = {}
+        self._in_flight = 0
+        self._stopping = False
+        self._draining = 0
+        self._next_write_at = 0.0
+        self._written: dict[PeriodKey, Total] = {}  # what Redis holds, for a resync
+        self._written_at: dict[PeriodKey, float] = {}
+        self._names: dict[PeriodKey, str] = {}  # Redis key names, pruned with the above
+        self._next_prune = clock() + 3_600
+        self._thread = threading.Thread(target=self._run, name=f"redis-totals-{part}", daemon=True)
+        self._thread.start()
+
+    def submit(self, totals: dict[PeriodKey, Total]) -> None:
+        """Queue ``totals`` (absolute, newer than any pending one); never blocks on Redis."""
+        with self._cond:
+            self._pending.update(totals)
+            PENDING.labels(self.part).set(len(self._pending))
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + self._in_flight
+
+    def drain(self, timeout_s: float, *, give_up_if_unavailable: bool = False) -> bool:
+        """Wait until everything submitted is in Redis; False if Redis did not take it in time
+        (at once, with ``give_up_if_unavailable``, when the last attempt failed)."""
+        deadline = self.clock() + timeout_s
+        with self._cond:
+            self._draining += 1
+            self._cond.notify_all()
+            try:
+                while self._pending or self._in_flight:
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        return False
+                    if give_up_if_unavailable and self._breaker.failures and not self._in_flight:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._draining -= 1
+        return True
+
+    def close(self, drain_timeout_s: float = 10.0) -> None:
+        drained = self.drain(drain_timeout_s, give_up_if_unavailable=True)
+        if not drained:
+            log.warning("Redis did not take every live total before the sink closed; "
+                        "the next resume rewrites them", extra={"pending": self.pending(),
+                                                                 "part": self.part})
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(5)
+        self._redis.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (not self._pending or self._resting()):
+                    self._cond.wait(self._next_write_at - self.clock() if self._pending else None)
+                if self._stopping:
+                    return
+                batch = self._take()
+                self._next_write_at = self.clock() + self.min_interval_s
+            try:
+                lost_data = self._write(batch)
+            except REDIS_ERRORS as err:
+                self._failed(batch, err)
+                continue
+            self._written_ok(batch, lost_data)
+
+    def _resting(self) -> bool:
+        """Writes are spaced by ``min_interval_s`` so a busy key is written once per interval."""
+        return not self._draining and self.clock() < self._next_write_at
+
+    def _take(self) -> dict[PeriodKey, Total]:
+        if len(self._pending) <= self.max_pipeline:
+            batch, self._pending = self._pending, {}
+        else:
+            keys = list(itertools.islice(self._pending, self.max_pipeline))
+            batch = {key: self._pending.pop(key) for key in keys}
+        self._in_flight = len(batch)
+        return batch
+
+    def _write(self, batch: dict[PeriodKey, Total]) -> bool:
+        """One pipelined round trip; True if the sentinel was missing (Redis lost its data)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self._sentinel, b"1", nx=True)
+        keys, values = [], []
+        names = self._names
+        for key, (count, total) in batch.items():
+            name = names.get(key)
+            if name is None:
+                name = names[key] = usage_key(key)
+            keys.append(name)
+            values.append((str(count), format_scaled(total), KEY_TTL_S[key[3]]))
+            if len(keys) == KEYS_PER_CALL:
+                self._script(keys=keys, args=[_encode_json(values)], client=pipe)
+                keys, values = [], []
+        if keys:
+            self._script(keys=keys, args=[_encode_json(values)], client=pipe)
+        replies = pipe.execute()
+        return bool(replies[0])
+
+    def _failed(self, batch: dict[PeriodKey, Total], err: Exception) -> None:
+        WRITE_ERRORS.inc()
+        delay = self._breaker.failed(err)
+        with self._cond:
+            for key, entry in batch.items():
+                self._pending.setdefault(key, entry)  # a newer total submitted meanwhile wins
+            self._in_flight = 0
+            PENDING.labels(self.part).set(len(self._pending))
+            if self._breaker.failures == 1 or self._breaker.failures % 10 == 0:
+                log.warning("Redis unavailable for live totals: keeping them until it returns",
+                            extra={"part": self.part, "pending": len(self._pending),
+                                   "retry_in_s": delay, "error": str(err)})
+            self._cond.notify_all()
+            retry_at = self.clock() + delay
+            while not self._stopping and self.clock() < retry_at:
+                self._cond.wait(retry_at - self.clock())
+
+    def _written_ok(self, batch: dict[PeriodKey, Total], lost_data: bool) -> None:
+        now = self.clock()
+        recovered = self._breaker.succeeded()
+        WRITES.inc(len(batch))
+        with self._cond:
+            self._written.update(batch)
+            self._written_at.update(dict.fromkeys(batch, now))
+            if lost_data and len(self._written) > len(batch):
+                self._resync(now)
+            if now >= self._next_prune:
+                self._prune(now)
+            self._in_flight = 0
+            PENDING.labels(self.part).set(len(self._pending))
+            self._cond.notify_all()
+        if recovered:
+            log.info("Redis is back for live totals", extra={"part": self.part})
+
+    def _resync(self, now: float) -> None:
+        """Redis lost its data: write again every total it should hold (caller holds the lock)."""
+        RESYNCS.inc()
+        again = 0
+        for key, total in self._written.items():
+            if key not in self._pending:
+                self._pending[key] = total
+                again += 1
+        log.warning("Redis lost the live totals (sentinel missing): rewriting them",
+                    extra={"part": self.part, "totals": again})
+
+    def _prune(self, now: float) -> None:
+        """Forget totals whose Redis key has expired anyway, so memory stays bounded."""
+        self._written_at = {key: at for key, at in self._written_at.items()
+                            if at + KEY_TTL_S[key[3]] > now}
+        self._written = {key: self._written[key] for key in self._written_at}
+        self._names = {key: name for key, name in self._names.items() if key in self._written_at}
+        self._next_prune = now + 3_600
+
+
+class RedisTotalsPartition(BufferedPartition[LiveTotals]):
+    def __init__(self, writer: RedisTotalsWriter, max_rows: int, max_age_s: float,
+                 close_timeout_s: float = 10.0) -> None:
+        super().__init__(max_rows, max_age_s)
+        self.writer = writer
+        self.close_timeout_s = close_timeout_s
+
+    def flush_items(self, items: list[LiveTotals]) -> None:
+        for item in items:
+            self.writer.submit(item.totals)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.writer.close(self.close_timeout_s)
+
+
+class RedisTotalsSink(FixedPartitionedSink[LiveTotals, None]):
+    """Live totals into Redis, as ``partitions`` independent background writers."""
+
+    def __init__(self, url: str, *, partitions: int = 2, max_rows: int = 100,
+                 max_age_s: float = 0.2, close_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.partitions = partitions
+        self.max_rows = max_rows
+        self.max_age_s = max_age_s
+        self.close_timeout_s = close_timeout_s
+
+    def list_parts(self) -> list[str]:
+        return [str(i) for i in range(self.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> RedisTotalsPartition:
+        return RedisTotalsPartition(RedisTotalsWriter(self.url, for_part), self.max_rows,
+                                    self.max_age_s, self.close_timeout_s)

@@ -1,0 +1,141 @@
+"""ClickHouse tables of the usage flow, defined once and created idempotently at start.
+
+Aggregate tables are ReplacingMergeTree keyed by their window: a replayed or
+corrected row with a higher (or equal) version replaces the old one, and a row
+with ``is_deleted = 1`` (a session merged into another) disappears, so
+``SELECT … FINAL`` gives exactly one live row per key. ``usage_late_events`` is
+keyed by the source position, so a replay rewrites the same rows.
+
+    >>> [t.name for t in TABLES]
+    ['usage_aggregates', 'usage_aggregates_hourly', 'usage_aggregates_daily', 'metric_aggregates', 'usage_late_events']
+    >>> "ReplacingMergeTree(version, is_deleted)" in create_statement(TABLES[0])
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table as data, so single-node and cluster DDL are generated from one definition."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    order_by: tuple[str, ...]
+    version: str = ""
+    is_deleted: str = ""
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    @property
+    def engine_args(self) -> tuple[str, ...]:
+        return tuple(arg for arg in (self.version, self.is_deleted) if arg)
+
+
+USAGE_AGGREGATES = "usage_aggregates"
+USAGE_AGGREGATES_HOURLY = "usage_aggregates_hourly"
+USAGE_AGGREGATES_DAILY = "usage_aggregates_daily"
+METRIC_AGGREGATES = "metric_aggregates"
+USAGE_LATE_EVENTS = "usage_late_events"
+
+ROLLUP_TABLES = {"": USAGE_AGGREGATES, "hour": USAGE_AGGREGATES_HOURLY, "day": USAGE_AGGREGATES_DAILY}
+"""Where a ``WindowRow`` goes, by its grain."""
+
+_USAGE_COLUMNS = (
+    ("organization_id", "String"),
+    ("external_customer_id", "String"),
+    ("code", "String"),
+    ("window_start", "DateTime64(3, 'UTC')"),
+    ("window_end", "DateTime64(3, 'UTC')"),
+    ("event_count", "UInt64"),
+    ("total_value", "Decimal(38, 18)"),
+    ("version", "UInt64"),
+    ("is_deleted", "UInt8"),
+)
+_USAGE_KEY = ("organization_id", "external_customer_id", "code", "window_start")
+
+
+def _usage_table(name: str) -> Table:
+    return Table(name, _USAGE_COLUMNS, _USAGE_KEY, "version", "is_deleted")
+
+
+TABLES = (
+    _usage_table(USAGE_AGGREGATES),
+    _usage_table(USAGE_AGGREGATES_HOURLY),
+    _usage_table(USAGE_AGGREGATES_DAILY),
+    Table(
+        METRIC_AGGREGATES,
+        (
+            ("metric", "LowCardinality(String)"),
+            ("organization_id", "String"),
+            ("external_customer_id", "String"),
+            ("group_key", "String"),
+            ("window_start", "DateTime64(3, 'UTC')"),
+            ("window_end", "DateTime64(3, 'UTC')"),
+            ("value", "Decimal(38, 18)"),
+            ("event_count", "UInt64"),
+            ("version", "UInt64"),
+            ("is_deleted", "UInt8"),
+        ),
+        ("metric", "organization_id", "external_customer_id", "group_key", "window_start"),
+        "version",
+        "is_deleted",
+    ),
+    Table(
+        USAGE_LATE_EVENTS,
+        (
+            ("organization_id", "String"),
+            ("external_customer_id", "String"),
+            ("code", "String"),
+            ("transaction_id", "String"),
+            ("event_time", "DateTime64(3, 'UTC')"),
+            ("value", "Decimal(38, 18)"),
+            ("reason", "LowCardinality(String)"),
+            ("watermark", "DateTime64(3, 'UTC')"),
+            ("source_topic", "String"),
+            ("source_partition", "UInt32"),
+            ("source_offset", "UInt64"),
+            ("raw", "String"),
+        ),
+        ("source_topic", "source_partition", "source_offset", "reason"),
+    ),
+)
+TABLES_BY_NAME = {table.name: table for table in TABLES}
+
+USAGE_AGGREGATES_COLUMNS = TABLES_BY_NAME[USAGE_AGGREGATES].column_names
+METRIC_AGGREGATES_COLUMNS = TABLES_BY_NAME[METRIC_AGGREGATES].column_names
+USAGE_LATE_EVENTS_COLUMNS = TABLES_BY_NAME[USAGE_LATE_EVENTS].column_names
+
+
+def create_statement(table: Table) -> str:
+    """Single-node ``CREATE TABLE IF NOT EXISTS`` for ``table``."""
+    columns = ",\n    ".join(f"{name} {kind}" for name, kind in table.columns)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table.name} (\n    {columns}\n)\n"
+        f"ENGINE = ReplacingMergeTree({', '.join(table.engine_args)})\n"
+        f"ORDER BY ({', '.join(table.order_by)})"
+    )
+
+
+DDL = tuple(create_statement(table) for table in TABLES)
+
+
+def enrichment_migrations(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """Add a ``String`` column per enrichment field to ``usage_aggregates`` (idempotent).
+
+    >>> enrichment_migrations(("plan",))
+    ("ALTER TABLE usage_aggregates ADD COLUMN IF NOT EXISTS plan String DEFAULT ''",)
+    """
+    return tuple(f"ALTER TABLE {USAGE_AGGREGATES} ADD COLUMN IF NOT EXISTS {field} String DEFAULT ''"
+                 for field in fields)
+
+
+def ensure_schema(backend, enrich_fields: tuple[str, ...] = ()) -> None:
+    """Create the flow's tables if they do not exist, then add missing enrichment columns
+    (safe to call from every worker; rows written before a column existed read ``''``)."""
+    for statement in DDL + enrichment_migrations(enrich_fields):
+        backend.command(statement)

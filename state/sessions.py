@@ -1,0 +1,128 @@
+"""Session windows of one shard: per key, sessions that merge when an event bridges them.
+
+A session is ``[first, last + gap)``. It is emitted once the watermark passes its
+end, corrected while it is within the allowed lateness, and kept one more gap
+after that so no event that can still arrive could have joined it. When sessions
+merge, rows already written under another start get a tombstone (a deleted row
+with a higher version), so ``FINAL`` shows only the merged session::
+
+    >>> from operators.aggregations import Sum
+    >>> store = SessionStore(gap_ms=10, aggregation=Sum())
+    >>> store.add(("k",), 100, 1, watermark_before=0); store.add(("k",), 130, 2, watermark_before=0)
+    True
+    True
+    >>> [(r.start_ms, r.end_ms, r.count, r.result) for r in store.emit(closing_ms=200, watermark_ms=200)]
+    [(100, 110, 1, 1), (130, 140, 1, 2)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from operators.aggregations import Aggregation
+from state.windows import StoreRow
+
+
+@dataclass
+class Session:
+    first: int
+    last: int
+    count: int
+    state: Any
+    emitted_count: int = 0
+    written: dict[int, int] = field(default_factory=dict)  # start → version already written
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    fingerprint: str
+    sessions: dict
+
+
+class SessionStore:
+    """Sessions per key with merging, allowed lateness and tombstones."""
+
+    def __init__(self, gap_ms: int, aggregation: Aggregation, allowed_lateness_ms: int = 0,
+                 resume: SessionSnapshot | None = None) -> None:
+        self.gap_ms = gap_ms
+        self.aggregation = aggregation
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self._sessions: dict[tuple, list[Session]] = {}
+        if resume is not None:
+            if resume.fingerprint != self.fingerprint:
+                raise ValueError(f"session state was built for {resume.fingerprint}, the flow "
+                                 f"now uses {self.fingerprint}; start a new recovery store")
+            self._sessions = {k: [Session(**vars(s)) for s in v] for k, v in resume.sessions.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return f"session:{self.gap_ms}:{self.aggregation.name}:{self.allowed_lateness_ms}"
+
+    def add(self, key: tuple, timestamp_ms: int, value: Any, watermark_before: int) -> bool:
+        """Add an event unless its own minimal session is past the allowed lateness."""
+        if timestamp_ms + self.gap_ms + self.allowed_lateness_ms <= watermark_before:
+            return False
+        agg = self.aggregation
+        joined = Session(timestamp_ms, timestamp_ms, 1, agg.add(agg.create(), value, timestamp_ms))
+        kept = []
+        for session in self._sessions.get(key, []):
+            if _overlaps(session, joined, self.gap_ms):
+                joined = _merge(joined, session, agg)
+            else:
+                kept.append(session)
+        kept.append(joined)
+        kept.sort(key=lambda s: s.first)
+        self._sessions[key] = kept
+        return True
+
+    def emit(self, closing_ms: int, watermark_ms: int) -> list[StoreRow]:
+        """Rows for sessions whose end ``closing_ms`` passed; forget those long settled."""
+        rows: list[StoreRow] = []
+        settle = self.allowed_lateness_ms + self.gap_ms
+        for key in list(self._sessions):
+            sessions = self._sessions[key]
+            for session in sessions:
+                end = session.last + self.gap_ms
+                if end <= closing_ms and session.count != session.emitted_count:
+                    rows.extend(self._rows(key, session, end))
+            remaining = [s for s in sessions if s.last + self.gap_ms + settle > watermark_ms
+                         or s.count != s.emitted_count]
+            if remaining:
+                self._sessions[key] = remaining
+            else:
+                del self._sessions[key]
+        return rows
+
+    def _rows(self, key: tuple, session: Session, end: int) -> list[StoreRow]:
+        rows = [StoreRow(key, start, start + self.gap_ms, 0, 0, version + 1, True)
+                for start, version in session.written.items() if start != session.first]
+        result = self.aggregation.result(session.state, end)
+        rows.append(StoreRow(key, session.first, end, session.count, result, session.count))
+        session.written = {session.first: session.count}
+        session.emitted_count = session.count
+        return rows
+
+    def open_sessions(self) -> int:
+        return sum(len(v) for v in self._sessions.values())
+
+    def snapshot(self) -> SessionSnapshot:
+        import copy
+
+        return SessionSnapshot(self.fingerprint, {
+            key: [Session(s.first, s.last, s.count, copy.deepcopy(s.state), s.emitted_count,
+                          dict(s.written)) for s in sessions]
+            for key, sessions in self._sessions.items()
+        })
+
+
+def _overlaps(a: Session, b: Session, gap: int) -> bool:
+    return a.first < b.last + gap and b.first < a.last + gap
+
+
+def _merge(a: Session, b: Session, agg: Aggregation) -> Session:
+    written = dict(a.written)
+    for start, version in b.written.items():
+        written[start] = max(version, written.get(start, 0))
+    return Session(min(a.first, b.first), max(a.last, b.last), a.count + b.count,
+                   agg.merge(a.state, b.state), max(a.emitted_count, b.emitted_count), written)

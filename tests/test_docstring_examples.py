@@ -1,0 +1,24 @@
+"""The usage examples in docstrings are run, so they cannot drift from the code."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+PACKAGES = ("dataflows", "operators", "state", "sinks", "recovery", "deploy")
+SKIP = {"dataflows.usage"}  # importing it builds the flow and installs signal handlers
+
+
+def modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        names += [f"{package}.{info.name}" for info in pkgutil.iter_modules(module.__path__)]
+    return sorted(set(names) - SKIP)
+
+
+@pytest.mark.parametrize("name", modules())
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

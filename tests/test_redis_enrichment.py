@@ -1,0 +1,139 @@
+"""Customer attributes from Redis on ``usage_aggregates`` rows, through a bounded TTL cache.
+
+Real redis-server (the test's own), real ClickHouse engine, real broker and flow.
+"""
+
+from __future__ import annotations
+
+import time
+
+from deploy.broker import ensure_topic
+from deploy.generator import generate, produce
+from deploy.runner import run_flow
+from sinks.clickhouse_backend import connect
+from sinks.enrichment import CustomerAttributes, customer_key
+from sinks.schema import USAGE_AGGREGATES, ensure_schema
+from support.flow import flow_env, read_output
+from support.kafka import read_all, unique_topic
+from support.redis import redis_server  # noqa: F401
+from recovery.reconcile import diff, recompute
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lookups_served(client) -> int:
+    """How many HMGET and EXISTS commands the server has answered so far."""
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("hmget", "exists"))
+
+
+def test_lookups_are_pipelined_cached_with_a_ttl_and_count_unknown_customers(redis_server):
+    client = redis_server.client()
+    client.hset(customer_key("o", "known"), mapping={"plan": "pro", "region": "eu"})
+    client.hset(customer_key("o", "no_plan"), mapping={"region": "us"})
+    clock = FakeClock()
+    attributes = CustomerAttributes(redis_server.url, ("plan", "region"), ttl_ms=60_000, clock=clock)
+    customers = [("o", "known"), ("o", "no_plan"), ("o", "nobody"), ("o", "known")]
+
+    before = lookups_served(client)
+    assert attributes.lookup(customers) == {
+        ("o", "known"): ("pro", "eu"), ("o", "no_plan"): ("", "us"), ("o", "nobody"): ("", "")}
+    assert lookups_served(client) - before == 6  # HMGET + EXISTS per distinct customer
+    assert attributes.stats == {"fetched": 2, "unknown": 1}
+
+    client.hset(customer_key("o", "known"), "plan", "enterprise")
+    clock.now += 59
+    before = lookups_served(client)
+    assert attributes.lookup(customers)[("o", "known")] == ("pro", "eu")  # cached
+    assert lookups_served(client) == before
+    clock.now += 2
+    assert attributes.lookup([("o", "known")])[("o", "known")] == ("enterprise", "eu")
+    attributes.close()
+
+
+def test_redis_down_falls_back_to_cached_or_empty_and_recovers(redis_server):
+    client = redis_server.client()
+    client.hset(customer_key("o", "known"), "plan", "pro")
+    clock = FakeClock()
+    attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=1_000, clock=clock)
+    assert attributes.lookup([("o", "known")]) == {("o", "known"): ("pro",)}
+
+    redis_server.stop()
+    clock.now += 5  # expired: Redis is asked, fails, the stale value is used
+    started = time.monotonic()
+    assert attributes.lookup([("o", "known"), ("o", "new")]) == {
+        ("o", "known"): ("pro",), ("o", "new"): ("",)}
+    for _ in range(50):  # the breaker is open: no further attempts, no waiting
+        attributes.lookup([("o", "new")])
+    assert time.monotonic() - started < 1.0
+    assert attributes.stats["stale"] == 1 and attributes.stats["unavailable"] == 51
+
+    redis_server.start()
+    redis_server.client().hset(customer_key("o", "new"), "plan", "starter")
+    clock.now += 11  # past the longest backoff
+    assert attributes.lookup([("o", "new")]) == {("o", "new"): ("starter",)}
+    attributes.close()
+
+
+def test_cache_is_bounded(redis_server):
+    attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=60_000, max_entries=10)
+    attributes.lookup([("o", str(i)) for i in range(25)])
+    assert len(attributes._cache) == 10
+    attributes.close()
+
+
+def test_flow_writes_plan_per_row_and_migrates_an_existing_table(kafka_broker, chdb_url, redis_server):
+    bootstrap = kafka_broker.bootstrap
+    topic, dlq = unique_topic("usage"), unique_topic("dlq")
+    ensure_topic(bootstrap, topic, 4)
+    ensure_topic(bootstrap, dlq, 1)
+    records = list(generate(8_000, seed=5, partitions=4, start_ms=START_MS, span_ms=300_000))
+    produce(bootstrap, topic, records)
+
+    # A table from before the enrichment columns, with a row in it.
+    backend = connect(chdb_url)
+    try:
+        ensure_schema(backend)
+        backend.command(f"INSERT INTO {USAGE_AGGREGATES} (organization_id, external_customer_id, "
+                        "code, window_start, window_end, event_count, total_value, version) "
+                        "VALUES ('old', 'row', 'x', 0, 60000, 1, 1, 1)")
+    finally:
+        backend.close()
+
+    plans = {}
+    client = redis_server.client()
+    for org in range(1, 6):
+        for customer in range(1, 21, 2):  # every other customer is known; the rest are not
+            org_id, customer_id = f"org_{org:03d}", f"cus_{org:03d}_{customer:04d}"
+            plans[(org_id, customer_id)] = ("free", "pro", "enterprise")[customer % 3]
+            client.hset(customer_key(org_id, customer_id),
+                        mapping={"plan": plans[(org_id, customer_id)], "other": "x"})
+
+    run_flow(flow_env(bootstrap, topic, dlq, chdb_url, TALLYFLOW_SHARDS="4",
+                      REDIS_URL=redis_server.url, ENRICH_FIELDS="plan"), timeout=120)
+
+    backend = connect(chdb_url)
+    try:
+        _, rows = backend.query(f"SELECT organization_id, external_customer_id, plan "
+                                f"FROM {USAGE_AGGREGATES} FINAL")
+    finally:
+        backend.close()
+    assert ("old", "row", "") in rows
+    flow_rows = [r for r in rows if r[0] != "old"]
+    assert {plan for _o, _c, plan in flow_rows} == {"", "free", "pro", "enterprise"}
+    for org, customer, plan in flow_rows:
+        assert plan == plans.get((org, customer), ""), (org, customer)
+
+    # Enrichment changes nothing else: the totals are still exact.
+    raw = [(m.partition(), m.offset(), m.value()) for m in read_all(bootstrap, topic)]
+    expected = recompute(raw, window_size_ms=60_000, max_out_of_orderness_ms=10_000)
+    actual = {k: v for k, v in read_output(chdb_url).aggregates.items() if k[0] != "old"}
+    assert diff(expected.aggregates, actual) == []
