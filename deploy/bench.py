@@ -7,6 +7,8 @@ in its own child process, timed from process start to exit, its peak RSS taken f
 
 - ``baseline``: a plain confluent-kafka consumer, ``json`` and a dict of (org, code, minute) ->
   [count, exact scaled-integer sum], read to partition EOF (not end offsets: FIELD-NOTES);
+- ``read-ceiling``: the same consumer with no decoding at all, to show how fast records can
+  reach one Python process here (what no contender can beat on this broker);
 - ``tallyflow-wN``: ``python -m bytewax.run dataflows.usage:flow -w N`` in stop-at-end mode on an
   embedded chdb directory with a recovery store (``-s 5 -b 30``), then checked against
   ``recovery.reconcile.recompute`` of the raw topic, so a fast but wrong run is flagged;
@@ -269,7 +271,8 @@ def run_bench(options: BenchOptions) -> dict:
             _say(options, f"dev broker on {broker.bootstrap}; work dir {work}")
             topic = f"bench-usage-{stamp.lower()}"
             stream = produce_stream(broker.bootstrap, topic, options, results)
-            contenders = [run_baseline(broker.bootstrap, topic, work, options)]
+            contenders = [run_baseline(broker.bootstrap, topic, work, options),
+                          run_baseline(broker.bootstrap, topic, work, options, "read-ceiling")]
             results["correctness"] = {}
             for shape in options.shapes():
                 run, check = run_tallyflow(broker.bootstrap, topic, work, shape, stream, options)
@@ -335,17 +338,27 @@ def _contender(name: str, events: int, run: ChildRun, fixed_seconds: float, **ex
             "steady_events_per_s": round(events / steady_seconds), **extra}
 
 
-def run_baseline(bootstrap: str, topic: str, work: Path, options: BenchOptions) -> dict:
-    out = work / "baseline.json"
-    run = measure_child(_bench_child("_baseline", bootstrap, topic, out), log=work / "baseline.log",
+PLAIN_CONSUMERS = {
+    "baseline": ("_baseline", "confluent-kafka + json + dict (org, code, minute); no dedup, "
+                              "no late handling, no output"),
+    "read-ceiling": ("_read_ceiling", "confluent-kafka reading every record, no decode: what "
+                                      "the broker and client deliver to one Python process here"),
+}
+"""The plain-consumer contenders: name -> (child role, what it does)."""
+
+
+def run_baseline(bootstrap: str, topic: str, work: Path, options: BenchOptions,
+                 name: str = "baseline") -> dict:
+    """Run one plain consumer of :data:`PLAIN_CONSUMERS` over the whole topic."""
+    role, note = PLAIN_CONSUMERS[name]
+    out = work / f"{name}.json"
+    run = measure_child(_bench_child(role, bootstrap, topic, out), log=work / f"{name}.log",
                         env=_project_env())
-    _check(run, "the baseline consumer")
+    _check(run, f"the {name} consumer")
     report = json.loads(out.read_text())
-    result = _contender("baseline", report["records"], run, run.seconds - report["loop_seconds"],
-                        counted=report["counted"], rejected=report["rejected"],
-                        note="confluent-kafka + json + dict (org, code, minute); no dedup, "
-                             "no late handling, no output")
-    _say(options, f"baseline: {result['events_per_s']:,} records/s ({run.seconds:.1f}s)")
+    result = _contender(name, report["records"], run, run.seconds - report["loop_seconds"],
+                        counted=report["counted"], rejected=report["rejected"], note=note)
+    _say(options, f"{name}: {result['events_per_s']:,} records/s ({run.seconds:.1f}s)")
     return result
 
 
@@ -1106,6 +1119,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _baseline_child(bootstrap: str, topic: str, out: str) -> int:
     """Read every record to EOF, aggregate count and exact sum per (org, code, minute)."""
+    return _plain_consumer(bootstrap, topic, out, count_events=True)
+
+
+def _read_ceiling_child(bootstrap: str, topic: str, out: str) -> int:
+    """Read every record to EOF and touch its value, nothing more: the read ceiling."""
+    return _plain_consumer(bootstrap, topic, out, count_events=False)
+
+
+def _plain_consumer(bootstrap: str, topic: str, out: str, *, count_events: bool) -> int:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
     started = time.perf_counter()
@@ -1128,6 +1150,9 @@ def _baseline_child(bootstrap: str, topic: str, out: str) -> int:
                 pending.discard(message.partition())
                 continue
             records += 1
+            if not count_events:
+                message.value()
+                continue
             try:
                 event = decode(message.value().decode())
                 key = (event["organization_id"], event["code"],
@@ -1294,8 +1319,8 @@ def _produce_child(bootstrap: str, topic: str, rate: str, seconds: str, start_at
     return 0
 
 
-_CHILDREN = {"_baseline": _baseline_child, "_quix": _quix_child, "_dedup": _dedup_child,
-             "_produce": _produce_child}
+_CHILDREN = {"_baseline": _baseline_child, "_read_ceiling": _read_ceiling_child,
+             "_quix": _quix_child, "_dedup": _dedup_child, "_produce": _produce_child}
 
 
 if __name__ == "__main__":

@@ -41,15 +41,18 @@ def test_json_lands_in_the_output_directory_with_a_utc_stamp(bench):
 def test_every_contender_reports_throughput_and_memory(bench):
     _, written = bench
     contenders = {c["name"]: c for c in written["contenders"]}
-    assert list(contenders) == ["baseline", "tallyflow-w1", "quix"]
+    assert list(contenders) == ["baseline", "read-ceiling", "tallyflow-w1", "quix"]
     assert "skipped" in contenders["quix"]
-    for name in ("baseline", "tallyflow-w1"):
+    for name in ("baseline", "read-ceiling", "tallyflow-w1"):
         c = contenders[name]
         assert c["events"] == EVENTS
         assert c["seconds"] > 0 and c["events_per_s"] > 0 and c["steady_events_per_s"] > 0
         assert c["peak_rss_mb"] > 10
         assert c["ratio_vs_baseline"] > 0
     assert contenders["baseline"]["ratio_vs_baseline"] == 1.0
+    baseline = contenders["baseline"]
+    assert baseline["counted"] + baseline["rejected"] == EVENTS, "the baseline decodes every record"
+    assert baseline["rejected"] < EVENTS // 20
 
 
 def test_the_flow_output_was_checked_and_is_exact(bench):
