@@ -33,7 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from operators.validation import VALUE_SCALE
+from operators.validation import VALUE_SCALE, Invalid, scale_decimal
 
 PERIODS = ("day", "month")
 MEASURES = ("count", "value")
@@ -222,10 +222,9 @@ def _threshold(raw: object, measure: str) -> int | str:
         return f"threshold must be a number or a decimal string, got {raw!r}"
     if not value.is_finite():
         return f"threshold must be finite, got {raw!r}"
-    scaled = value.scaleb(VALUE_SCALE)
-    if scaled != scaled.to_integral_value():
-        return f"threshold {raw} has more than {VALUE_SCALE} decimal places"
-    scaled_int = int(scaled)
-    if abs(scaled_int) >= 10**38:
+    if value and value.adjusted() >= 38 - VALUE_SCALE:
         return f"threshold {raw} does not fit Decimal(38, {VALUE_SCALE})"
-    return scaled_int
+    scaled = scale_decimal(value)  # exact: finite and small enough, so only places can fail
+    if isinstance(scaled, Invalid):
+        return f"threshold {raw} has more than {VALUE_SCALE} decimal places"
+    return scaled

@@ -146,7 +146,8 @@ def _timestamp_ms(timestamp: int | datetime) -> int | Invalid:
     return millis
 
 
-_EXACT = decimal.Context(prec=80)
+_EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
+"""Scaling context: a value with more significant digits than it keeps raises, never rounds."""
 _MAX_ADJUSTED = 38 - VALUE_SCALE - 1  # the largest power of ten that fits Decimal(38, 18)
 
 
@@ -166,7 +167,10 @@ def scale_decimal(value: Decimal) -> int | Invalid:
         return Invalid("invalid_value", f"value does not fit Decimal(38, {VALUE_SCALE}): {value}")
     if value.adjusted() < -VALUE_SCALE:
         return Invalid("invalid_value", f"value has more than {VALUE_SCALE} decimal places: {value}")
-    scaled = value.scaleb(VALUE_SCALE, _EXACT)
+    try:
+        scaled = value.scaleb(VALUE_SCALE, _EXACT)
+    except decimal.Inexact:  # more significant digits than Decimal(38, 18) can hold
+        return Invalid("invalid_value", f"value has more than {VALUE_SCALE} decimal places: {value}")
     whole = int(scaled)
     if scaled != whole:
         return Invalid("invalid_value", f"value has more than {VALUE_SCALE} decimal places: {value}")

@@ -91,6 +91,7 @@ def test_256_char_ids_are_fine():
         ("99999999999999999999.999999999999999999", 10**38 - 1),
         ("1.500000000000000000000", 15 * 10**17),
         ("1E+2", 100 * 10**18),
+        ("1." + "0" * 100, 10**18),  # trailing zeros past the 18th place are not precision
     ],
 )
 def test_scale_decimal_is_exact(text, scaled):
@@ -100,3 +101,14 @@ def test_scale_decimal_is_exact(text, scaled):
 
 def test_scale_decimal_rejects_overflow():
     assert isinstance(scale_decimal(Decimal("100000000000000000000")), Invalid)
+
+
+@pytest.mark.parametrize("text", [
+    "1." + "0" * 90 + "1",  # more digits than the scaling context keeps: never rounded to 1
+    "0.1" + "0" * 80 + "7",
+    "-12345678901234567890." + "0" * 70 + "3",
+])
+def test_scale_decimal_never_rounds_a_long_value(text):
+    result = scale_decimal(Decimal(text))
+    assert isinstance(result, Invalid) and result.reason == "invalid_value", result
+    assert "decimal places" in result.detail
