@@ -33,7 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from operators.validation import VALUE_SCALE, Invalid, scale_decimal
+from operators.validation import MAX_ADJUSTED, VALUE_SCALE, Invalid, scale_decimal
 
 PERIODS = ("day", "month")
 MEASURES = ("count", "value")
@@ -222,7 +222,7 @@ def _threshold(raw: object, measure: str) -> int | str:
         return f"threshold must be a number or a decimal string, got {raw!r}"
     if not value.is_finite():
         return f"threshold must be finite, got {raw!r}"
-    if value and value.adjusted() >= 38 - VALUE_SCALE:
+    if value and value.adjusted() > MAX_ADJUSTED:
         return f"threshold {raw} does not fit Decimal(38, {VALUE_SCALE})"
     scaled = scale_decimal(value)  # exact: finite and small enough, so only places can fail
     if isinstance(scaled, Invalid):

@@ -148,7 +148,8 @@ def _timestamp_ms(timestamp: int | datetime) -> int | Invalid:
 
 _EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
 """Scaling context: a value with more significant digits than it keeps raises, never rounds."""
-_MAX_ADJUSTED = 38 - VALUE_SCALE - 1  # the largest power of ten that fits Decimal(38, 18)
+MAX_ADJUSTED = 38 - VALUE_SCALE - 1
+"""The largest power of ten that fits Decimal(38, 18): ``value.adjusted()`` above it overflows."""
 
 
 def scale_decimal(value: Decimal) -> int | Invalid:
@@ -163,7 +164,7 @@ def scale_decimal(value: Decimal) -> int | Invalid:
         return Invalid("invalid_value", f"value is not finite: {value}")
     if not value:
         return 0
-    if value.adjusted() > _MAX_ADJUSTED:
+    if value.adjusted() > MAX_ADJUSTED:
         return Invalid("invalid_value", f"value does not fit Decimal(38, {VALUE_SCALE}): {value}")
     if value.adjusted() < -VALUE_SCALE:
         return Invalid("invalid_value", f"value has more than {VALUE_SCALE} decimal places: {value}")

@@ -33,14 +33,13 @@ from operators.quotas import QuotaFileError, QuotaRules, load_quotas, parse_quot
 from operators.records import CountedUsage
 from recovery.reconcile import read_aggregates, recompute
 from sinks.alerts import FENCE_KEY, PENDING, AlertsPartition, alert_key
-from sinks.clickhouse_backend import ClickHouseError, connect
+from sinks.clickhouse_backend import connect
 from sinks.redis_sink import RedisTotalsWriter
+from support.clickhouse import before_first_write
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic
 from support.redis import redis_server  # noqa: F401
 from test_exactly_once import FAST_FLOW, assert_exact, new_stream, wait_exit
-
-UNKNOWN_TABLE = 60  # ClickHouse error code for a table that does not exist yet
 
 FEB_1_2026_MS = 1_769_904_000_000
 START_MS = FEB_1_2026_MS - 15 * 60_000  # the stream crosses a day and a month boundary
@@ -337,11 +336,7 @@ def count_rows(url: str) -> int:
     """Rows in ``usage_aggregates``; 0 before the sink's first write has created the table."""
     backend = connect(url)
     try:
-        return len(read_aggregates(backend))
-    except ClickHouseError as err:
-        if err.code != UNKNOWN_TABLE:
-            raise
-        return 0
+        return before_first_write(lambda: len(read_aggregates(backend)), 0)
     finally:
         backend.close()
 

@@ -42,6 +42,7 @@ from operators.validation import Invalid, validate
 from operators.windows import TumblingWindows
 from sinks.clickhouse_backend import connect
 from sinks.dev_server import DevClickHouseServer
+from support.clickhouse import before_first_write
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic
 
@@ -103,8 +104,8 @@ def fetch_json(url: str) -> dict:
 def aggregate_rows(clickhouse_url: str) -> int:
     backend = connect(clickhouse_url)
     try:
-        _, [(tables,)] = backend.query("SELECT count() FROM system.tables WHERE name = 'usage_aggregates'")
-        return int(backend.query("SELECT count() FROM usage_aggregates")[1][0][0]) if tables else 0
+        return before_first_write(
+            lambda: int(backend.query("SELECT count() FROM usage_aggregates")[1][0][0]), 0)
     finally:
         backend.close()
 
