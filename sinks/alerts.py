@@ -37,11 +37,12 @@ from datetime import datetime, timezone
 
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter
 
 from operators.live_totals import QuotaAlert
 from sinks.buffered import BufferedPartition
+from sinks.kafka_output import output_producer
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         self._topic = topic
         self._brokers = ",".join(brokers)
         self._scan_timeout_s = scan_timeout_s
-        self._producer = Producer({"bootstrap.servers": self._brokers, "enable.idempotence": True,
-                                   "linger.ms": 5})
+        self._producer = output_producer(self._brokers)
         self._offsets = Consumer({"bootstrap.servers": self._brokers,
                                   "group.id": f"tallyflow-alerts-{uuid.uuid4().hex}",
                                   "enable.auto.commit": False})
@@ -254,7 +254,7 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
 
 
 class AlertsSink(FixedPartitionedSink[QuotaAlert, None]):
-    """Quota alerts to ``topic``; ``partitions`` independent fenced producers."""
+    """Quota alerts to ``topic``; ``partitions`` independent fenced writers (one producer per process)."""
 
     def __init__(self, brokers: list[str], topic: str, redis_url: str, *,
                  partitions: int = 1) -> None:

@@ -13,10 +13,11 @@ offset), which name the input record exactly.
 
 from __future__ import annotations
 
-from confluent_kafka import Producer
-from bytewax.outputs import FixedPartitionedSink
-
+import threading
 from dataclasses import dataclass
+
+from bytewax.outputs import FixedPartitionedSink
+from confluent_kafka import Producer
 
 from operators.records import DeadLetter, LateRecord
 from sinks.buffered import BufferedPartition
@@ -44,6 +45,31 @@ def late_event_record(late: LateRecord) -> OutboundRecord:
         ("tallyflow.source.partition", str(late.source_partition).encode()),
         ("tallyflow.source.offset", str(late.source_offset).encode()),
     ])
+
+
+_producers: dict[str, Producer] = {}
+_producers_lock = threading.Lock()
+
+
+def output_producer(bootstrap_servers: str) -> Producer:
+    """The process's producer for ``bootstrap_servers``, shared by every Kafka output.
+
+    Idempotent: no duplicates from its retries, order kept per partition. It cannot deliver
+    before it holds a producer id, which librdkafka first asks for on a 500 ms timer, so each
+    new producer's first flush used to wait about 0.5 s in the worker thread, once per sink
+    partition. One producer per process (librdkafka's are thread-safe), created when a sink
+    lists its partitions at start-up, pays that once and mostly while the flow starts.
+    """
+    with _producers_lock:
+        producer = _producers.get(bootstrap_servers)
+        if producer is None:
+            producer = _producers[bootstrap_servers] = Producer({
+                "bootstrap.servers": bootstrap_servers,
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "enable.sparse.connections": False,  # connect now, so the id comes sooner
+            })
+        return producer
 
 
 class KafkaOutputPartition(BufferedPartition[OutboundRecord]):
@@ -84,12 +110,9 @@ class KafkaOutputSink(FixedPartitionedSink[OutboundRecord, None]):
         self.max_age_s = max_age_s
 
     def list_parts(self) -> list[str]:
+        output_producer(",".join(self.brokers))  # at start-up: it gets its producer id meanwhile
         return [str(i) for i in range(self.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> KafkaOutputPartition:
-        producer = Producer({
-            "bootstrap.servers": ",".join(self.brokers),
-            "enable.idempotence": True,
-            "linger.ms": 5,
-        })
+        producer = output_producer(",".join(self.brokers))
         return KafkaOutputPartition(producer, self.topic, self.max_rows, self.max_age_s)
