@@ -254,7 +254,7 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
 
 
 class AlertsSink(FixedPartitionedSink[QuotaAlert, None]):
-    """Quota alerts to ``topic``; ``partitions`` independent fenced writers (one producer per process)."""
+    """Quota alerts to ``topic``; ``partitions`` independent fenced writers (one producer per worker)."""
 
     def __init__(self, brokers: list[str], topic: str, redis_url: str, *,
                  partitions: int = 1) -> None:

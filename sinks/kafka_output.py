@@ -47,23 +47,29 @@ def late_event_record(late: LateRecord) -> OutboundRecord:
     ])
 
 
-_producers: dict[str, Producer] = {}
+_producers: dict[tuple[int, str], Producer] = {}
 _producers_lock = threading.Lock()
 
 
 def output_producer(bootstrap_servers: str) -> Producer:
-    """The process's producer for ``bootstrap_servers``, shared by every Kafka output.
+    """This worker's producer for ``bootstrap_servers``, shared by all its Kafka outputs.
 
     Idempotent: no duplicates from its retries, order kept per partition. It cannot deliver
     before it holds a producer id, which librdkafka first asks for on a 500 ms timer, so each
-    new producer's first flush used to wait about 0.5 s in the worker thread, once per sink
-    partition. One producer per process (librdkafka's are thread-safe), created when a sink
-    lists its partitions at start-up, pays that once and mostly while the flow starts.
+    new producer's first flush used to wait about 0.5 s in the worker, once per sink
+    partition. One producer per worker, created when a sink lists its partitions at start-up
+    and connected at once, pays that once and mostly while the flow starts. Per worker, not
+    per process: delivery callbacks run in the thread that polls or flushes, so each
+    partition's failures are recorded before its own flush returns.
+
+    Keyed by the OS thread: a Bytewax worker is a thread Python did not start, whose
+    ``threading.local`` data does not outlive each call into Python.
     """
+    key = (threading.get_ident(), bootstrap_servers)
     with _producers_lock:
-        producer = _producers.get(bootstrap_servers)
+        producer = _producers.get(key)
         if producer is None:
-            producer = _producers[bootstrap_servers] = Producer({
+            producer = _producers[key] = Producer({
                 "bootstrap.servers": bootstrap_servers,
                 "enable.idempotence": True,
                 "linger.ms": 5,
