@@ -139,7 +139,7 @@ class IntakeLogic:
             shard = shard_cache.get(org)
             if shard is None:
                 shard = self._shard(org)
-            digest = digest_of(f"{org}\x1f{event.transaction_id}".encode()) - bias  # transaction_digest
+            digest = digest_of(f"{len(org)}:{org}{event.transaction_id}".encode()) - bias  # transaction_digest
             due = timestamp - timestamp % step + end_offset
             if due <= watermark:
                 late = (due, digest, self._late(offset, value, event, watermark))

@@ -61,12 +61,17 @@ DIGEST_BIAS = _HALF
 def transaction_digest(organization_id: str, transaction_id: str) -> int:
     """Stable signed 64-bit digest of (organization_id, transaction_id), equal in every process.
 
-    A hot loop may inline it as ``digest_hash(f"{org}\\x1f{txn}".encode()) - DIGEST_BIAS``::
+    The hashed text is length-prefixed, ``f"{len(org)}:{org}{txn}"``, so it names one
+    pair whatever characters the ids hold (a separator character could appear in an id:
+    ``("a\x1fb", "c")`` and ``("a", "b\x1fc")`` would share a digest). A hot loop may
+    inline it as ``digest_hash(f"{len(org)}:{org}{txn}".encode()) - DIGEST_BIAS``::
 
-        >>> digest_hash("org\x1ft1".encode()) - DIGEST_BIAS == transaction_digest("org", "t1")
+        >>> digest_hash("3:orgt1".encode()) - DIGEST_BIAS == transaction_digest("org", "t1")
         True
+        >>> transaction_digest("a\x1fb", "c") == transaction_digest("a", "b\x1fc")
+        False
     """
-    return _xxh3(f"{organization_id}\x1f{transaction_id}".encode()) - _HALF
+    return _xxh3(f"{len(organization_id)}:{organization_id}{transaction_id}".encode()) - _HALF
 
 
 @dataclass(frozen=True)
