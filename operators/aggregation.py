@@ -153,6 +153,13 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
     def _count_tumbling(self, batch: ShardBatch, fresh: list, counted: dict | None, out: list) -> list:
         """The hot path: sum the batch per (window, key) first, then touch the stores once per group.
 
+        Rollups and the counted days are bucketed by the event's own time, not by its
+        window's start (a 1-day window's events spread over 24 hourly rows; with 7-minute
+        windows an event at 00:01 belongs to its own day). Where a grain is a multiple of
+        the window size the window groups already are the grain's groups (epoch-aligned
+        windows nest in hours and days); otherwise the batch is also summed per (grain,
+        key) separately.
+
         Intake already sent aside events too late for their window, and rollups stay
         open longer than the usage windows, so no per-event check is needed — except
         for events seen before the shard's forgotten horizon (an idle partition came
@@ -160,6 +167,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         """
         size, forgotten = self.params.windows.size_ms, self.forgotten_before
         groups: dict[tuple, list] = {}
+        by_unit: dict[int, dict[tuple, list]] = {unit: {} for unit in self._own_units(counted)}
         per_event = []
         for event in fresh:
             _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
@@ -167,7 +175,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 per_event.append(event)
                 continue
             group_key = (timestamp - timestamp % size, org, customer, code)
-            group = groups.get(group_key)
+            group = groups.get(group_key)  # _add_to_group, inlined on the hot path
             if group is None:
                 groups[group_key] = [1, value, timestamp]
             else:
@@ -175,22 +183,34 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 group[1] += value
                 if timestamp > group[2]:
                     group[2] = timestamp
+            for unit, unit_groups in by_unit.items():
+                _add_to_group(unit_groups, (timestamp - timestamp % unit, org, customer, code),
+                              value, timestamp)
             if metric_values:
                 self._add_metrics(batch, event, metric_values, seen, out)
         usage_add = self.usage.add_group
         for (start, org, customer, code), (count, total, _latest) in groups.items():
             usage_add(start, (org, customer, code), count, total)
         for grain, store in self.rollups.items():
-            grain_ms = ROLLUP_SIZES_MS[grain]
-            for (start, org, customer, code), (count, total, _latest) in groups.items():
-                store.add_group(start - start % grain_ms, (org, customer, code), count, total)
+            unit = ROLLUP_SIZES_MS[grain]
+            for (start, org, customer, code), (count, total, _latest) in \
+                    _grouped_by(unit, groups, by_unit).items():
+                store.add_group(start, (org, customer, code), count, total)
         if counted is not None:
-            for (start, org, customer, code), (count, total, latest) in groups.items():
-                day_key = (org, customer, code, start - start % _DAY_MS)
-                old = counted.get(day_key)
-                counted[day_key] = (count, total, latest) if old is None else (
+            for (day, org, customer, code), (count, total, latest) in \
+                    _grouped_by(_DAY_MS, groups, by_unit).items():
+                key = (org, customer, code, day)
+                old = counted.get(key)
+                counted[key] = (count, total, latest) if old is None else (
                     old[0] + count, old[1] + total, max(old[2], latest))
         return per_event
+
+    def _own_units(self, counted: dict | None) -> list[int]:
+        """Grains (ms) the tumbling window groups cannot give: not a multiple of the window size."""
+        units = {ROLLUP_SIZES_MS[grain] for grain in self.rollups}
+        if counted is not None:
+            units.add(_DAY_MS)
+        return sorted(unit for unit in units if unit % self.params.windows.size_ms)
 
     def _count_one(self, batch: ShardBatch, event: tuple, out: list, counted: dict | None) -> None:
         _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
@@ -292,6 +312,45 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             tuple(self.pending_late),
             self.duplicates,
         )
+
+
+def _add_to_group(groups: dict[tuple, list], key: tuple, value: int, timestamp: int) -> None:
+    """Add one event to its group ``[count, total_scaled, latest_event_ms]``."""
+    group = groups.get(key)
+    if group is None:
+        groups[key] = [1, value, timestamp]
+    else:
+        group[0] += 1
+        group[1] += value
+        if timestamp > group[2]:
+            group[2] = timestamp
+
+
+def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
+                by_unit: dict[int, dict[tuple, list]]) -> dict[tuple, list]:
+    """The batch's groups per (grain start, org, customer, code) for a grain of ``unit_ms``.
+
+    Taken from ``by_unit`` when the batch was summed per grain; otherwise the tumbling
+    window groups nest in the grain, and are summed up to it.
+
+    >>> _grouped_by(3_600_000, {(60_000, "o", "c", "x"): [2, 5, 61_000],
+    ...                         (120_000, "o", "c", "x"): [1, 1, 130_000]}, {})
+    {(0, 'o', 'c', 'x'): [3, 6, 130000]}
+    """
+    own = by_unit.get(unit_ms)
+    if own is not None:
+        return own
+    grouped: dict[tuple, list] = {}
+    for (start, org, customer, code), (count, total, latest) in window_groups.items():
+        key = (start - start % unit_ms, org, customer, code)
+        group = grouped.get(key)
+        if group is None:
+            grouped[key] = [count, total, latest]
+        else:
+            group[0] += count
+            group[1] += total
+            group[2] = max(group[2], latest)
+    return grouped
 
 
 def _longest_window(windows: WindowKind) -> int:
