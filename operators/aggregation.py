@@ -67,6 +67,7 @@ class UsageShardSnapshot:
     metrics: dict
     pending_late: tuple
     duplicates: int
+    metric_fingerprints: dict | None = None  # {metric name: MetricDefinition.fingerprint}; None: older state
 
 
 def _source_position(late: tuple) -> tuple[int, int]:
@@ -89,6 +90,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 f"recovery state was written with {resume.shards} shards, the flow now has "
                 f"{params.shards}; keep TALLYFLOW_SHARDS or start a new recovery store"
             )
+        if resume is not None:
+            _check_same_outputs(params, resume)
         lateness = params.allowed_lateness_ms
         self.watermark = resume.watermark.resumed() if resume else FlowWatermark()
         self.forgotten_before = resume.forgotten_before if resume else NO_WATERMARK
@@ -311,7 +314,48 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             {m.name: s.snapshot() for m, s in zip(self.params.catalog.metrics, self.metric_stores)},
             tuple(self.pending_late),
             self.duplicates,
+            {m.name: m.fingerprint for m in self.params.catalog.metrics},
         )
+
+
+def _check_same_outputs(params: UsageWindowParams, resume: UsageShardSnapshot) -> None:
+    """Refuse a resume whose rollup grains or catalog metrics differ from the snapshot's.
+
+    A grain or metric switched on (or changed) mid-stream would start from nothing in the
+    middle of its windows and write a row that looks complete (a day read 1 instead of 9);
+    one switched off drops its state, so switching it back on later does the same. Only a
+    new recovery store can change them.
+    """
+    had, has = tuple(sorted(resume.rollups)), tuple(sorted(params.rollups))
+    if had != has:
+        raise ValueError(
+            f"ROLLUPS: the recovery state carries rollups {_listed(had)}, the flow now has "
+            f"{_listed(has)}; a grain switched on or off mid-stream would restart its totals "
+            "inside open windows. Set ROLLUPS back, or start a new recovery store")
+    had_metrics = resume.metric_fingerprints
+    if had_metrics is None:
+        had_metrics = {name: None for name in resume.metrics}
+    now = {m.name: m.fingerprint for m in params.catalog.metrics}
+    changed = sorted(name for name in set(had_metrics) | set(now)
+                     if name not in had_metrics or name not in now
+                     or had_metrics[name] not in (None, now[name]))
+    if changed:
+        details = "; ".join(f"{name}: {_described(had_metrics, name)} -> {_described(now, name)}"
+                            for name in changed)
+        raise ValueError(
+            f"METRICS_FILE: the catalog differs from the one the recovery state was built with "
+            f"({details}); a metric added, removed or changed mid-stream would restart its totals "
+            "inside open windows. Restore the file, or start a new recovery store")
+
+
+def _described(fingerprints: dict, name: str) -> str:
+    if name not in fingerprints:
+        return "absent"
+    return fingerprints[name] or "defined"
+
+
+def _listed(grains: tuple[str, ...]) -> str:
+    return ", ".join(grains) if grains else "off"
 
 
 def _add_to_group(groups: dict[tuple, list], key: tuple, value: int, timestamp: int) -> None:

@@ -49,6 +49,19 @@ class MetricDefinition:
     group_by: tuple[tuple[str, ...], ...]
     windows: WindowKind
 
+    @property
+    def fingerprint(self) -> str:
+        """Everything that decides what the metric's state holds; a resume with another fails.
+
+        >>> load_catalog_text('[[metric]]\\nname="gb"\\ncode="s"\\naggregation="max"\\n'
+        ...                   'group_by=["region"]\\n').metrics[0].fingerprint
+        'code=s aggregation=max field=value group_by=region window=tumbling:60000'
+        """
+        field = "properties." + ".".join(self.field) if self.field else "value"
+        group_by = ",".join(".".join(path) for path in self.group_by)
+        return (f"code={self.code} aggregation={self.aggregation.name} field={field} "
+                f"group_by={group_by} window={self.windows.fingerprint}")
+
     def extract(self, value_scaled: int, properties: dict) -> tuple[tuple, object] | None:
         """(group values, the value this metric folds) for one event; None if its field is unusable."""
         group = tuple(_text(_lookup(properties, path)) for path in self.group_by)

@@ -12,7 +12,7 @@ import pytest
 
 from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.catalog import Catalog, load_catalog_text
-from operators.records import CountedUsage, ShardBatch, WindowRow
+from operators.records import CountedUsage, MetricRow, ShardBatch, WindowRow
 from operators.watermark import END_OF_STREAM, NO_WATERMARK
 from operators.windows import SlidingWindows, TumblingWindows
 from state.dedup import transaction_digest
@@ -90,3 +90,85 @@ def test_sliding_rollups_count_each_event_once_while_windows_count_it_size_over_
     assert sum(r.event_count for r in main) == 6  # 3 windows each
     assert rollup_rows(out, "hour") == [(0, 1, 2), (HOUR, 1, 3)]
     assert counted_days(out) == {0: (2, 5)}
+
+
+# --- item 8: a resume with other rollup grains or catalog metrics is refused ----
+
+METRIC = '[[metric]]\nname = "calls"\ncode = "api"\naggregation = "count"\nwindow = { kind = "tumbling", size = "1d" }\n'
+OTHER = '[[metric]]\nname = "peak"\ncode = "api"\naggregation = "max"\n'
+
+
+def snapshot_after_some_events(**kwargs):
+    logic = logic_for(TumblingWindows(60_000), **kwargs)
+    metrics = [(0, (), None)] if kwargs.get("catalog") and kwargs["catalog"].metrics else None
+    logic.on_batch([ShardBatch(0, 1, NO_WATERMARK, False,
+                               [event(str(i), i * 1_000, metrics=metrics) for i in range(9)])])
+    return pickle.loads(pickle.dumps(logic.snapshot()))
+
+
+@pytest.mark.parametrize("before, after", [
+    (("hour", "day"), ("hour",)),   # a grain switched off ...
+    (("hour",), ("hour", "day")),   # ... or on again: its daily row would read 1 instead of 9
+    ((), ("day",)),
+    (("day",), ()),
+])
+def test_a_resume_with_other_rollup_grains_is_refused_naming_rollups(before, after):
+    snapshot = snapshot_after_some_events(rollups=before)
+    with pytest.raises(ValueError, match=r"^ROLLUPS: the recovery state carries rollups"):
+        logic_for(TumblingWindows(60_000), rollups=after, resume=snapshot)
+
+
+@pytest.mark.parametrize("before, after", [
+    ("", METRIC),                     # a metric added mid-window
+    (METRIC, ""),                     # ... or removed
+    (METRIC, METRIC + OTHER),
+    (METRIC, METRIC.replace('"count"', '"sum"')),            # same name, another definition
+    (METRIC, METRIC.replace('size = "1d"', 'size = "1h"')),
+    (METRIC, METRIC + 'group_by = ["region"]\n'),
+])
+def test_a_resume_with_another_catalog_is_refused_naming_metrics_file(before, after):
+    snapshot = snapshot_after_some_events(catalog=load_catalog_text(before))
+    with pytest.raises(ValueError, match=r"^METRICS_FILE: the catalog differs") as error:
+        logic_for(TumblingWindows(60_000), catalog=load_catalog_text(after), resume=snapshot)
+    assert "calls" in str(error.value) or "peak" in str(error.value)
+
+
+def test_a_resume_with_the_same_grains_and_catalog_carries_the_daily_row():
+    catalog = load_catalog_text(METRIC)
+    snapshot = snapshot_after_some_events(rollups=("day",), catalog=catalog)
+    resumed = logic_for(TumblingWindows(60_000), rollups=("day",), catalog=load_catalog_text(METRIC),
+                        resume=snapshot)
+    out = run_to_end(resumed, [event("last", 20_000, metrics=[(0, (), None)])])
+    assert rollup_rows(out, "day") == [(0, 10, 10)]
+    assert [(r.metric, r.window_start_ms, r.event_count) for r in out if isinstance(r, MetricRow)] == [
+        ("calls", 0, 10)]
+
+
+def test_the_flow_refuses_to_resume_with_a_grain_switched_off(kafka_broker, chdb_url, tmp_path):
+    import json
+    import subprocess
+
+    from confluent_kafka import Producer
+
+    from deploy.broker import ensure_topic
+    from deploy.runner import bytewax_command, init_recovery_store, run_flow
+    from support.flow import flow_env
+    from support.kafka import unique_topic
+
+    topic = unique_topic("rollups")
+    ensure_topic(kafka_broker.bootstrap, topic, 1)
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
+    for i in range(9):
+        producer.produce(topic, json.dumps({
+            "transaction_id": str(i), "organization_id": "org", "external_customer_id": "c",
+            "code": "api", "timestamp": 1_000 * i}).encode(), partition=0)
+    assert producer.flush(10) == 0
+    recovery = tmp_path / "recovery"
+    init_recovery_store(recovery)
+    env = flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url, ROLLUPS="hour,day")
+    run_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)
+    env["ROLLUPS"] = "hour"
+    resumed = subprocess.run(bytewax_command(recovery_dir=recovery, snapshot_s=1, backup_s=10),
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode != 0
+    assert "ROLLUPS: the recovery state carries rollups day, hour, the flow now has hour" in resumed.stderr
