@@ -9,7 +9,8 @@ the copy. Why, step by step:
   the replay may detect the same crossing again.
 * Every alert is acknowledged by Kafka before its epoch commits (the sink flushes in
   ``snapshot()``), so none is lost.
-* The fence: each flush runs the steps below. A replay finds ``sent`` and skips the alert, or
+* The fence: the Redis key ``tallyflow:alert:{org}:{customer}:{code}:{period}:{measure}:{threshold}``
+  (every part percent-encoded, ``sinks.redis_client.key_part``); each flush runs the steps below. A replay finds ``sent`` and skips the alert, or
   finds ``pending`` (the crash came between the produce and step 4) and reads the alert's
   partition from the offset noted in the fence to see whether the record is there.
 
@@ -22,6 +23,8 @@ sent unfenced and fenced as ``sent`` once Redis answers again.
     >>> alert = QuotaAlert("org", "cus", "api", "day", "2026-01-31", "count", "100", "101", 0)
     >>> alert_key(alert)
     b'["org","cus","api","2026-01-31","count","100"]'
+    >>> fence_key(QuotaAlert("acme", "eu:42", "api", "day", "2026-01-31", "count", "100", "101", 0))
+    b'tallyflow:alert:acme:eu%3A42:api:2026-01-31:count:100'
     >>> alert_json(alert)
     b'{"organization_id":"org","external_customer_id":"cus","code":"api","period":"2026-01-31","period_kind":"day","measure":"count","threshold":100,"observed":101,"event_timestamp":"1970-01-01T00:00:00.000Z"}'
 """
@@ -43,11 +46,11 @@ from prometheus_client import Counter
 from operators.live_totals import QuotaAlert
 from sinks.buffered import BufferedPartition
 from sinks.kafka_output import output_producer
-from sinks.redis_client import REDIS_ERRORS, Breaker, connect
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
 
 log = logging.getLogger(__name__)
 
-FENCE_KEY = b"tallyflow:alert:"
+FENCE_PREFIX = "tallyflow:alert"
 FENCE_TTL_S = 40 * 86_400  # longer than any replay; the state fences committed epochs anyway
 SENT = b"sent"
 PENDING = b"pending:"
@@ -63,6 +66,11 @@ _encoder = msgspec.json.Encoder()
 def alert_key(alert: QuotaAlert) -> bytes:
     """The Kafka record key, also the fence's name: the alert's identity as a JSON array."""
     return _encoder.encode(list(alert.identity))
+
+
+def fence_key(alert: QuotaAlert) -> bytes:
+    """The Redis key fencing ``alert``: its identity, each part percent-encoded."""
+    return redis_key(FENCE_PREFIX, *alert.identity).encode()
 
 
 def alert_json(alert: QuotaAlert) -> bytes:
@@ -101,7 +109,7 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         self._partitions = self._partition_count()
         self._redis = connect(redis_url, timeout_s=1.0)
         self._breaker = Breaker()
-        self._debt: OrderedDict[bytes, None] = OrderedDict()  # sent, not yet fenced as sent
+        self._debt: OrderedDict[bytes, None] = OrderedDict()  # fence keys: sent, not yet fenced as sent
         self._failures: list[str] = []
 
     def _partition_count(self) -> int:
@@ -121,8 +129,9 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
 
     def flush_items(self, alerts: list[QuotaAlert]) -> None:
         keyed = {alert_key(alert): alert for alert in alerts}
+        fence_of = {key: fence_key(alert) for key, alert in keyed.items()}
         # Step 1. Fence: SET NX "pending:<offset>" (the offset no earlier than the record).
-        fences = self._fence(keyed)
+        fences = self._fence(keyed, fence_of)
         # Step 2. Skip what a previous attempt sent (the fence says so, or the topic has it).
         to_send = []
         for key, alert in keyed.items():
@@ -131,19 +140,19 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
                 ALERTS.labels("replay_skipped").inc()
             elif state is not None and state.startswith(PENDING) and self._in_topic(key, state):
                 ALERTS.labels("replay_found").inc()
-                self._debt[key] = None
+                self._debt[fence_of[key]] = None
             else:
                 to_send.append((key, alert))
         # Step 3. Produce; every alert is acknowledged before the epoch may commit.
         self._send(to_send)
         for key, _alert in to_send:
             ALERTS.labels("sent" if key in fences else "sent_unfenced").inc()
-            self._debt[key] = None
+            self._debt[fence_of[key]] = None
         # Step 4. Mark them sent (now, or once Redis answers again).
         self._confirm()
 
-    def _fence(self, keyed: dict[bytes, QuotaAlert]) -> dict[bytes, bytes]:
-        """Each alert's fence value after SET NX; empty when Redis is unavailable."""
+    def _fence(self, keyed: dict[bytes, QuotaAlert], fence_of: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        """Each alert's fence value (by record key) after SET NX; empty when Redis is unavailable."""
         if not self._breaker.ready():
             return {}
         try:
@@ -151,8 +160,8 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
             pipe = self._redis.pipeline(transaction=False)
             for key in keyed:
                 hint = PENDING + str(hints[self.partition_of(key)]).encode()
-                pipe.set(FENCE_KEY + key, hint, nx=True, ex=FENCE_TTL_S)
-                pipe.get(FENCE_KEY + key)
+                pipe.set(fence_of[key], hint, nx=True, ex=FENCE_TTL_S)
+                pipe.get(fence_of[key])
             replies = pipe.execute()
         except REDIS_ERRORS as err:
             self._redis_failed(err, len(keyed))
@@ -220,11 +229,11 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         if not self._debt or not self._breaker.ready():
             self._bound_debt()
             return
-        keys = list(self._debt)
+        keys = list(self._debt)  # fence keys
         try:
             pipe = self._redis.pipeline(transaction=False)
             for key in keys:
-                pipe.set(FENCE_KEY + key, SENT, ex=FENCE_TTL_S)
+                pipe.set(key, SENT, ex=FENCE_TTL_S)
             pipe.execute()
         except REDIS_ERRORS as err:
             self._redis_failed(err, len(keys))

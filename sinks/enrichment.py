@@ -1,6 +1,9 @@
 """Customer attributes from Redis for aggregate rows: a bounded TTL cache over pipelined lookups.
 
-Attributes live in Redis hashes ``tallyflow:customer:{organization_id}:{external_customer_id}``;
+Attributes live in Redis hashes ``tallyflow:customer:{organization_id}:{external_customer_id}``
+(each id percent-encoded as ``sinks.redis_client.key_part`` does: ``%`` -> ``%25``, ``:`` ->
+``%3A``, control characters -> ``%XX``, so ``("acme", "eu:42")`` and ``("acme:eu", "42")`` never
+share a hash);
 :class:`CustomerAttributes` returns the configured fields of many customers at once. Customers
 cached for less than the TTL cost nothing; the others cost one pipelined round trip per call
 (``HMGET`` + ``EXISTS`` per customer), never one per event: the ClickHouse sink calls it once
@@ -29,11 +32,11 @@ from typing import Callable, Iterable
 
 from prometheus_client import Counter as PromCounter
 
-from sinks.redis_client import REDIS_ERRORS, Breaker, connect
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
 
 log = logging.getLogger(__name__)
 
-CUSTOMER_KEY = "tallyflow:customer:{}:{}"
+CUSTOMER_PREFIX = "tallyflow:customer"
 
 LOOKUPS = PromCounter(
     "tallyflow_enrichment_lookups",
@@ -49,10 +52,10 @@ Customer = tuple  # (organization_id, external_customer_id)
 def customer_key(organization_id: str, external_customer_id: str) -> str:
     """The Redis hash holding a customer's attributes.
 
-    >>> customer_key("org_1", "cus_9")
-    'tallyflow:customer:org_1:cus_9'
+    >>> customer_key("org_1", "cus_9"), customer_key("acme:eu", "42%")
+    ('tallyflow:customer:org_1:cus_9', 'tallyflow:customer:acme%3Aeu:42%25')
     """
-    return CUSTOMER_KEY.format(organization_id, external_customer_id)
+    return redis_key(CUSTOMER_PREFIX, organization_id, external_customer_id)
 
 
 class CustomerAttributes:

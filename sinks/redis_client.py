@@ -18,6 +18,7 @@ slow Redis costs at most one timeout per delay, never one per call. Time is inje
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable
 
@@ -29,6 +30,39 @@ log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.RedisError, OSError)
 """What a call to an unreachable, restarting or overloaded Redis raises."""
+
+_ESCAPED = re.compile("[%:\x00-\x1f\x7f]")
+
+
+def _percent(match: re.Match) -> str:
+    return f"%{ord(match.group()):02X}"
+
+
+def key_part(component: str) -> str:
+    """One component of a ``:``-separated Redis key, percent-encoded so that keys cannot collide.
+
+    ``%`` becomes ``%25``, ``:`` becomes ``%3A`` and ASCII control characters (U+0000-U+001F,
+    U+007F) become ``%XX`` (upper-case hex), so every key names exactly one tuple of ids and
+    stays printable in ``redis-cli``; every other character is kept as it is (UTF-8 on the wire).
+    Gateways build the same keys with the few lines in the README.
+
+    >>> key_part("eu:42"), key_part("100%"), key_part("tab\\there"), key_part("café")
+    ('eu%3A42', '100%25', 'tab%09here', 'café')
+    >>> ":".join(map(key_part, ("acme", "eu:42"))) != ":".join(map(key_part, ("acme:eu", "42")))
+    True
+    """
+    if _ESCAPED.search(component) is None:
+        return component
+    return _ESCAPED.sub(_percent, component)
+
+
+def redis_key(prefix: str, *components: str) -> str:
+    """``prefix`` followed by each component, percent-encoded (:func:`key_part`), joined by ``:``.
+
+    >>> redis_key("tallyflow:customer", "acme:eu", "42")
+    'tallyflow:customer:acme%3Aeu:42'
+    """
+    return ":".join((prefix, *map(key_part, components)))
 
 
 def connect(url: str, *, timeout_s: float = 0.5) -> redis.Redis:

@@ -1,7 +1,9 @@
 """Live running totals to Redis hashes, for quota enforcement at an API gateway.
 
 Each total becomes the hash ``tallyflow:usage:{org}:{customer}:{code}:{period}`` with fields
-``count`` and ``value`` (an exact decimal string), expiring 4 days (day keys) or 100 days
+``count`` and ``value`` (an exact decimal string), each id percent-encoded
+(``sinks.redis_client.key_part``: ``%`` -> ``%25``, ``:`` -> ``%3A``, control characters ->
+``%XX``) so that no two customers share a hash, expiring 4 days (day keys) or 100 days
 (month keys) after its last write. Writes are ``HSET count N value V`` + ``EXPIRE``, done by a
 small Lua script for up to 1,000 keys per call, all calls of a batch in one pipeline: one round
 trip per batch and a fraction of the client CPU of one command per key.
@@ -23,6 +25,8 @@ the thread then rewrites every total it has written since the process started.
 
     >>> usage_key(("org", "cus", "api_calls", "day", 1_769_817_600_000))
     'tallyflow:usage:org:cus:api_calls:2026-01-31'
+    >>> usage_key(("acme", "eu:42", "api_calls", "month", 1_769_817_600_000))
+    'tallyflow:usage:acme:eu%3A42:api_calls:2026-01'
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ from prometheus_client import Counter, Gauge
 from operators.live_totals import LiveTotals, PeriodKey, period_label
 from operators.validation import format_scaled
 from sinks.buffered import BufferedPartition
-from sinks.redis_client import REDIS_ERRORS, Breaker, connect
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
 
 log = logging.getLogger(__name__)
 
-USAGE_KEY = "tallyflow:usage:{}:{}:{}:{}"
+USAGE_PREFIX = "tallyflow:usage"
 SENTINEL_KEY = "tallyflow:live:sentinel:{}"
 KEY_TTL_S = {"day": 4 * 86_400, "month": 100 * 86_400}
 KEYS_PER_CALL = 1_000
@@ -68,8 +72,9 @@ Total = tuple  # (count, total_scaled)
 
 
 def usage_key(key: PeriodKey) -> str:
+    """The Redis hash of one live total: ids percent-encoded, then the period label."""
     org, customer, code, kind, start = key
-    return USAGE_KEY.format(org, customer, code, period_label(kind, start))
+    return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
 
 
 class RedisTotalsWriter:

@@ -32,7 +32,7 @@ from operators.live_totals import (
 from operators.quotas import QuotaFileError, QuotaRules, load_quotas, parse_quotas
 from operators.records import CountedUsage
 from recovery.reconcile import read_aggregates, recompute
-from sinks.alerts import FENCE_KEY, PENDING, AlertsPartition, alert_key
+from sinks.alerts import PENDING, AlertsPartition, fence_key
 from sinks.clickhouse_backend import connect
 from sinks.redis_sink import RedisTotalsWriter
 from support.clickhouse import before_first_write
@@ -214,16 +214,16 @@ def test_alert_fence_sends_once_across_replays(kafka_broker, redis_server):
             part.close()
 
     deliver(alert)
-    assert client.get(FENCE_KEY + alert_key(alert)) == b"sent"
+    assert client.get(fence_key(alert)) == b"sent"
     deliver(alert)  # a replay of the uncommitted epoch: the fence says sent
     # A crash between Kafka's acknowledgement and marking it sent leaves the fence pending: the
     # replay finds the record in the topic. A pending fence whose record never made it is sent.
-    client.set(FENCE_KEY + alert_key(alert), PENDING + b"0")
-    client.set(FENCE_KEY + alert_key(other), PENDING + b"0")
+    client.set(fence_key(alert), PENDING + b"0")
+    client.set(fence_key(other), PENDING + b"0")
     deliver(alert, other)
     keys = [json.loads(m.key()) for m in read_all(kafka_broker.bootstrap, topic)]
     assert sorted(keys) == sorted([list(alert.identity), list(other.identity)])
-    assert client.get(FENCE_KEY + alert_key(other)) == b"sent"
+    assert client.get(fence_key(other)) == b"sent"
 
 
 # ----------------------------------------------------------------------------- end to end
