@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: install browser run test bench bench-quix clean
+.PHONY: install browser run test bench bench-scaling bench-quix clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: install browser
 
 bench: install
 	$(PY) -m deploy.bench
+
+# Clusters of 1, 2, 4... one-worker processes up to the cores, ClickHouse writes discarded.
+bench-scaling: install
+	$(PY) -m deploy.bench --scaling --no-latency
 
 bench-quix: install
 	test -x .venv-quix/bin/python || $(PYTHON) -m venv .venv-quix

@@ -3,6 +3,8 @@
 * ``chdb://<dir>`` runs the ClickHouse engine inside this process (chdb) on a data directory.
 * ``http://user:pass@host:port/db`` (or ``https://``) talks to a ClickHouse server through
   clickhouse-connect.
+* ``discard://`` accepts every statement and drops it (the benchmark's scaling mode measures
+  the flow without a ClickHouse on the same machine; never for real data).
 
 Both decode results with clickhouse-connect's Native reader, so they return the same Python
 values: ``Decimal`` for decimals (exact, never via float), ``int`` for integers of any width,
@@ -92,6 +94,8 @@ def connect(url: str) -> ClickHouseBackend:
         return ChdbBackend(url[len("chdb://"):])
     if scheme in ("http", "https"):
         return HttpBackend(url)
+    if scheme == "discard":
+        return DiscardBackend()
     raise ValueError(f"unsupported ClickHouse URL scheme {scheme!r} (use chdb://dir, http:// or https://)")
 
 
@@ -535,3 +539,30 @@ class HttpBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- discarding backend
+
+
+class DiscardBackend:
+    """``discard://``: takes every statement and insert, keeps nothing, answers every query empty.
+
+    Only for measuring the flow without a ClickHouse (``tallyflow bench --scaling``).
+
+        >>> backend = connect("discard://")
+        >>> backend.insert_json_each_row("t", ("a",), b'{"a":1}\\n'); backend.query("SELECT 1")
+        ([], [])
+    """
+
+    def command(self, sql: str) -> None:
+        return None
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        return [], []
+
+    def insert_json_each_row(self, table: str, columns: Sequence[str], payload: bytes,
+                             settings: Mapping[str, str] | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

@@ -14,7 +14,8 @@ def modules() -> list[str]:
     names = []
     for package in PACKAGES:
         module = importlib.import_module(package)
-        names += [f"{package}.{info.name}" for info in pkgutil.iter_modules(module.__path__)]
+        names += [info.name for info in pkgutil.walk_packages(module.__path__, f"{package}.")
+                  if not info.name.endswith(".__main__")]  # sub-packages too (deploy.bench)
     return sorted(set(names) - SKIP)
 
 
