@@ -21,15 +21,16 @@ A bad file fails at start-up with the line and the problem::
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
+
+import msgspec
 
 from dataflows.settings import SettingsError, parse_duration_ms
 from operators.aggregations import AGGREGATIONS, Aggregation
-from operators.validation import Invalid, scale_decimal
+from operators.validation import Invalid, scale_decimal, strict_decimal
 from operators.windows import WindowKind, window_kind
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
@@ -174,18 +175,61 @@ def _lookup(properties: dict, path: tuple[str, ...]):
     return node
 
 
+_encode_group_json = msgspec.json.Encoder(order="sorted", decimal_format="number").encode
+
+
 def _text(value) -> str:
+    """A property's text for group keys and ``unique_count``: strings as they are, numbers exact.
+
+    A number reads the same however it was written (``1.50``, ``1.5`` and ``15e-1`` are one
+    group); objects and arrays are compact JSON with sorted keys and their numbers as written.
+    Never raises: a message nests at most ``MAX_DEPTH`` levels (validation).
+
+    >>> _text(Decimal("12345678.123456789")), _text(Decimal("1.50")), _text(Decimal("1E+2")), _text(7)
+    ('12345678.123456789', '1.5', '100', '7')
+    >>> _text({"b": [True, None], "a": Decimal("0.10")})
+    '{"a":0.10,"b":[true,null]}'
+    """
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return _decimal_text(value)
+    if isinstance(value, float):
+        return _decimal_text(Decimal(repr(value)))
+    return _encode_group_json(value).decode()
+
+
+def _decimal_text(number: Decimal) -> str:
+    if not number.is_finite() or not -64 <= number.adjusted() <= 64:
+        return str(number)  # tiny or huge: scientific, so the text stays short
+    text = format(number, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _scaled(raw) -> int | None:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+    """The 10**18-scaled value of a property, exact, or None when it is not a usable number.
+
+    Numbers arrive as ``int`` or exact ``Decimal`` (never float); strings must be in strict
+    decimal syntax, like ``value``:
+
+    >>> _scaled(Decimal("12345678.123456789")), _scaled("2.5"), _scaled("1_000"), _scaled(True)
+    (12345678123456789000000000, 2500000000000000000, None, None)
+    """
+    if isinstance(raw, bool):
         return None
-    try:
-        number = Decimal(str(raw)) if not isinstance(raw, float) else Decimal(repr(raw))
-    except InvalidOperation:
+    if isinstance(raw, int):
+        number = Decimal(raw)
+    elif isinstance(raw, Decimal):
+        number = raw
+    elif isinstance(raw, str):
+        number = strict_decimal(raw)
+    elif isinstance(raw, float):
+        number = Decimal(repr(raw))
+    else:
+        return None
+    if number is None:
         return None
     scaled = scale_decimal(number)
     return None if isinstance(scaled, Invalid) else scaled

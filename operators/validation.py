@@ -9,6 +9,8 @@ reason code from :data:`REASONS`; nothing raises on bad input::
     (1767225600000, '1.500000000000000000')
     >>> validate(b'{"transaction_id":""}').reason
     'empty_field'
+    >>> validate(b'{"a":' * 100 + b'1' + b'}' * 100).reason
+    'too_deeply_nested'
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import decimal
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Annotated, Optional, Union
+from typing import Annotated, Union
 
 import msgspec
 
@@ -27,24 +29,36 @@ _SCALE_FACTOR = 10**VALUE_SCALE
 _MAX_SCALED = 10**38 - 1
 _MAX_WHOLE = _MAX_SCALED // _SCALE_FACTOR
 _MAX_ID_LENGTH = 256
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_ONE_MS = timedelta(milliseconds=1)
-_MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+MAX_TIMESTAMP_MS = 9_183_110_399_999
+"""The last accepted event time, 2260-12-31T23:59:59.999Z.
+
+Events from 1970-01-01 to the end of 2260 are accepted. Every value derived from an event
+time (window ends, session ends plus lateness, the day and month of rollups and live
+totals, the next month's start) then stays below 2262-04-11, where 64-bit nanoseconds
+end, and far below 2299-12-31, where ClickHouse ``DateTime64(3)`` ends.
+"""
+MAX_DEPTH = 64
+"""How deeply a message's JSON may nest (the top object is level 1); deeper is ``too_deeply_nested``."""
 
 REASONS = (
     "empty_message",
     "invalid_utf8",
     "malformed_json",
+    "too_deeply_nested",
     "not_an_object",
     "missing_field",
     "empty_field",
     "field_too_long",
     "wrong_type",
     "invalid_timestamp",
+    "future_timestamp",
     "invalid_value",
     "invalid_properties",
 )
-"""Every reason an input message can be rejected for (the DLQ ``tallyflow.reason`` header)."""
+"""Every reason an input message can be rejected for (the DLQ ``tallyflow.reason`` header).
+
+``future_timestamp`` is given by the intake (``MAX_FUTURE_SKEW``), the others by :func:`validate`.
+"""
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_ID_LENGTH)]
 
@@ -54,19 +68,20 @@ class UsageEvent(msgspec.Struct, gc=False, rename={"timestamp_ms": "timestamp", 
 
     Decoded straight from the JSON (``timestamp`` and ``value`` land in
     ``timestamp_ms`` and ``value_scaled``, then are normalised in place), so each
-    message costs one object.
+    message costs one object. Numbers inside ``properties`` are exact ``Decimal``
+    values (never floats), integers stay ``int``.
     """
 
     transaction_id: _Id
     organization_id: _Id
     external_customer_id: _Id
     code: _Id
-    timestamp_ms: Union[int, datetime]
+    timestamp_ms: Union[int, str]
     properties: dict = {}
-    value_scaled: Union[int, Optional[Decimal]] = None
+    value_scaled: msgspec.Raw = None  # read as written: see _raw_value_scaled
 
 
-_decoder = msgspec.json.Decoder(UsageEvent)
+_decoder = msgspec.json.Decoder(UsageEvent, float_hook=Decimal)
 
 
 class Invalid(msgspec.Struct, frozen=True, gc=False):
@@ -84,6 +99,8 @@ def validate(raw: bytes | None) -> UsageEvent | Invalid:
     """Decode one Kafka message value into a UsageEvent, or an Invalid naming the reason."""
     if not raw:
         return Invalid("empty_message", "message has no value")
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and json_depth(raw) > MAX_DEPTH:
+        return Invalid("too_deeply_nested", f"JSON nests deeper than {MAX_DEPTH} levels")
     try:
         event = _decoder.decode(raw)
     except UnicodeDecodeError as err:
@@ -92,8 +109,10 @@ def validate(raw: bytes | None) -> UsageEvent | Invalid:
         return _classify_validation_error(str(err))
     except msgspec.DecodeError as err:
         return Invalid("malformed_json", str(err))
+    except RecursionError:  # not expected under MAX_DEPTH; never let it out of the step
+        return Invalid("too_deeply_nested", "JSON nests too deeply to decode")
     timestamp = event.timestamp_ms
-    if timestamp.__class__ is not int or not 0 <= timestamp <= _MAX_TIMESTAMP_MS:
+    if timestamp.__class__ is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
         timestamp = _timestamp_ms(timestamp)
         if timestamp.__class__ is Invalid:
             return timestamp
@@ -101,12 +120,12 @@ def validate(raw: bytes | None) -> UsageEvent | Invalid:
     value = event.value_scaled
     if value is None:
         event.value_scaled = 0
-    elif value.__class__ is int:
-        if not -_MAX_WHOLE <= value <= _MAX_WHOLE:
-            return Invalid("invalid_value", f"value does not fit Decimal(38, {VALUE_SCALE}): {value}")
-        event.value_scaled = value * _SCALE_FACTOR
     else:
-        value = scale_decimal(value)
+        value = bytes(value)
+        if len(value) < 20 and value.isdigit():  # the usual small whole number, inlined
+            event.value_scaled = int(value) * _SCALE_FACTOR
+            return event
+        value = _raw_value_scaled(value)
         if value.__class__ is Invalid:
             return value
         event.value_scaled = value
@@ -134,16 +153,185 @@ def _classify_validation_error(message: str) -> Invalid:
     return Invalid("wrong_type", message)
 
 
-def _timestamp_ms(timestamp: int | datetime) -> int | Invalid:
-    if isinstance(timestamp, datetime):
-        if timestamp.tzinfo is None:
-            return Invalid("invalid_timestamp", "RFC 3339 timestamp needs an offset (Z or +hh:mm)")
-        millis = (timestamp - _EPOCH) // _ONE_MS
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply ``raw`` nests arrays and objects, brackets inside strings not counted.
+
+    Iterative and linear (no recursion, whatever the input), so it can vet a message
+    before a recursive decoder sees it. Unbalanced input is measured as far as it goes.
+
+    >>> json_depth(b'{"a": [1, {"b": "[[[["}]}')
+    3
+    >>> json_depth(b'[[[')
+    3
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        if byte == 0x5B or byte == 0x7B:  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.([0-9]+))?(?:[Zz]|([+-])([0-9]{2}):?([0-9]{2}))"
+)
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_fromisoformat = datetime.fromisoformat
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+_days_of_date: dict[str, int | None] = {}
+
+
+def _timestamp_ms(timestamp: int | str) -> int | Invalid:
+    if timestamp.__class__ is str:
+        millis = rfc3339_ms(timestamp)
+        if millis.__class__ is Invalid:
+            return millis
     else:
         millis = timestamp
-    if not 0 <= millis <= _MAX_TIMESTAMP_MS:
-        return Invalid("invalid_timestamp", f"epoch milliseconds out of range: {millis}")
+    if not 0 <= millis <= MAX_TIMESTAMP_MS:
+        return Invalid("invalid_timestamp",
+                       f"epoch milliseconds out of range 0..{MAX_TIMESTAMP_MS} "
+                       f"(1970-01-01 to 2260-12-31): {millis}")
     return millis
+
+
+def rfc3339_ms(text: str) -> int | Invalid:
+    """Epoch milliseconds of an RFC 3339 timestamp, digits past the millisecond truncated.
+
+    The fraction is read as digits, never through a float, and cut to the millisecond
+    (floor, before and after 1970 alike), so no timestamp moves to the next second, day or
+    month by rounding::
+
+        >>> rfc3339_ms("2026-01-31T23:59:59.9999995Z")
+        1769903999999
+        >>> rfc3339_ms("1969-12-31T23:59:59.9999995Z")
+        -1
+        >>> rfc3339_ms("2026-03-01T12:00:00.250+02:00")
+        1772359200250
+        >>> rfc3339_ms("2026-03-01T12:00:00").reason
+        'invalid_timestamp'
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        if _RFC3339.fullmatch(text + "Z"):
+            return Invalid("invalid_timestamp", "RFC 3339 timestamp needs an offset (Z or +hh:mm)")
+        return Invalid("invalid_timestamp", f"not an RFC 3339 timestamp: {text[:64]!r}")
+    try:  # the usual shapes, in C: it keeps 6 fraction digits, truncating the rest
+        return (_fromisoformat(text) - _EPOCH) // _ONE_MS
+    except ValueError:  # lower-case t/z, +hhmm, no such day: the rule written out
+        return _rfc3339_match_ms(text, match)
+
+
+def _rfc3339_match_ms(text: str, match: re.Match) -> int | Invalid:
+    """:func:`rfc3339_ms` written out, for a text that ``_RFC3339`` matched.
+
+    >>> _rfc3339_match_ms(t := "2024-02-29t23:59:59.9999z", _RFC3339.fullmatch(t))
+    1709251199999
+    >>> _rfc3339_match_ms(t := "2023-02-29T00:00:00Z", _RFC3339.fullmatch(t)).reason
+    'invalid_timestamp'
+    """
+    days = _days_of_date.get(text[:10], -1)
+    if days == -1:
+        days = _date_days(text[:10])
+    hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
+    if days is None or hour > 23 or minute > 59 or second > 59:
+        return Invalid("invalid_timestamp", f"no such date or time: {text[:64]!r}")
+    fraction, sign, offset_hours, offset_minutes = match.groups()
+    seconds = days * 86_400 + hour * 3600 + minute * 60 + second
+    if sign is not None:
+        offset_hours, offset_minutes = int(offset_hours), int(offset_minutes)
+        if offset_hours > 23 or offset_minutes > 59:
+            return Invalid("invalid_timestamp", f"no such offset: {text[:64]!r}")
+        offset = offset_hours * 3600 + offset_minutes * 60
+        seconds = seconds - offset if sign == "+" else seconds + offset
+    return seconds * 1000 + (int(fraction[:3].ljust(3, "0")) if fraction else 0)
+
+
+def _date_days(date: str) -> int | None:
+    """Days since 1970-01-01 of a ``YYYY-MM-DD`` date, None when there is no such day (cached)."""
+    year, month, day = int(date[:4]), int(date[5:7]), int(date[8:10])
+    leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = None
+    if 1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month] + leap:
+        days = _days_from_civil(year, month, day)
+    if len(_days_of_date) >= 4096:
+        _days_of_date.clear()
+    _days_of_date[date] = days
+    return days
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+
+    >>> _days_from_civil(1970, 1, 1), _days_from_civil(2000, 3, 1), _days_from_civil(1969, 12, 31)
+    (0, 11017, -1)
+    """
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146_097 + day_of_era - 719_468
+
+
+_PLAIN_DECIMAL = re.compile(rb"([+-]?)([0-9]{1,20})(?:\.([0-9]{0,18}))?")
+_STRICT_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _raw_value_scaled(raw: bytes) -> int | Invalid:
+    """The 10**18-scaled value of a ``value`` field as written in the JSON.
+
+    A JSON number, or a string in strict decimal syntax: ASCII digits, an optional sign,
+    point and exponent, nothing else (no ``_``, spaces or other scripts' digits)::
+
+        >>> _raw_value_scaled(b'"12.5"'), _raw_value_scaled(b'-1e-18')
+        (12500000000000000000, -1)
+        >>> _raw_value_scaled(b'"1_000"').reason, _raw_value_scaled(b'" 1 "').reason
+        ('invalid_value', 'invalid_value')
+    """
+    text = raw[1:-1] if raw[:1] == b'"' else raw
+    plain = _PLAIN_DECIMAL.fullmatch(text)
+    if plain is not None:  # [sign]digits[.digits] that fits: exact integer arithmetic
+        sign, whole, fraction = plain.groups()
+        scaled = int(whole) * _SCALE_FACTOR + (int(fraction.ljust(VALUE_SCALE, b"0")) if fraction else 0)
+        if scaled > _MAX_SCALED:
+            return Invalid("invalid_value", f"value does not fit Decimal(38, {VALUE_SCALE}): "
+                                            f"{text.decode()}")
+        return -scaled if sign == b"-" else scaled
+    if text is raw:
+        if raw == b"null":
+            return 0
+        if raw[:1] not in b"-0123456789":
+            return Invalid("invalid_value", f"value must be a number or a numeric string: "
+                                            f"{raw[:64].decode(errors='replace')}")
+        # else a JSON number, its syntax checked by the decoder
+    else:
+        if b"\\" in text:  # JSON escapes: read the string as JSON does
+            text = msgspec.json.decode(raw).encode("utf-8", "surrogatepass")
+        if not _STRICT_DECIMAL.fullmatch(text):
+            return Invalid("invalid_value", f"not a decimal number: {raw[:64].decode(errors='replace')}")
+    return scale_decimal(Decimal(text.decode()))
+
+
+def strict_decimal(text: str) -> Decimal | None:
+    """The exact Decimal of a string in strict decimal syntax, else None.
+
+    >>> strict_decimal("12345678.123456789"), strict_decimal("١٢"), strict_decimal("1_000")
+    (Decimal('12345678.123456789'), None, None)
+    """
+    if not text.isascii():
+        return None
+    encoded = text.encode()
+    return Decimal(text) if _STRICT_DECIMAL.fullmatch(encoded) else None
 
 
 _EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])

@@ -36,3 +36,171 @@ def test_intake_digest_is_transaction_digest_for_any_characters():
     digests = [e[0] for e in batch.events_by_shard[0]]
     assert digests == [transaction_digest(org, txn) for org, txn in pairs]
     assert len(set(digests)) == len(pairs)
+
+
+# --- deep nesting (issue 12 item 1) ------------------------------------------
+
+from datetime import datetime, timezone  # noqa: E402
+from decimal import Decimal  # noqa: E402
+
+import pytest  # noqa: E402
+
+from operators.catalog import load_catalog_text  # noqa: E402
+from operators.validation import MAX_DEPTH, Invalid, UsageEvent, validate  # noqa: E402
+
+SCALE = 10**18
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    """``depth`` levels of arrays and objects around ``leaf`` (the outermost is level 1)."""
+    text = leaf
+    for level in range(depth):
+        text = f'{{"k":{text}}}' if level % 2 else f"[{text}]"
+    return text
+
+
+def with_raw_field(name: str, json_text: str, **fields) -> bytes:
+    body = event(**fields).decode()
+    return (body[:-1] + f',"{name}":{json_text}}}').encode()
+
+
+def test_an_unknown_field_nested_1000_deep_goes_to_the_dlq():
+    raw = with_raw_field("junk", nested(1000))
+    assert len(raw) < 8_000
+    result = validate(raw)
+    assert isinstance(result, Invalid) and result.reason == "too_deeply_nested"
+    batch = intake().process([(7, b"k", raw, [])])
+    assert [(d.reason, d.source_offset) for d in batch.dead_letters] == [("too_deeply_nested", 7)]
+
+
+def test_depth_limit_is_exact_and_ignores_brackets_inside_strings():
+    assert isinstance(validate(with_raw_field("junk", nested(MAX_DEPTH - 1))), UsageEvent)
+    assert validate(with_raw_field("junk", nested(MAX_DEPTH))).reason == "too_deeply_nested"
+    assert isinstance(validate(event(note="[{" * 5000)), UsageEvent)
+
+
+GROUPED = load_catalog_text('[[metric]]\nname = "n"\ncode = "api_calls"\naggregation = "count"\n'
+                            'group_by = ["deep"]\n')
+
+
+@pytest.mark.parametrize("depth", [40, 900])
+def test_deep_properties_with_a_catalog_never_raise(depth):
+    raw = event(properties={"deep": 0}).replace(b'"deep": 0', f'"deep": {nested(depth)}'.encode())
+    batch = intake(catalog=GROUPED).process([(0, None, raw, None)])
+    if depth < MAX_DEPTH:
+        [counted] = batch.events_by_shard[0]
+        [(_index, (group,), _value)] = counted[9]
+        assert group.count("[") + group.count("{") == depth
+    else:
+        assert [d.reason for d in batch.dead_letters] == ["too_deeply_nested"]
+
+
+# --- strict numeric strings, exact property numbers (issue 12) ---------------
+
+@pytest.mark.parametrize("text", ["1_000", " 1 ", "1 ", "١٢", "1e5 ", "+", "-", ".", "e5", "0x10",
+                                  "1,5", "½", "１", "Infinity", "-NaN", "1e", ""])
+def test_numeric_strings_outside_strict_decimal_syntax_are_invalid(text):
+    assert validate(event(value=text)).reason == "invalid_value"
+
+
+@pytest.mark.parametrize("text, scaled", [
+    ("+5", 5 * SCALE), ("1.", SCALE), (".5", SCALE // 2), ("-1e3", -1000 * SCALE),
+    ("00012.50", 125 * SCALE // 10), ("1E-18", 1), ("99999999999999999999", (10**20 - 1) * SCALE),
+])
+def test_strict_decimal_strings_are_exact(text, scaled):
+    assert validate(event(value=text)).value_scaled == scaled
+
+
+def test_an_escaped_numeric_string_reads_as_its_characters():
+    raw = event(value="X").replace(b'"X"', b'"\\u0031\\u0032"')
+    assert validate(raw).value_scaled == 12 * SCALE
+    arabic = event(value="X").replace(b'"X"', b'"\\u0661"')
+    assert validate(arabic).reason == "invalid_value"
+
+
+SUMMED = load_catalog_text('[[metric]]\nname = "gb"\ncode = "api_calls"\naggregation = "sum"\n'
+                           'field = "properties.gb"\ngroup_by = ["tier"]\n')
+
+
+@pytest.mark.parametrize("number_text, scaled, tier_text, group", [
+    ("12345678.123456789", 12345678123456789 * 10**9, "1.50", "1.5"),
+    ("0.000000000000000001", 1, "2", "2"),
+    ("98765432109876543.21", 9876543210987654321 * 10**16, '{"b":1.10,"a":"x"}', '{"a":"x","b":1.10}'),
+])
+def test_property_numbers_keep_their_exact_decimal_value_to_the_catalog(number_text, scaled,
+                                                                      tier_text, group):
+    raw = (event()[:-1] + f', "properties": {{"gb": {number_text}, "tier": {tier_text}}}}}'
+           .encode())
+    batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
+    [counted] = batch.events_by_shard[0]
+    assert counted[9] == [(0, (group,), scaled)]
+
+
+def test_property_numeric_strings_follow_the_strict_syntax_too():
+    raw = event(properties={"gb": "1_000", "tier": "a"})
+    batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
+    assert batch.events_by_shard[0][0][9] == [] and batch.metric_field_missing == 1
+
+
+# --- timestamps: truncated to the millisecond, accepted 1970..2260 ------------
+
+def ms(text: str) -> int:
+    """The oracle: Python's datetime, milliseconds by integer arithmetic on microseconds."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds) // 1000
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-01-31T23:59:59.9999995Z", "2026-01-31T23:59:59.999Z"),
+    ("2026-12-31T23:59:59.99999999999Z", "2026-12-31T23:59:59.999Z"),
+    ("2026-03-01T00:00:00.0009Z", "2026-03-01T00:00:00.000Z"),
+    ("2026-03-01T01:00:00.1239+01:00", "2026-03-01T00:00:00.123Z"),
+    ("2024-02-29t23:59:59.5z", "2024-02-29T23:59:59.500Z"),
+    ("2026-03-01 00:00:00.25-0130", "2026-03-01T01:30:00.250Z"),
+])
+def test_sub_millisecond_digits_are_truncated_never_rounded(text, expected):
+    assert validate(event(timestamp=text)).timestamp_ms == ms(expected)
+
+
+@pytest.mark.parametrize("text", [
+    "1969-12-31T23:59:59.9999995Z", "1969-12-31T23:59:59.999Z", "1970-01-01T00:30:00+01:00",
+    "2261-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z", "2023-02-29T00:00:00Z", "2026-04-31T00:00:00Z",
+    "2026-01-01T24:00:00Z", "2026-01-01T00:00:60Z", "2026-01-01T00:00:00+24:00", "2026-01-01T00:00Z",
+    "0000-01-01T00:00:00Z", "２０２６-01-01T00:00:00Z", "2026-01-01T00:00:00.Z",
+])
+def test_timestamps_outside_1970_to_2260_or_not_rfc3339_are_invalid(text):
+    assert validate(event(timestamp=text)).reason == "invalid_timestamp"
+
+
+def test_the_accepted_range_ends_with_2260():
+    last = ms("2260-12-31T23:59:59.999Z")
+    assert validate(event(timestamp="2260-12-31T23:59:59.999999Z")).timestamp_ms == last
+    assert validate(event(timestamp=last)).timestamp_ms == last
+    assert validate(event(timestamp=last + 1)).reason == "invalid_timestamp"
+    assert validate(event(timestamp=0)).timestamp_ms == 0
+    assert validate(event(timestamp=-1)).reason == "invalid_timestamp"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from operators.validation import _RFC3339, _rfc3339_match_ms, rfc3339_ms  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(moment=st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(2300, 1, 1)),
+       digits=st.text("0123456789", max_size=12), offset_minutes=st.integers(-23 * 60 - 59, 23 * 60 + 59),
+       separator=st.sampled_from("Tt "), zulu=st.booleans(), colon=st.booleans())
+def test_both_timestamp_readers_agree_with_the_oracle(moment, digits, offset_minutes, separator,
+                                                      zulu, colon):
+    """The fast reader (datetime.fromisoformat) and the written-out rule give one answer."""
+    sign = "-" if offset_minutes < 0 else "+"
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    offset = "Z" if zulu else f"{sign}{hours:02d}{':' if colon else ''}{minutes:02d}"
+    fraction = f".{digits}" if digits else ""
+    text = moment.strftime(f"%Y-%m-%d{separator}%H:%M:%S") + fraction + offset
+    expected = ms(moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{digits[:6]}" if digits else "") + "+00:00")
+    expected -= 0 if zulu else (-1 if sign == "-" else 1) * (hours * 3600 + minutes * 60) * 1000
+    assert rfc3339_ms(text) == expected
+    assert _rfc3339_match_ms(text, _RFC3339.fullmatch(text)) == expected
