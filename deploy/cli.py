@@ -307,7 +307,13 @@ def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
 
 @subcommand("migrate")
 def migrate_command(parser: argparse.ArgumentParser) -> Handler:
-    """Create the ClickHouse tables if missing (single node, or ON CLUSTER); safe to re-run."""
+    """Create the ClickHouse tables if missing and widen old sum columns to Decimal(76, 18); safe to re-run.
+
+    Tables are created single node, or ON CLUSTER with --cluster. An existing table whose sum
+    columns (total_value, metric_aggregates.value) are a narrower Decimal(P, 18) is converted
+    with ALTER TABLE ... MODIFY COLUMN (every value kept exactly; returns when every part is
+    converted). Other differences are reported, never changed, and make the exit status 1.
+    """
     parser.add_argument("--url", default=None,
                         help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse_url})")
     parser.add_argument("--cluster", default=None, metavar="NAME",
@@ -315,7 +321,8 @@ def migrate_command(parser: argparse.ArgumentParser) -> Handler:
                              "('{cluster}' uses the server's macro); default: single-node tables")
     parser.add_argument("--enrich-fields", default=None, metavar="A,B",
                         help="enrichment columns of usage_aggregates (default: $ENRICH_FIELDS, as the flow)")
-    parser.add_argument("--dry-run", action="store_true", help="print the DDL, connect to nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the DDL, connect to nothing (widenings depend on the tables found: not shown)")
 
     def run(args: argparse.Namespace) -> int:
         from sinks.cluster_schema import cluster_ddl, migrate

@@ -18,10 +18,11 @@ still yields one row per key. Enrichment columns are added to both tables of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sinks.clickhouse_backend import quote_identifier, quote_string
-from sinks.schema import TABLES, USAGE_AGGREGATES, Table
+from sinks.schema import TABLES, TOTAL_TYPE, USAGE_AGGREGATES, Table
 
 LOCAL_SUFFIX = "_local"
 DEFAULT_CLUSTER = "{cluster}"  # the server's macro; pass a real cluster name to pin one
@@ -111,6 +112,7 @@ class TableOutcome:
     exists: bool
     drift: tuple[str, ...] = ()  # missing columns, or columns of another type: a failure
     extra: tuple[str, ...] = ()  # columns the DDL does not know (e.g. an enrichment field dropped since)
+    widened: tuple[str, ...] = ()  # sum columns converted to TOTAL_TYPE, e.g. "total_value from Decimal(38, 18)"
 
     @property
     def ok(self) -> bool:
@@ -122,6 +124,8 @@ class TableOutcome:
         state = "already existed" if self.existed else "created"
         text = f"{self.table}: {state}, "
         text += f"but its columns differ: {'; '.join(self.drift)}" if self.drift else "columns as expected"
+        if self.widened:
+            text += f" (widened to {TOTAL_TYPE}: {', '.join(self.widened)})"
         if self.extra:
             text += f" (extra columns left as they are: {', '.join(self.extra)})"
         return text
@@ -143,11 +147,53 @@ def _compare(expected: tuple, found: dict[str, str]) -> tuple[tuple[str, ...], t
     return tuple(drift), tuple(name for name in found if name not in wanted)
 
 
+_NARROWER_DECIMAL = re.compile(r"Decimal\((\d+), 18\)")
+
+
+def widens_losslessly(found: str | None, wanted: str) -> bool:
+    """Whether a column of type ``found`` can become ``wanted`` (a wider ``Decimal(P, 18)``)
+    keeping every value exactly.
+
+    >>> widens_losslessly("Decimal(38, 18)", TOTAL_TYPE), widens_losslessly(TOTAL_TYPE, TOTAL_TYPE)
+    (True, False)
+    >>> widens_losslessly("Decimal(38, 10)", TOTAL_TYPE), widens_losslessly("Float64", TOTAL_TYPE)
+    (False, False)
+    """
+    narrower = _NARROWER_DECIMAL.fullmatch(found or "")
+    wider = _NARROWER_DECIMAL.fullmatch(wanted)
+    return bool(narrower and wider) and int(narrower.group(1)) < int(wider.group(1))
+
+
+def widen_statement(database: str, table: str, column: str, kind: str, cluster: str | None) -> str:
+    """``ALTER TABLE … MODIFY COLUMN`` to ``kind``, waiting until every part is converted.
+
+    >>> widen_statement("default", "usage_aggregates", "total_value", TOTAL_TYPE, None)
+    'ALTER TABLE `default`.`usage_aggregates` MODIFY COLUMN `total_value` Decimal(76, 18) SETTINGS mutations_sync = 2'
+    """
+    where = f" ON CLUSTER {quote_string(cluster)}" if cluster is not None else ""
+    return (f"ALTER TABLE {_qualified(database, table)}{where} MODIFY COLUMN {quote_identifier(column)} "
+            f"{kind} SETTINGS mutations_sync = 2")
+
+
+def _widen(backend, database: str, table: str, expected: tuple, cluster: str | None) -> tuple[str, ...]:
+    """Widen the sum columns of an existing ``table`` still narrower than ``TOTAL_TYPE``."""
+    found = _table_columns(backend, database, table) or {}
+    widened = []
+    for column, kind in expected:
+        if kind == TOTAL_TYPE and widens_losslessly(found.get(column), kind):
+            backend.command(widen_statement(database, table, column, kind, cluster))
+            widened.append(f"{column} from {found[column]}")
+    return tuple(widened)
+
+
 def migrate(backend, cluster: str | None = None, enrich_fields: tuple[str, ...] = ()) -> list[TableOutcome]:
     """Create the flow's tables if missing: single-node DDL, or the cluster DDL when ``cluster``.
 
-    Safe to re-run (every statement is ``IF NOT EXISTS``). An existing table is never altered
-    beyond adding missing enrichment columns; its columns are compared with the expected ones.
+    Safe to re-run (every statement is ``IF NOT EXISTS``, every widening checks the type first).
+    An existing table is altered only to add missing enrichment columns and to widen its sum
+    columns to ``TOTAL_TYPE`` (``ALTER TABLE … MODIFY COLUMN``: exact, every value kept; the
+    statement returns once every part is converted); its columns are then compared with the
+    expected ones.
     """
     from sinks.schema import ensure_schema
 
@@ -159,9 +205,11 @@ def migrate(backend, cluster: str | None = None, enrich_fields: tuple[str, ...] 
     else:
         for statement in cluster_ddl(cluster, database, enrich_fields):
             backend.command(statement)
+    widened = {name: _widen(backend, database, name, columns, cluster) if before[name] else ()
+               for name, columns in expected.items()}
     outcomes = []
     for name, columns in expected.items():
         found = _table_columns(backend, database, name)
         drift, extra = _compare(columns, found) if found is not None else ((), ())
-        outcomes.append(TableOutcome(name, before[name], found is not None, drift, extra))
+        outcomes.append(TableOutcome(name, before[name], found is not None, drift, extra, widened[name]))
     return outcomes

@@ -6,6 +6,10 @@ with ``is_deleted = 1`` (a session merged into another) disappears, so
 ``SELECT … FINAL`` gives exactly one live row per key. ``usage_late_events`` is
 keyed by the source position, so a replay rewrites the same rows.
 
+One event's value fits ``Decimal(38, 18)`` (validation refuses more); every column that
+holds a sum of values is ``Decimal(76, 18)`` (``TOTAL_TYPE``): 10**38 events of the largest
+value would be needed to overflow it. ``TOTAL_COLUMNS`` names them, for ``tallyflow migrate``.
+
     >>> [t.name for t in TABLES]
     ['usage_aggregates', 'usage_aggregates_hourly', 'usage_aggregates_daily', 'metric_aggregates', 'usage_late_events']
     >>> "ReplacingMergeTree(version, is_deleted)" in create_statement(TABLES[0])
@@ -14,7 +18,10 @@ keyed by the source position, so a replay rewrites the same rows.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class Table:
         return tuple(arg for arg in (self.version, self.is_deleted) if arg)
 
 
+VALUE_TYPE = "Decimal(38, 18)"
+"""One event's value (``operators.validation`` refuses values that do not fit)."""
+TOTAL_TYPE = "Decimal(76, 18)"
+"""A sum of values: a window total, a rollup, a catalog metric (sum, weighted sum…)."""
+
 USAGE_AGGREGATES = "usage_aggregates"
 USAGE_AGGREGATES_HOURLY = "usage_aggregates_hourly"
 USAGE_AGGREGATES_DAILY = "usage_aggregates_daily"
@@ -52,7 +64,7 @@ _USAGE_COLUMNS = (
     ("window_start", "DateTime64(3, 'UTC')"),
     ("window_end", "DateTime64(3, 'UTC')"),
     ("event_count", "UInt64"),
-    ("total_value", "Decimal(38, 18)"),
+    ("total_value", TOTAL_TYPE),
     ("version", "UInt64"),
     ("is_deleted", "UInt8"),
 )
@@ -76,7 +88,7 @@ TABLES = (
             ("group_key", "String"),
             ("window_start", "DateTime64(3, 'UTC')"),
             ("window_end", "DateTime64(3, 'UTC')"),
-            ("value", "Decimal(38, 18)"),
+            ("value", TOTAL_TYPE),
             ("event_count", "UInt64"),
             ("version", "UInt64"),
             ("is_deleted", "UInt8"),
@@ -93,7 +105,7 @@ TABLES = (
             ("code", "String"),
             ("transaction_id", "String"),
             ("event_time", "DateTime64(3, 'UTC')"),
-            ("value", "Decimal(38, 18)"),
+            ("value", VALUE_TYPE),
             ("reason", "LowCardinality(String)"),
             ("watermark", "DateTime64(3, 'UTC')"),
             ("source_topic", "String"),
@@ -105,6 +117,15 @@ TABLES = (
     ),
 )
 TABLES_BY_NAME = {table.name: table for table in TABLES}
+
+TOTAL_COLUMNS = tuple((table.name, name) for table in TABLES for name, kind in table.columns
+                      if kind == TOTAL_TYPE)
+"""(table, column) of every sum column; tables created before it was ``TOTAL_TYPE`` hold
+``VALUE_TYPE`` there until ``tallyflow migrate`` widens them (``sinks.cluster_schema``)::
+
+    >>> TOTAL_COLUMNS[:2], TOTAL_COLUMNS[-1]
+    ((('usage_aggregates', 'total_value'), ('usage_aggregates_hourly', 'total_value')), ('metric_aggregates', 'value'))
+"""
 
 USAGE_AGGREGATES_COLUMNS = TABLES_BY_NAME[USAGE_AGGREGATES].column_names
 METRIC_AGGREGATES_COLUMNS = TABLES_BY_NAME[METRIC_AGGREGATES].column_names
@@ -136,6 +157,25 @@ def enrichment_migrations(fields: tuple[str, ...]) -> tuple[str, ...]:
 
 def ensure_schema(backend, enrich_fields: tuple[str, ...] = ()) -> None:
     """Create the flow's tables if they do not exist, then add missing enrichment columns
-    (safe to call from every worker; rows written before a column existed read ``''``)."""
+    (safe to call from every worker; rows written before a column existed read ``''``).
+
+    Sum columns of tables created by an older version are not widened here (a type change
+    rewrites every part: an operator's decision, ``tallyflow migrate``); they are named in a
+    warning, since a total beyond ``Decimal(38, 18)`` would be refused there.
+    """
     for statement in DDL + enrichment_migrations(enrich_fields):
         backend.command(statement)
+    narrow = narrow_total_columns(backend)
+    if narrow:
+        log.warning("sum columns narrower than %s: run `tallyflow migrate` to widen them",
+                    TOTAL_TYPE, extra={"columns": narrow})
+
+
+def narrow_total_columns(backend) -> list[str]:
+    """``table.column (type)`` of every sum column whose type is not ``TOTAL_TYPE`` yet."""
+    tables = ", ".join(f"'{table}'" for table in dict(TOTAL_COLUMNS))
+    _, rows = backend.query("SELECT table, name, type FROM system.columns "
+                            f"WHERE database = currentDatabase() AND table IN ({tables})")
+    wanted = set(TOTAL_COLUMNS)
+    return [f"{table}.{name} ({kind})" for table, name, kind in rows
+            if (table, name) in wanted and kind != TOTAL_TYPE]

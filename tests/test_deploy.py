@@ -409,7 +409,7 @@ def test_migrate_reports_an_existing_table_whose_columns_differ(chdb_url, capsys
     status, lines = migrate(capsys, "--url", chdb_url, "--enrich-fields", "off")
     assert status == 1
     assert lines[0].startswith(f"{USAGE_AGGREGATES}: already existed, but its columns differ: ")
-    assert "total_value is Float64, expected Decimal(38, 18)" in lines[0] and "missing version" in lines[0]
+    assert "total_value is Float64, expected Decimal(76, 18)" in lines[0] and "missing version" in lines[0]
     assert "extra columns left as they are: legacy" in lines[0]
     assert all(": created, columns as expected" in line for line in lines[1:])
 
