@@ -107,7 +107,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             for grain in params.rollups
         }
         self.metric_stores = [
-            _store(m.windows, m.aggregation, lateness, resume.metrics.get(m.name) if resume else None)
+            _store(m.windows, m.aggregation, lateness, resume.metrics.get(m.name) if resume else None,
+                   recurring=m.recurring)
             for m in params.catalog.metrics
         ]
         self.pending_late: list = list(resume.pending_late) if resume else []
@@ -404,17 +405,18 @@ def _longest_window(windows: WindowKind) -> int:
     return getattr(windows, "size_ms", 0)
 
 
-def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: bool = False):
+def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: bool = False,
+           recurring: bool = False):
     if isinstance(windows, SessionWindows):
         return SessionStore(windows.gap_ms, aggregation, lateness, resume)
     if fast_usage:
         return WindowStore(windows, resume, lateness)
-    return AggregateWindowStore(windows, aggregation, lateness, resume)
+    return AggregateWindowStore(windows, aggregation, lateness, resume, recurring)
 
 
 def _metric_row(metric: MetricDefinition, row) -> MetricRow:
     org, customer, group = row.key
     names = [".".join(path) for path in metric.group_by]
     group_key = json.dumps(dict(zip(names, group)), sort_keys=True, separators=(",", ":"))
-    return MetricRow(metric.name, org, customer, group_key, row.start_ms, row.end_ms, row.result,
-                     row.count, row.version, row.is_deleted)
+    return MetricRow(metric.name, org, customer, group_key, row.start_ms, row.end_ms,
+                     metric.rounded(row.result), row.count, row.version, row.is_deleted)

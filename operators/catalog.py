@@ -8,7 +8,13 @@
     aggregation = "weighted_sum"    # count, sum, min, max, unique_count, latest, weighted_sum
     field = "value"                 # or "properties.<path>"; not used by count
     group_by = ["region"]           # optional property paths
-    window = { kind = "tumbling", size = "1h" }   # or sliding (size, slide), session (gap)
+    window = { kind = "tumbling", size = "1h" }   # or sliding (size, slide), session (gap),
+                                                  # calendar (unit = "day" | "month", UTC)
+    recurring = false               # sum, unique_count, weighted_sum: state carries into the next window
+    rounding = { function = "round", precision = 2 }   # optional: round | ceil | floor
+    # options of one aggregation (see operators.aggregations):
+    # weighted_sum: input = "level" | "increment", unit = "hour" | "second" | "period_average"
+    # unique_count: operation_field = "properties.operation_type"; latest: negative = "keep" | "zero"
 
 A bad file fails at start-up with the line and the problem::
 
@@ -29,12 +35,13 @@ from decimal import Decimal
 import msgspec
 
 from dataflows.settings import SettingsError, parse_duration_ms
-from operators.aggregations import AGGREGATIONS, Aggregation
+from operators.aggregations import AGGREGATIONS, ROUNDING_FUNCTIONS, Aggregation, round_scaled
 from operators.validation import Invalid, scale_decimal, strict_decimal
-from operators.windows import WindowKind, window_kind
+from operators.windows import CalendarWindows, TumblingWindows, WindowKind, window_kind
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-_KEYS = {"name", "code", "aggregation", "field", "group_by", "window"}
+_KEYS = {"name", "code", "aggregation", "field", "group_by", "window", "recurring", "rounding"}
+_OPTION_KEYS = {key for cls in AGGREGATIONS.values() for key in cls.OPTIONS}
 
 
 class CatalogError(ValueError):
@@ -49,6 +56,13 @@ class MetricDefinition:
     field: tuple[str, ...]  # () = the event's value; else a path inside properties
     group_by: tuple[tuple[str, ...], ...]
     windows: WindowKind
+    recurring: bool = False
+    rounding: tuple[str, int] | None = None  # (function, precision)
+    operation: tuple[str, ...] = ()  # unique_count: path of the add/remove property
+
+    def rounded(self, value_scaled: int) -> int:
+        """The reported value: the aggregation's result after the metric's rounding."""
+        return value_scaled if self.rounding is None else round_scaled(value_scaled, *self.rounding)
 
     @property
     def fingerprint(self) -> str:
@@ -60,8 +74,9 @@ class MetricDefinition:
         """
         field = "properties." + ".".join(self.field) if self.field else "value"
         group_by = ",".join(".".join(path) for path in self.group_by)
-        return (f"code={self.code} aggregation={self.aggregation.name} field={field} "
-                f"group_by={group_by} window={self.windows.fingerprint}")
+        recurring = " recurring" if self.recurring else ""
+        return (f"code={self.code} aggregation={self.aggregation.fingerprint} field={field} "
+                f"group_by={group_by} window={self.windows.fingerprint}{recurring}")
 
     def extract(self, value_scaled: int, properties: dict) -> tuple[tuple, object] | None:
         """(group values, the value this metric folds) for one event; None if its field is unusable."""
@@ -70,14 +85,29 @@ class MetricDefinition:
             return group, None
         if not self.field:
             if self.aggregation.reads_text:
-                return group, str(value_scaled)
+                return self._with_operation(group, str(value_scaled), properties)
             return group, value_scaled
         raw = _lookup(properties, self.field)
         if raw is None:
             return None
         if self.aggregation.reads_text:
-            return group, _text(raw)
+            return self._with_operation(group, _text(raw), properties)
         return (group, scaled) if (scaled := _scaled(raw)) is not None else None
+
+    def _with_operation(self, group: tuple, text: str, properties: dict) -> tuple[tuple, object] | None:
+        """unique_count with ``operation_field``: ``(text, "add" | "remove")``, a missing one adds.
+
+        >>> seats = load_catalog_text('[[metric]]\nname="s"\ncode="c"\naggregation="unique_count"\n'
+        ...     'field="properties.user"\noperation_field="properties.op"\n').metrics[0]
+        >>> [seats.extract(0, {"user": "ann", **op}) for op in ({}, {"op": "remove"}, {"op": "swap"})]
+        [((), ('ann', 'add')), ((), ('ann', 'remove')), None]
+        """
+        if not self.operation:
+            return group, text
+        operation = _lookup(properties, self.operation)
+        if operation not in (None, "add", "remove"):
+            return None
+        return group, (text, operation or "add")
 
 
 @dataclass(frozen=True)
@@ -133,9 +163,9 @@ def _metric(entry: dict, line: int) -> MetricDefinition:
 
     if not isinstance(name, str) or not _NAME.match(name):
         fail("needs a name of letters, digits, _ . - (at most 128)")
-    extra = set(entry) - _KEYS
+    extra = set(entry) - _KEYS - _OPTION_KEYS
     if extra:
-        fail(f"unknown key(s) {sorted(extra)}; allowed: {sorted(_KEYS)}")
+        fail(f"unknown key(s) {sorted(extra)}; allowed: {sorted(_KEYS | _OPTION_KEYS)}")
     code = entry.get("code")
     if not isinstance(code, str) or not code:
         fail("needs the event code it meters (code = \"…\")")
@@ -153,14 +183,68 @@ def _metric(entry: dict, line: int) -> MetricDefinition:
     except (SettingsError, ValueError, TypeError) as err:
         fail(f"window: {err}")
     path = () if field == "value" else tuple(field.split(".")[1:])
-    return MetricDefinition(name, code, AGGREGATIONS[aggregation_name](), path,
+    try:
+        aggregation = AGGREGATIONS[aggregation_name](**_options(entry, aggregation_name))
+        recurring = _recurring(entry.get("recurring", False), aggregation, windows)
+        rounding = _rounding(entry["rounding"]) if "rounding" in entry else None
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    operation = getattr(aggregation, "operation_field", None)
+    return MetricDefinition(name, code, aggregation, path,
                             tuple(tuple(g.removeprefix("properties.").split(".")) for g in group_by),
-                            windows)
+                            windows, recurring, rounding,
+                            tuple(operation.split(".")[1:]) if operation else ())
+
+
+def _options(entry: dict, aggregation_name: str) -> dict[str, str]:
+    """The aggregation's own options (``input``, ``unit``, ``negative``, ...), checked."""
+    allowed = AGGREGATIONS[aggregation_name].OPTIONS
+    options = {}
+    for key in sorted(_OPTION_KEYS & set(entry)):
+        owners = sorted(n for n, cls in AGGREGATIONS.items() if key in cls.OPTIONS)
+        if key not in allowed:
+            raise ValueError(f"{key} applies to {', '.join(owners)} only, not to {aggregation_name}")
+        value, values = entry[key], allowed[key]
+        if values is None:
+            if not isinstance(value, str) or not value.startswith("properties.") or value == "properties.":
+                raise ValueError(f"{key} must be \"properties.<path>\", got {value!r}")
+        elif value not in values:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, values))}, got {value!r}")
+        options[key] = value
+    return options
+
+
+def _recurring(value, aggregation: Aggregation, windows: WindowKind) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"recurring must be true or false, got {value!r}")
+    if value and not aggregation.RECURS:
+        kinds = ", ".join(sorted(n for n, cls in AGGREGATIONS.items() if cls.RECURS))
+        raise ValueError(f"recurring applies to {kinds} only, not to {aggregation.name}")
+    if value and not isinstance(windows, (TumblingWindows, CalendarWindows)):
+        raise ValueError(f"recurring needs tumbling or calendar windows, not {windows.name} ones")
+    return value
+
+
+def _rounding(spec) -> tuple[str, int]:
+    """``{ function = "round" | "ceil" | "floor", precision = N }`` (precision 0 if left out)."""
+    if not isinstance(spec, dict) or set(spec) - {"function", "precision"}:
+        raise ValueError("rounding must be a table like { function = \"round\", precision = 2 }")
+    function, precision = spec.get("function"), spec.get("precision", 0)
+    if function not in ROUNDING_FUNCTIONS:
+        raise ValueError(f"rounding function must be one of {', '.join(ROUNDING_FUNCTIONS)}, "
+                         f"got {function!r}")
+    if isinstance(precision, bool) or not isinstance(precision, int) or not -18 <= precision <= 18:
+        raise ValueError(f"rounding precision must be an integer from -18 to 18, got {precision!r}")
+    return function, precision
 
 
 def _windows(spec) -> WindowKind:
     if not isinstance(spec, dict):
         raise ValueError("must be a table like { kind = \"tumbling\", size = \"1h\" }")
+    if spec.get("kind") == "calendar":
+        if set(spec) - {"kind", "unit"}:
+            raise ValueError("calendar windows take only a unit: { kind = \"calendar\", unit = \"month\" }")
+        return CalendarWindows(spec.get("unit"))
     duration = lambda key: parse_duration_ms(spec[key]) if key in spec else None  # noqa: E731
     return window_kind(spec.get("kind", "tumbling"), size_ms=duration("size") or 0,
                        slide_ms=duration("slide"), gap_ms=duration("gap"))

@@ -12,6 +12,8 @@ One class per window kind over a shared base. Times are epoch milliseconds::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from calendar import monthrange
+from datetime import date
 
 
 class WindowKind(ABC):
@@ -149,6 +151,53 @@ class SessionWindows(WindowKind):
     @property
     def fingerprint(self) -> str:
         return f"session:{self.gap_ms}"
+
+
+_DAY_MS = 86_400_000
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+class CalendarWindows(WindowKind):
+    """UTC calendar days or months: a window starts at the first instant of its day or
+    month and ends at the first instant of the next (billing periods).
+
+    >>> month = CalendarWindows("month")
+    >>> feb_2024 = month.starts_for(1_708_000_000_000)[0]          # 2024-02-15
+    >>> feb_2024, (month.window_end(feb_2024) - feb_2024) // 86_400_000
+    (1706745600000, 29)
+    """
+
+    name = "calendar"
+    UNITS = ("day", "month")
+
+    def __init__(self, unit: str) -> None:
+        if unit not in self.UNITS:
+            raise ValueError(f"calendar windows need unit = \"day\" or \"month\", got {unit!r}")
+        self.unit = unit
+
+    def window_start(self, timestamp_ms: int) -> int:
+        day_start = timestamp_ms - timestamp_ms % _DAY_MS
+        if self.unit == "day":
+            return day_start
+        day = date.fromordinal(_EPOCH_ORDINAL + day_start // _DAY_MS)
+        return _ms(day.replace(day=1))
+
+    def starts_for(self, timestamp_ms: int) -> list[int]:
+        return [self.window_start(timestamp_ms)]
+
+    def window_end(self, start_ms: int) -> int:
+        if self.unit == "day":
+            return start_ms + _DAY_MS
+        first = date.fromordinal(_EPOCH_ORDINAL + start_ms // _DAY_MS)
+        return start_ms + monthrange(first.year, first.month)[1] * _DAY_MS
+
+    @property
+    def fingerprint(self) -> str:
+        return f"calendar:{self.unit}"
+
+
+def _ms(day: date) -> int:
+    return (day.toordinal() - _EPOCH_ORDINAL) * _DAY_MS
 
 
 def window_kind(kind: str, *, size_ms: int, slide_ms: int | None = None,

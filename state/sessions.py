@@ -57,7 +57,7 @@ class SessionStore:
 
     @property
     def fingerprint(self) -> str:
-        return f"session:{self.gap_ms}:{self.aggregation.name}:{self.allowed_lateness_ms}"
+        return f"session:{self.gap_ms}:{self.aggregation.fingerprint}:{self.allowed_lateness_ms}"
 
     def add(self, key: tuple, timestamp_ms: int, value: Any, watermark_before: int) -> bool:
         """Add an event unless its own minimal session is past the allowed lateness."""
@@ -97,7 +97,7 @@ class SessionStore:
     def _rows(self, key: tuple, session: Session, end: int) -> list[StoreRow]:
         rows = [StoreRow(key, start, start + self.gap_ms, 0, 0, version + 1, True)
                 for start, version in session.written.items() if start != session.first]
-        result = self.aggregation.result(session.state, end)
+        result = self.aggregation.result(session.state, end, session.first)
         rows.append(StoreRow(key, session.first, end, session.count, result, session.count))
         session.written = {session.first: session.count}
         session.emitted_count = session.count

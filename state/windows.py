@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
 from operators.records import WindowRow
 from operators.windows import WindowKind
 
 WindowKey = tuple  # (organization_id, external_customer_id, code)
+END_OF_TIME = 2**63
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,11 @@ class StoreRow:
 class AggregateSnapshot:
     fingerprint: str
     windows: dict
+    carried: dict = field(default_factory=dict)  # recurring: key → [state, events so far, from]
 
 
 class AggregateWindowStore:
-    """Fixed (tumbling or sliding) windows folding events with any catalog aggregation.
+    """Fixed (tumbling, sliding or calendar) windows folding events with any catalog aggregation.
 
     >>> from operators.aggregations import Max
     >>> from operators.windows import TumblingWindows
@@ -146,24 +149,46 @@ class AggregateWindowStore:
     (True, True)
     >>> [(r.count, r.result, r.version) for r in store.emit(closing_ms=60_000, watermark_ms=60_000)]
     [(2, 9, 2)]
+
+    With ``recurring``, a window's row folds in the state carried from every earlier
+    window of its key, and once the watermark passes a window's end a key whose
+    carried state still bills something gets a row there even without an event. A
+    row's version is the number of events behind it (the key's events so far), so a
+    correction of an earlier window re-emits the later ones with a higher version::
+
+        >>> from operators.aggregations import Sum
+        >>> running = AggregateWindowStore(TumblingWindows(60_000), Sum(), recurring=True)
+        >>> running.add(("o", "c", ()), 1_000, 5, watermark_before=0)
+        True
+        >>> [(r.start_ms, r.count, r.result, r.version) for r in running.emit(180_000, 180_000)]
+        [(0, 1, 5, 1), (60000, 0, 5, 1), (120000, 0, 5, 1)]
     """
 
     def __init__(self, windows: WindowKind, aggregation, allowed_lateness_ms: int = 0,
-                 resume: AggregateSnapshot | None = None) -> None:
+                 resume: AggregateSnapshot | None = None, recurring: bool = False) -> None:
+        if recurring and not aggregation.RECURS:
+            raise ValueError(f"aggregation {aggregation.name!r} cannot be recurring")
         self.windows = windows
         self.aggregation = aggregation
         self.allowed_lateness_ms = allowed_lateness_ms
-        self._open: dict[int, dict[tuple, list]] = {}
+        self.recurring = recurring
+        self._open: dict[int, dict[tuple, list]] = {}  # start → key → [state, count, emitted version]
+        self._carried: dict[tuple, list] = {}  # key → [state at ``from``, events before ``from``, from]
+        self._carry_due = -END_OF_TIME
         if resume is not None:
             if resume.fingerprint != self.fingerprint:
                 raise ValueError(f"window state was built for {resume.fingerprint}, the flow "
                                  f"now uses {self.fingerprint}; start a new recovery store")
             self._open = {start: {k: list(v) for k, v in keys.items()}
                           for start, keys in resume.windows.items()}
+            self._carried = {k: list(v) for k, v in resume.carried.items()}
+        self._carry_due = -END_OF_TIME  # the watermark at which a carried key needs a new window
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.windows.fingerprint}:{self.aggregation.name}:{self.allowed_lateness_ms}"
+        recurring = ":recurring" if self.recurring else ""
+        return (f"{self.windows.fingerprint}:{self.aggregation.fingerprint}:"
+                f"{self.allowed_lateness_ms}{recurring}")
 
     def add(self, key: tuple, timestamp_ms: int, value, watermark_before: int) -> bool:
         """Fold the event into each of its windows still open; False if none was."""
@@ -181,21 +206,74 @@ class AggregateWindowStore:
         return added
 
     def emit(self, closing_ms: int, watermark_ms: int) -> list[StoreRow]:
+        """Rows of the windows ending at or before ``closing_ms`` that changed since last emitted.
+
+        Windows the real ``watermark_ms`` has passed by more than the allowed
+        lateness are forgotten (a recurring key keeps what it carries out of them).
+        """
+        starts = sorted(self._open)
+        if self.recurring and watermark_ms >= self._carry_due:
+            self._open_carried_windows(watermark_ms, starts)
         rows: list[StoreRow] = []
-        for start in sorted(self._open):
-            end = self.windows.window_end(start)
-            if end > closing_ms:
-                break
-            for key, entry in self._open[start].items():
-                if entry[1] != entry[2]:
-                    rows.append(StoreRow(key, start, end, entry[1],
-                                         self.aggregation.result(entry[0], end), entry[1]))
-                    entry[2] = entry[1]
+        running: dict[tuple, tuple] = {}  # recurring: key → (state at the window start, events so far)
+        index = 0
+        while index < len(starts) and (end := self.windows.window_end(start := starts[index])) <= closing_ms:
+            keys = self._open[start]
+            for key, entry in list(keys.items()):
+                row = self._row(key, start, end, entry, running)
+                if row is not None:
+                    rows.append(row)
+                if self.recurring and self.windows.window_end(end) <= watermark_ms:
+                    self._open_successor(key, end, running[key][0], starts)
             if end + self.allowed_lateness_ms <= watermark_ms:
                 del self._open[start]
+                for key in keys if self.recurring else ():
+                    self._carried[key] = [*running[key], end]
+                    self._carry_due = min(self._carry_due, self.windows.window_end(end))
+            index += 1
         return rows
+
+    def _row(self, key: tuple, start: int, end: int, entry: list, running: dict) -> StoreRow | None:
+        """The window's row if it changed since it was last emitted (and bills something)."""
+        agg, state, version = self.aggregation, entry[0], entry[1]
+        if self.recurring:
+            before, events_before = running.get(key) or self._carried.get(key, [agg.create(), 0])[:2]
+            state, version = agg.merge(before, state), events_before + entry[1]
+            running[key] = (agg.carry(state, end), version)
+            if entry[2] == 0 and entry[1] == 0 and agg.is_empty(state):
+                return None  # carried into a window where nothing is billed any more
+        if version == entry[2]:
+            return None
+        entry[2] = version
+        return StoreRow(key, start, end, entry[1], agg.result(state, end, start), version)
+
+    def _open_successor(self, key: tuple, start: int, carried, starts: list[int]) -> None:
+        """A recurring key still billing something gets an entry in the next window."""
+        if self.aggregation.is_empty(carried):
+            return
+        keys = self._open.get(start)
+        if keys is None:
+            keys = self._open[start] = {}
+            bisect.insort(starts, start)
+        if key not in keys:
+            keys[key] = [self.aggregation.create(), 0, 0]
+
+    def _open_carried_windows(self, watermark_ms: int, starts: list[int]) -> None:
+        """Open the first window after the forgotten ones for keys that carry a state into it
+        and that the watermark has passed; note when the next such window is due."""
+        due = END_OF_TIME
+        for key, (state, _events, start) in self._carried.items():
+            if key in self._open.get(start, ()):
+                continue
+            end = self.windows.window_end(start)
+            if end <= watermark_ms:
+                self._open_successor(key, start, state, starts)
+            elif not self.aggregation.is_empty(state):
+                due = min(due, end)
+        self._carry_due = due
 
     def snapshot(self) -> AggregateSnapshot:
         import copy
 
-        return AggregateSnapshot(self.fingerprint, copy.deepcopy(self._open))
+        return AggregateSnapshot(self.fingerprint, copy.deepcopy(self._open),
+                                 copy.deepcopy(self._carried))
