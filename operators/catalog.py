@@ -97,8 +97,8 @@ class MetricDefinition:
     def _with_operation(self, group: tuple, text: str, properties: dict) -> tuple[tuple, object] | None:
         """unique_count with ``operation_field``: ``(text, "add" | "remove")``, a missing one adds.
 
-        >>> seats = load_catalog_text('[[metric]]\nname="s"\ncode="c"\naggregation="unique_count"\n'
-        ...     'field="properties.user"\noperation_field="properties.op"\n').metrics[0]
+        >>> seats = load_catalog_text('[[metric]]\\nname="s"\\ncode="c"\\naggregation="unique_count"\\n'
+        ...     'field="properties.user"\\noperation_field="properties.op"\\n').metrics[0]
         >>> [seats.extract(0, {"user": "ann", **op}) for op in ({}, {"op": "remove"}, {"op": "swap"})]
         [((), ('ann', 'add')), ((), ('ann', 'remove')), None]
         """
