@@ -268,6 +268,20 @@ def test_a_late_event_corrects_the_carried_periods_after_it():
         (at("2024-01-01 00:00:00"), 7, 2), (at("2024-02-01 00:00:00"), 7, 2)]
 
 
+def test_recurring_state_round_trips_and_refuses_a_resume_without_recurring():
+    store = AggregateWindowStore(CalendarWindows("month"), Sum(), recurring=True)
+    store.add(("org", "acme", ()), at("2024-01-10 00:00:00"), 5, watermark_before=0)
+    store.emit(closing_ms=at("2024-02-01 00:00:00"), watermark_ms=at("2024-02-01 00:00:00"))
+    snapshot = pickle.loads(pickle.dumps(store.snapshot()))
+    assert snapshot.carried == {("org", "acme", ()): [5, 1, at("2024-02-01 00:00:00")]}
+    resumed = AggregateWindowStore(CalendarWindows("month"), Sum(), recurring=True, resume=snapshot)
+    assert [(r.start_ms, r.result, r.count) for r in resumed.emit(at("2024-03-01 00:00:00"),
+                                                                  at("2024-03-01 00:00:00"))] == [
+        (at("2024-02-01 00:00:00"), 5, 0)]
+    with pytest.raises(ValueError, match="calendar:month:sum:0:recurring"):
+        AggregateWindowStore(CalendarWindows("month"), Sum(), resume=snapshot)
+
+
 def test_calendar_months_of_28_29_30_and_31_days():
     # one GB set on 2023-02-01 and held: a month bills 24 GB-hours per day it has
     text = metric("weighted_sum", field="properties.value", input="increment", window=MONTH,
