@@ -19,7 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 
 from deploy.broker import ensure_topic
-from deploy.runner import run_flow
+from deploy.runner import init_recovery_store, run_flow
 from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.catalog import CatalogError, load_catalog_text
 from operators.intake import IntakeLogic
@@ -498,41 +498,84 @@ window = { kind = "calendar", unit = "month" }
 """
 
 
-def test_lago_metrics_end_to_end(kafka_broker, chdb_url, tmp_path):
-    catalog_file = tmp_path / "metrics.toml"
-    catalog_file.write_text(LAGO_CATALOG)
-    topic = unique_topic("lago")
-    ensure_topic(kafka_broker.bootstrap, topic, 1)
+def _lago_events() -> list[dict]:
     events = ([event("2023-07-15 00:00:00", value=1000)] + [event(ts, value=v) for ts, v in AUGUST_2023]
               + [seat("2023-07-10 00:00:00", "a"), seat("2023-08-10 00:00:00", "b"),
                  seat("2023-08-20 00:00:00", "a", "remove"), event("2023-08-25 00:00:00", code="gauge", value=-5)]
               + [event("2023-10-02 00:00:00", code="tick")])
-    events.sort(key=lambda item: item["timestamp"])
+    return sorted(events, key=lambda item: item["timestamp"])
+
+
+def _expected_lago_table() -> dict:
+    """Hand-computed: July holds 1000 for 17 of 31 days (548.38710 to 5 places), August is Lago's
+    1000.02218, September carries 1000 with no event; seats a, then b in, a out, then b carried."""
+    july, august, september = at("2023-07-01 00:00:00"), at("2023-08-01 00:00:00"), at("2023-09-01 00:00:00")
+    october = at("2023-10-01 00:00:00")
+    return {
+        ("storage", july): (august, Decimal("548.38710"), 1),
+        ("storage", august): (september, Decimal("1000.02218"), 7),
+        ("storage", september): (october, Decimal("1000.00000"), 0),
+        ("seats", july): (august, Decimal(1), 1),
+        ("seats", august): (september, Decimal(1), 2),
+        ("seats", september): (october, Decimal(1), 0),
+        ("gauge", august): (september, Decimal(0), 1),       # -5 reported as 0
+    }
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple]) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
-    for _offset, _key, value, _headers in _records(events):
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for _offset, _key, value, _headers in records:
         producer.produce(topic, value, partition=0)
     assert producer.flush(30) == 0
-    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url,
-                      METRICS_FILE=str(catalog_file), TALLYFLOW_SHARDS="2"))
-    backend = connect(chdb_url)
+
+
+def _read_lago_table(url: str) -> dict:
+    backend = connect(url)
     try:
         _, rows = backend.query(
             "SELECT metric, toUnixTimestamp64Milli(window_start), toUnixTimestamp64Milli(window_end), "
             "toString(value), event_count FROM metric_aggregates FINAL WHERE external_customer_id = 'acme'")
     finally:
         backend.close()
-    table = {(r[0], int(r[1])): (int(r[2]), Decimal(r[3]), int(r[4])) for r in rows}
-    july, august, september = at("2023-07-01 00:00:00"), at("2023-08-01 00:00:00"), at("2023-09-01 00:00:00")
-    october = at("2023-10-01 00:00:00")
-    # July: 1000 held for 17 of 31 days; August: Lago's 1000.02218; September: 1000, no event
-    assert table == {
-        ("storage", july): (august, Decimal("548.38710"), 1),
-        ("storage", august): (september, Decimal("1000.02218"), 7),
-        ("storage", september): (october, Decimal("1000.00000"), 0),
-        ("seats", july): (august, Decimal(1), 1),
-        ("seats", august): (september, Decimal(1), 2),       # a removed, b added
-        ("seats", september): (october, Decimal(1), 0),      # b carried
-        ("gauge", august): (september, Decimal(0), 1),       # -5 reported as 0
-    }
+    return {(r[0], int(r[1])): (int(r[2]), Decimal(r[3]), int(r[4])) for r in rows}
+
+
+def _lago_flow(kafka_broker, chdb_url, tmp_path) -> tuple[str, dict]:
+    catalog_file = tmp_path / "metrics.toml"
+    catalog_file.write_text(LAGO_CATALOG)
+    topic = unique_topic("lago")
+    ensure_topic(kafka_broker.bootstrap, topic, 1)
+    env = flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url,
+                   METRICS_FILE=str(catalog_file), TALLYFLOW_SHARDS="2")
+    return topic, env
+
+
+def test_lago_metrics_end_to_end(kafka_broker, chdb_url, tmp_path):
+    topic, env = _lago_flow(kafka_broker, chdb_url, tmp_path)
+    _produce(kafka_broker.bootstrap, topic, _records(_lago_events()))
+    run_flow(env)
+    assert _read_lago_table(chdb_url) == _expected_lago_table()
+
+
+def test_lago_metrics_resume_in_the_middle_of_august(kafka_broker, chdb_url, tmp_path):
+    # the first run stops (snapshot) at 2023-08-01 01:30, the second resumes from the recovery store
+    topic, env = _lago_flow(kafka_broker, chdb_url, tmp_path)
+    records = _records(_lago_events())
+    split = next(i for i, item in enumerate(_lago_events()) if item["timestamp"] > "2023-08-01 01:00:00")
+    recovery = tmp_path / "recovery"
+    init_recovery_store(recovery)
+    _produce(kafka_broker.bootstrap, topic, records[:split])
+    run_flow(env, recovery_dir=recovery, snapshot_s=1)
+    july = {key: row for key, row in _expected_lago_table().items() if key[1] == at("2023-07-01 00:00:00")}
+    assert {k: v for k, v in _read_lago_table(chdb_url).items() if k in july} == july
+    backend = connect(chdb_url)
+    try:  # what the second run writes alone: a resume rewrites nothing it had finished
+        backend.command("TRUNCATE TABLE metric_aggregates")
+    finally:
+        backend.close()
+    _produce(kafka_broker.bootstrap, topic, records[split:])
+    run_flow(env, recovery_dir=recovery, snapshot_s=1)
+    later = {key: row for key, row in _expected_lago_table().items() if key not in july}
+    assert _read_lago_table(chdb_url) == later     # August still starts from July's carried 1000
