@@ -43,6 +43,8 @@ from bytewax.operators import StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
 from operators.watermark import NO_WATERMARK
+from state.utc_calendar import date_text, month_start_ms, next_month_start_ms
+from state.utc_calendar import month_of as civil_month_of
 
 DAY_MS = 86_400_000
 DEFAULT_DAY_HORIZON_MS = 2 * DAY_MS
@@ -111,21 +113,23 @@ class LiveTotalsSnapshot:
 
 @lru_cache(maxsize=4096)
 def day_label(day_start_ms: int) -> str:
-    """``2026-01-31`` for a UTC day start."""
-    return datetime.fromtimestamp(day_start_ms / 1000, timezone.utc).strftime("%Y-%m-%d")
+    """``2026-01-31`` for a UTC day start (integer calendar: any time, even past year 9999)."""
+    return date_text(day_start_ms)
 
 
 @lru_cache(maxsize=4096)
 def month_of(timestamp_ms: int) -> tuple[int, str, int]:
     """(month start ms, ``2026-01``, month index ``year * 12 + month - 1``) for a UTC time.
 
+    Integer calendar arithmetic (``state.utc_calendar``), so December 9999 has a next month::
+
     >>> month_of(1_769_904_000_000 - 1)   # the last millisecond of January 2026
     (1767225600000, '2026-01', 24312)
+    >>> month_of(253_402_300_799_999)[1:], month_of(253_402_300_800_000)[1:]
+    (('9999-12', 119999), ('10000-01', 120000))
     """
-    moment = datetime.fromtimestamp(timestamp_ms // 1000, timezone.utc)
-    start = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
-    return int(start.timestamp()) * 1000, f"{moment.year:04d}-{moment.month:02d}", \
-        moment.year * 12 + moment.month - 1
+    year, month = civil_month_of(timestamp_ms)
+    return month_start_ms(timestamp_ms), f"{year:04d}-{month:02d}", year * 12 + month - 1
 
 
 @lru_cache(maxsize=4096)
@@ -223,7 +227,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
             if kind == "day":
                 return start + DAY_MS <= horizon_day
             # A month also waits for the horizon, in case DEDUP_HORIZON is longer than months.
-            next_month = month_start(start + 32 * DAY_MS)
+            next_month = next_month_start_ms(start)
             return month_of(start)[2] < oldest_month and next_month <= horizon_day
 
         for key in [k for k in self.totals if expired(k[3], k[4])]:

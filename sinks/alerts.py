@@ -36,7 +36,6 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from datetime import datetime, timezone
 
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
@@ -47,6 +46,7 @@ from operators.live_totals import QuotaAlert
 from sinks.buffered import BufferedPartition
 from sinks.kafka_output import output_producer
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
+from state.utc_calendar import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ def fence_key(alert: QuotaAlert) -> bytes:
 def alert_json(alert: QuotaAlert) -> bytes:
     """The alert record: counts as JSON integers, values as exact decimal strings."""
     number = int if alert.measure == "count" else str
-    moment = datetime.fromtimestamp(alert.event_timestamp_ms // 1000, timezone.utc)
     return _encoder.encode({
         "organization_id": alert.organization_id,
         "external_customer_id": alert.external_customer_id,
@@ -86,7 +85,7 @@ def alert_json(alert: QuotaAlert) -> bytes:
         "measure": alert.measure,
         "threshold": number(alert.threshold),
         "observed": number(alert.observed),
-        "event_timestamp": f"{moment:%Y-%m-%dT%H:%M:%S}.{alert.event_timestamp_ms % 1000:03d}Z",
+        "event_timestamp": utc_text(alert.event_timestamp_ms).replace(" ", "T") + "Z",
     })
 
 
