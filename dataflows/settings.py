@@ -111,6 +111,7 @@ class Settings:
     metrics_file: str | None = None
     rollups: tuple[str, ...] = ("hour", "day")
     max_out_of_orderness_ms: int = 10_000
+    max_future_skew_ms: int | None = 3_600_000
     dedup_horizon_ms: int = 86_400_000
     shards: int = 16
     sink_batch_rows: int = 50_000
@@ -162,6 +163,8 @@ class Settings:
             metrics_file=env.get("METRICS_FILE") or None,
             rollups=_rollups(env.get("ROLLUPS", ",".join(d.rollups))),
             max_out_of_orderness_ms=duration("MAX_OUT_OF_ORDERNESS", d.max_out_of_orderness_ms),
+            max_future_skew_ms=(d.max_future_skew_ms if not env.get("MAX_FUTURE_SKEW", "").strip()
+                                else optional_duration("MAX_FUTURE_SKEW")),
             dedup_horizon_ms=duration("DEDUP_HORIZON", d.dedup_horizon_ms),
             shards=integer("TALLYFLOW_SHARDS", d.shards),
             sink_batch_rows=integer("SINK_BATCH_ROWS", d.sink_batch_rows),

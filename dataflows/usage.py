@@ -85,6 +85,7 @@ def build_flow(settings: Settings) -> Dataflow:
         return IntakeLogic(
             settings.usage_topic, partition, n_partitions, settings.shards, windows,
             settings.max_out_of_orderness_ms, settings.allowed_lateness_ms, max_event_ms, catalog,
+            max_future_skew_ms=settings.max_future_skew_ms,
         )
 
     source = UsageSource(

@@ -27,7 +27,13 @@ from operators.watermark import NO_WATERMARK, PartitionWatermark
 from operators.windows import WindowKind
 from state.dedup import DIGEST_BIAS, digest_hash
 
-KafkaRecord = tuple  # (offset, key, value, headers)
+KafkaRecord = tuple
+"""One Kafka record: ``(offset, key, value, headers, timestamp_ms)``.
+
+``timestamp_ms`` is the record's timestamp as the log stores it (CreateTime, or LogAppendTime
+on topics set so), None when the record has none. Records of four items (no timestamp) are
+accepted too, for tools and tests: the ``MAX_FUTURE_SKEW`` check then has nothing to compare with.
+"""
 
 
 def shard_of(organization_id: str, shards: int) -> int:
@@ -75,6 +81,17 @@ class IntakeBatch:
         return keys, batches
 
 
+def _future(timestamp_ms: int, record_ms: int, max_skew_ms: int) -> Invalid:
+    """Why an event dated too far past its record's timestamp is refused (``MAX_FUTURE_SKEW``).
+
+    >>> _future(7_200_000, 0, 3_600_000).detail
+    'event time 7200000 is 7200000 ms after its Kafka record timestamp 0 (MAX_FUTURE_SKEW 3600000 ms)'
+    """
+    return Invalid("future_timestamp", f"event time {timestamp_ms} is {timestamp_ms - record_ms} ms "
+                                       f"after its Kafka record timestamp {record_ms} "
+                                       f"(MAX_FUTURE_SKEW {max_skew_ms} ms)")
+
+
 def _append(lists: dict[int, list], shard: int, item) -> None:
     items = lists.get(shard)
     if items is None:
@@ -96,6 +113,7 @@ class IntakeLogic:
         allowed_lateness_ms: int = 0,
         max_event_ms: int | None = None,
         catalog: Catalog | None = None,
+        max_future_skew_ms: int | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -103,6 +121,7 @@ class IntakeLogic:
         self.shards = shards
         self.windows = windows
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.max_future_skew_ms = max_future_skew_ms
         self.watermark = PartitionWatermark(max_out_of_orderness_ms, max_event_ms)
         self.catalog = catalog or Catalog()
         self._metrics_by_code = {code: self.catalog.for_code(code) for code in self.catalog.codes}
@@ -127,14 +146,21 @@ class IntakeLogic:
         watermark = NO_WATERMARK if max_event is None else max_event - out_of_orderness
         shard_cache, metric_codes = self._shard_cache, self._metrics_by_code
         decode, digest_of, bias = validate, digest_hash, DIGEST_BIAS
+        max_skew = self.max_future_skew_ms
+        if records and len(records[0]) == 4:  # records without their timestamp (tools, tests)
+            records = [(*record, None) for record in records]
         valid = 0
-        for offset, key, value, headers in records:
+        for offset, key, value, headers, record_ms in records:
             event = decode(value)
             if event.__class__ is Invalid:
                 batch.dead_letters.append(self._dead_letter(offset, key, value, headers, event))
                 continue
-            valid += 1
             timestamp = event.timestamp_ms
+            if max_skew is not None and record_ms is not None and timestamp - record_ms > max_skew:
+                batch.dead_letters.append(self._dead_letter(
+                    offset, key, value, headers, _future(timestamp, record_ms, max_skew)))
+                continue
+            valid += 1
             org = event.organization_id
             shard = shard_cache.get(org)
             if shard is None:

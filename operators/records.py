@@ -114,9 +114,18 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     source_offset: int
 
     def dlq_headers(self) -> list[tuple[str, bytes]]:
-        """The original headers plus ours, which name the reason and the source position."""
+        """The original headers plus ours, which name the reason and the source position.
+
+        Incoming ``tallyflow.*`` headers (any case) are dropped first: a producer could
+        otherwise forge a reason or a source position in the DLQ.
+
+        >>> letter = DeadLetter(None, b"{", [("tallyflow.reason", b"ok"), ("trace", b"1")],
+        ...                     "malformed_json", "", "usage", 0, 7)
+        >>> [name for name, _ in letter.dlq_headers()][:3]
+        ['trace', 'tallyflow.reason', 'tallyflow.detail']
+        """
         return [
-            *self.headers,
+            *(header for header in self.headers if not header[0].lower().startswith("tallyflow.")),
             ("tallyflow.reason", self.reason.encode()),
             ("tallyflow.detail", self.detail.encode("utf-8", "replace")[:1024]),
             ("tallyflow.source.topic", self.source_topic.encode()),

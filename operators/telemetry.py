@@ -616,7 +616,7 @@ class IntakeTracing:
         self._skip: int | None = None
 
     def begin(self, records: list) -> list | None:
-        """Open a span per picked record of ``records`` ((offset, key, value, headers) tuples).
+        """Open a span per picked record of ``records`` ((offset, key, value, headers, ...) tuples).
 
         Returns None when tracing is off (then :meth:`end` need not be called).
         """
@@ -647,7 +647,7 @@ class IntakeTracing:
         start = time.time_ns()
         begun = []
         for index, parent in picked:
-            offset, _key, value, _headers = records[index]
+            offset, value = records[index][0], records[index][2]
             span = tracing.tracer.start_span(
                 f"decode {self.topic}", context=None if parent is None else _context(*parent),
                 kind=SpanKind.CONSUMER, start_time=start,

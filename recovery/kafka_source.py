@@ -22,7 +22,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError,
+                             TopicPartition)
 
 from operators import telemetry
 from operators.intake import IntakeBatch, IntakeLogic
@@ -96,7 +97,9 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
                     continue
                 self._on_error(error)
                 continue
-            records.append((message.offset(), message.key(), message.value(), message.headers()))
+            kind, timestamp_ms = message.timestamp()  # stored in the log: the same on every replay
+            records.append((message.offset(), message.key(), message.value(), message.headers(),
+                            None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp_ms))
         if records:
             self._next_offset = records[-1][0] + 1
             self._last_record_at = time.monotonic()

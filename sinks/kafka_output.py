@@ -30,21 +30,76 @@ class OutboundRecord:
     headers: list
 
 
+MAX_RECORD_BYTES = 1_000_000
+"""librdkafka's ``message.max.bytes`` for the output producers, set on purpose.
+
+An input topic may take records as large as the broker allows (about 1 MiB by default, more
+if configured), which is more than librdkafka's own default. An output record larger than
+:data:`FIT_BYTES` is cut to fit (:func:`fit_record`), so no input record, however large, can
+make its dead letter or late event undeliverable. A DLQ or late topic must accept records of
+this size (Kafka's default ``max.message.bytes``, 1,048,588, does).
+"""
+FIT_BYTES = MAX_RECORD_BYTES - 8_192
+"""The most key, value and header bytes an output record carries (the rest: record framing)."""
+_HEADER_OVERHEAD = 16  # a header's framing in a record batch, generously (varints)
+
+
+def fit_record(record: OutboundRecord, limit: int = FIT_BYTES) -> OutboundRecord:
+    """``record`` if it fits in ``limit`` bytes, else a copy cut to fit, saying what was cut.
+
+    The value keeps its first bytes; ``tallyflow.original.size`` gives its size before the
+    cut and ``tallyflow.truncated`` what was cut (``value``, and ``key`` or ``headers`` when
+    those alone took more than an eighth of the limit: the key is cut, foreign headers dropped).
+
+    >>> cut = fit_record(OutboundRecord(b"k", b"x" * 5_000, [("tallyflow.reason", b"r")]), 1_000)
+    >>> len(cut.value), dict(cut.headers)["tallyflow.original.size"], dict(cut.headers)["tallyflow.truncated"]
+    (871, b'5000', b'value')
+    >>> fit_record(small := OutboundRecord(None, b"{}", []), 1_000) is small
+    True
+    """
+    key, value, headers = record.key, record.value or b"", record.headers
+    if len(key or b"") + len(value) + _headers_size(headers) <= limit:
+        return record
+    cut = []
+    if _headers_size(headers) > limit // 8:
+        headers = [h for h in headers if h[0].startswith("tallyflow.")]
+        cut.append("headers")
+    if key is not None and len(key) > limit // 8:
+        key = key[: limit // 8]
+        cut.append("key")
+    headers = [*headers, ("tallyflow.original.size", str(len(value)).encode())]
+    room = limit - len(key or b"") - _headers_size(headers) - _headers_size(
+        [("tallyflow.truncated", b"headers,key,value")])
+    if len(value) > room:
+        value = value[: max(room, 0)]
+        cut.append("value")
+    headers.append(("tallyflow.truncated", ",".join(cut).encode()))
+    return OutboundRecord(key, value, headers)
+
+
+def _headers_size(headers: list) -> int:
+    return sum(len(name.encode()) + len(data or b"") + _HEADER_OVERHEAD for name, data in headers)
+
+
 def dead_letter_record(letter: DeadLetter) -> OutboundRecord:
-    """The original message, untouched, plus headers naming the reason and the source."""
-    return OutboundRecord(letter.key, letter.value, letter.dlq_headers())
+    """The original message, untouched, plus headers naming the reason and the source.
+
+    Incoming ``tallyflow.*`` headers are dropped (see ``DeadLetter.dlq_headers``); a message too
+    large for the DLQ is cut to fit (:func:`fit_record`).
+    """
+    return fit_record(OutboundRecord(letter.key, letter.value, letter.dlq_headers()))
 
 
 def late_event_record(late: LateRecord) -> OutboundRecord:
     """The raw late event, keyed by organization and customer, with the reason and source."""
     key = f"{late.organization_id}:{late.external_customer_id}".encode()
-    return OutboundRecord(key, late.raw, [
+    return fit_record(OutboundRecord(key, late.raw, [
         ("tallyflow.reason", late.reason.encode()),
         ("tallyflow.watermark", str(late.watermark_ms).encode()),
         ("tallyflow.source.topic", late.source_topic.encode()),
         ("tallyflow.source.partition", str(late.source_partition).encode()),
         ("tallyflow.source.offset", str(late.source_offset).encode()),
-    ])
+    ]))
 
 
 _producers: dict[tuple[int, str], Producer] = {}
@@ -72,6 +127,7 @@ def output_producer(bootstrap_servers: str) -> Producer:
             producer = _producers[key] = Producer({
                 "bootstrap.servers": bootstrap_servers,
                 "enable.idempotence": True,
+                "message.max.bytes": MAX_RECORD_BYTES,  # records are cut to fit: fit_record
                 "linger.ms": 5,
                 "enable.sparse.connections": False,  # connect now, so the id comes sooner
             })

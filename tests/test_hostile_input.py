@@ -204,3 +204,93 @@ def test_both_timestamp_readers_agree_with_the_oracle(moment, digits, offset_min
     expected -= 0 if zulu else (-1 if sign == "-" else 1) * (hours * 3600 + minutes * 60) * 1000
     assert rfc3339_ms(text) == expected
     assert _rfc3339_match_ms(text, _RFC3339.fullmatch(text)) == expected
+
+
+# --- MAX_FUTURE_SKEW: event time against the Kafka record's timestamp --------
+
+HOUR = 3_600_000
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def test_events_too_far_ahead_of_their_record_timestamp_go_to_the_dlq():
+    logic = intake(max_future_skew_ms=HOUR)
+    batch = logic.process([
+        (0, b"k", event(txn="edge", timestamp=START_MS + HOUR), [], START_MS),     # exactly 1 h: fine
+        (1, b"k", event(txn="ahead", timestamp=START_MS + HOUR + 1), [], START_MS),
+        (2, b"k", event(txn="no-ts", timestamp=START_MS + 9 * HOUR), [], None),  # nothing to compare
+    ])
+    assert [(d.source_offset, d.reason) for d in batch.dead_letters] == [(1, "future_timestamp")]
+    assert "MAX_FUTURE_SKEW" in batch.dead_letters[0].detail
+    assert [e[8] for e in batch.events_by_shard[0]] == ["edge", "no-ts"]
+    assert batch.valid_count == 2 and batch.consumed_count == 3
+
+
+def test_one_event_dated_far_ahead_does_not_freeze_its_partition():
+    """Issue 12 item 5: an event dated 2200 jumped the watermark; every later event was late."""
+    logic = intake(max_future_skew_ms=HOUR)
+    far = int(datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+    first = logic.process([(0, None, event(txn="a", timestamp=START_MS), None, START_MS),
+                           (1, None, event(txn="far", timestamp=far), None, START_MS + 1)])
+    second = logic.process([(2, None, event(txn="b", timestamp=START_MS + 61_000), None, START_MS + 61_000)])
+    assert [d.reason for d in first.dead_letters] == ["future_timestamp"]
+    assert logic.watermark.max_event_ms == START_MS + 61_000
+    assert [e[8] for e in second.events_by_shard[0]] == ["b"] and not second.late_by_shard
+
+
+def test_max_future_skew_off_keeps_far_future_events():
+    logic = intake(max_future_skew_ms=None)
+    batch = logic.process([(0, None, event(timestamp=START_MS + 100 * HOUR), None, START_MS)])
+    assert batch.valid_count == 1 and not batch.dead_letters
+
+
+# --- end to end: the real broker, the real flow ------------------------------
+
+from confluent_kafka import Producer  # noqa: E402
+
+from deploy.broker import ensure_topic  # noqa: E402
+from deploy.runner import run_flow  # noqa: E402
+from sinks.kafka_output import FIT_BYTES  # noqa: E402
+from support.flow import flow_env, read_output  # noqa: E402
+from support.kafka import read_all, unique_topic  # noqa: E402
+
+BIG = b'{"transaction_id":"' + b"9" * 1_200_000  # an invalid record of 1.2 MB (unterminated)
+
+
+@pytest.mark.integration
+def test_hostile_records_reach_the_dlq_and_the_flow_counts_the_rest(kafka_broker, chdb_url):
+    topic, dlq_topic = unique_topic("usage"), unique_topic("dlq")
+    ensure_topic(kafka_broker.bootstrap, topic, 1)
+    ensure_topic(kafka_broker.bootstrap, dlq_topic, 1)
+    far = int(datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+    sent = [  # (value, record timestamp, headers)
+        (event(txn="a", timestamp=START_MS + 10_000), START_MS + 10_000, []),
+        (event(txn="far", timestamp=far), START_MS + 20_000,
+         [("tallyflow.reason", b"forged"), ("Tallyflow.Source.Offset", b"0"), ("trace", b"kept")]),
+        (BIG, START_MS + 30_000, []),
+        (event(txn="b", timestamp=START_MS + 70_000), START_MS + 70_000, []),
+        (with_raw_field("junk", nested(1000), txn="deep"), START_MS + 71_000, []),
+        (event(org="a\x1fb", txn="c", timestamp=START_MS + 72_000), START_MS + 72_000, []),
+        (event(org="a", txn="b\x1fc", timestamp=START_MS + 73_000), START_MS + 73_000, []),
+    ]
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap, "message.max.bytes": 2_000_000})
+    for value, timestamp, headers in sent:
+        producer.produce(topic, value, b"key", partition=0, timestamp=timestamp, headers=headers)
+    assert producer.flush(30) == 0
+
+    run_flow(flow_env(kafka_broker.bootstrap, topic, dlq_topic, chdb_url), timeout=300)
+
+    counts = {(org, start - START_MS): count for (org, _c, _code, start), (count, _t)
+              in read_output(chdb_url).aggregates.items()}
+    assert counts == {("org", 0): 1, ("org", 60_000): 1, ("a\x1fb", 60_000): 1, ("a", 60_000): 1}
+    letters = {int(dict(m.headers())["tallyflow.source.offset"]): m
+               for m in read_all(kafka_broker.bootstrap, dlq_topic)}
+    reasons = {offset: dict(m.headers())["tallyflow.reason"] for offset, m in letters.items()}
+    assert reasons == {1: b"future_timestamp", 2: b"malformed_json", 4: b"too_deeply_nested"}
+    forged = letters[1].headers()
+    assert [h for h in forged if h[0].lower().startswith("tallyflow.reason")] == [
+        ("tallyflow.reason", b"future_timestamp")]
+    assert ("trace", b"kept") in forged and letters[1].value() == sent[1][0]
+    big = letters[2]
+    assert big.value() == BIG[: len(big.value())] and len(big.value()) > FIT_BYTES - 2_000
+    assert dict(big.headers())["tallyflow.original.size"] == str(len(BIG)).encode()
+    assert dict(big.headers())["tallyflow.truncated"] == b"value"
