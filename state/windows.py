@@ -174,7 +174,6 @@ class AggregateWindowStore:
         self.recurring = recurring
         self._open: dict[int, dict[tuple, list]] = {}  # start → key → [state, count, emitted version]
         self._carried: dict[tuple, list] = {}  # key → [state at ``from``, events before ``from``, from]
-        self._carry_due = -END_OF_TIME
         if resume is not None:
             if resume.fingerprint != self.fingerprint:
                 raise ValueError(f"window state was built for {resume.fingerprint}, the flow "
@@ -219,12 +218,15 @@ class AggregateWindowStore:
         index = 0
         while index < len(starts) and (end := self.windows.window_end(start := starts[index])) <= closing_ms:
             keys = self._open[start]
-            for key, entry in list(keys.items()):
-                row = self._row(key, start, end, entry, running)
-                if row is not None:
-                    rows.append(row)
-                if self.recurring and self.windows.window_end(end) <= watermark_ms:
-                    self._open_successor(key, end, running[key][0], starts)
+            if self.recurring:
+                self._emit_recurring(start, end, keys, running, rows, watermark_ms, starts)
+            else:
+                result = self.aggregation.result
+                for key, entry in keys.items():
+                    if entry[1] != entry[2]:
+                        rows.append(StoreRow(key, start, end, entry[1], result(entry[0], end, start),
+                                             entry[1]))
+                        entry[2] = entry[1]
             if end + self.allowed_lateness_ms <= watermark_ms:
                 del self._open[start]
                 for key in keys if self.recurring else ():
@@ -233,17 +235,27 @@ class AggregateWindowStore:
             index += 1
         return rows
 
-    def _row(self, key: tuple, start: int, end: int, entry: list, running: dict) -> StoreRow | None:
-        """The window's row if it changed since it was last emitted (and bills something)."""
-        agg, state, version = self.aggregation, entry[0], entry[1]
-        if self.recurring:
-            before, events_before = running.get(key) or self._carried.get(key, [agg.create(), 0])[:2]
-            state, version = agg.merge(before, state), events_before + entry[1]
-            running[key] = (agg.carry(state, end), version)
-            if entry[2] == 0 and entry[1] == 0 and agg.is_empty(state):
-                return None  # carried into a window where nothing is billed any more
-        if version == entry[2]:
-            return None
+    def _emit_recurring(self, start: int, end: int, keys: dict, running: dict, rows: list,
+                        watermark_ms: int, starts: list[int]) -> None:
+        """Rows of one window of a recurring metric; keys still billing open the next window."""
+        opens_next = self.windows.window_end(end) <= watermark_ms
+        for key, entry in keys.items():
+            row = self._recurring_row(key, start, end, entry, running)
+            if row is not None:
+                rows.append(row)
+            if opens_next:
+                self._open_successor(key, end, running[key][0], starts)
+
+    def _recurring_row(self, key: tuple, start: int, end: int, entry: list,
+                       running: dict) -> StoreRow | None:
+        """The window's row if it or an earlier window changed since it was written (and it
+        bills something); notes in ``running`` what the key carries into its next window."""
+        agg = self.aggregation
+        before, events_before = running.get(key) or self._carried.get(key, [agg.create(), 0])[:2]
+        state, version = agg.merge(before, entry[0]), events_before + entry[1]
+        running[key] = (agg.carry(state, end), version)
+        if version == entry[2] or (entry[2] == 0 and entry[1] == 0 and agg.is_empty(state)):
+            return None  # unchanged, or carried into a window where nothing is billed any more
         entry[2] = version
         return StoreRow(key, start, end, entry[1], agg.result(state, end, start), version)
 
