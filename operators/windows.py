@@ -12,8 +12,8 @@ One class per window kind over a shared base. Times are epoch milliseconds::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from calendar import monthrange
-from datetime import date
+
+from state.utc_calendar import month_start_ms, next_month_start_ms
 
 
 class WindowKind(ABC):
@@ -154,7 +154,6 @@ class SessionWindows(WindowKind):
 
 
 _DAY_MS = 86_400_000
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 class CalendarWindows(WindowKind):
@@ -176,11 +175,9 @@ class CalendarWindows(WindowKind):
         self.unit = unit
 
     def window_start(self, timestamp_ms: int) -> int:
-        day_start = timestamp_ms - timestamp_ms % _DAY_MS
         if self.unit == "day":
-            return day_start
-        day = date.fromordinal(_EPOCH_ORDINAL + day_start // _DAY_MS)
-        return _ms(day.replace(day=1))
+            return timestamp_ms - timestamp_ms % _DAY_MS
+        return month_start_ms(timestamp_ms)
 
     def starts_for(self, timestamp_ms: int) -> list[int]:
         return [self.window_start(timestamp_ms)]
@@ -188,16 +185,11 @@ class CalendarWindows(WindowKind):
     def window_end(self, start_ms: int) -> int:
         if self.unit == "day":
             return start_ms + _DAY_MS
-        first = date.fromordinal(_EPOCH_ORDINAL + start_ms // _DAY_MS)
-        return start_ms + monthrange(first.year, first.month)[1] * _DAY_MS
+        return next_month_start_ms(start_ms)
 
     @property
     def fingerprint(self) -> str:
         return f"calendar:{self.unit}"
-
-
-def _ms(day: date) -> int:
-    return (day.toordinal() - _EPOCH_ORDINAL) * _DAY_MS
 
 
 def window_kind(kind: str, *, size_ms: int, slide_ms: int | None = None,
