@@ -32,13 +32,13 @@ from state.windows import AggregateWindowStore
 from support.kafka import unique_topic
 
 UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DAY_MS = 86_400_000
 
 
 def at(text: str) -> int:
     """Epoch milliseconds of a UTC time written like Lago's specs: "2023-08-01 01:30:00"."""
-    moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
-    return int((moment - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1000)
+    return _ms(datetime.fromisoformat(text).replace(tzinfo=UTC))
 
 
 def event(timestamp: str, code: str = "storage", customer: str = "acme", **properties) -> dict:
@@ -295,12 +295,12 @@ def test_calendar_months_of_28_29_30_and_31_days():
         expected["acme", "{}", _ms(start)] = (_ms(end), (end - start).days * 24)
         start = end
     assert {k: (r.window_end_ms, r.value_scaled // 10**18) for k, r in rows.items()} == expected
-    hours = {datetime.fromtimestamp(k[2] / 1000, UTC).strftime("%Y-%m"): v[1] for k, v in expected.items()}
+    hours = {(EPOCH + timedelta(milliseconds=k[2])).strftime("%Y-%m"): v[1] for k, v in expected.items()}
     assert (hours["2023-02"], hours["2024-02"], hours["2024-04"], hours["2024-01"]) == (672, 696, 720, 744)
 
 
 def _ms(moment: datetime) -> int:
-    return int(moment.timestamp()) * 1000
+    return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
 def test_calendar_days_are_utc_days():
