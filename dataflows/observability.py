@@ -427,7 +427,7 @@ def format_lag(status: Mapping[str, Any]) -> str:
     """
     from datetime import datetime, timezone
 
-    from deploy.table import format_table
+    from state.text_table import format_table
 
     def when(ms: int | None) -> str | None:
         if ms is None:

@@ -14,32 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+from state.durations import DurationError, parse_duration_ms
 
 
 class SettingsError(ValueError):
     """A setting from the environment cannot be used; the message names it."""
-
-
-def parse_duration_ms(text: str) -> int:
-    """Parse a duration like ``30s``, ``5m``, ``1h30m`` or ``250ms`` into milliseconds.
-
-    >>> parse_duration_ms("1h30m")
-    5400000
-    >>> parse_duration_ms("0s")
-    0
-    """
-    cleaned = text.strip().lower()
-    pos, total = 0, 0
-    for match in _DURATION_PART.finditer(cleaned):
-        if match.start() != pos:
-            break
-        total += int(match.group(1)) * _UNIT_MS[match.group(2)]
-        pos = match.end()
-    if not cleaned or pos != len(cleaned):
-        raise SettingsError(f"not a duration: {text!r} (use e.g. 250ms, 30s, 5m, 1h, 1d)")
-    return total
 
 
 def _rollups(text: str) -> tuple[str, ...]:
@@ -135,7 +114,7 @@ class Settings:
                 return default_ms
             try:
                 return parse_duration_ms(raw)
-            except SettingsError as err:
+            except DurationError as err:
                 raise SettingsError(f"{name}: {err}") from None
 
         def optional_duration(name: str) -> int | None:

@@ -19,8 +19,8 @@ from bytewax.dataflow import Dataflow
 from dataflows.logs import configure_logging
 from dataflows.observability import configure_telemetry
 from dataflows.settings import Settings
-from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.catalog import load_catalog
+from operators.graceful_stop import install_signal_handlers
 from operators.intake import IntakeBatch, IntakeLogic
 from operators.live_totals import (
     DEFAULT_DAY_HORIZON_MS,
@@ -29,14 +29,14 @@ from operators.live_totals import (
     LiveTotalsParams,
 )
 from operators.quotas import QuotaRules, load_quotas
-from operators.records import CountedUsage, LateRecord
-from operators.windows import window_kind
-from recovery.graceful_stop import install_signal_handlers
+from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from recovery.kafka_source import UsageSource
 from sinks.alerts import AlertsSink
 from sinks.clickhouse_sink import ClickHouseSink, Enrichment
 from sinks.kafka_output import KafkaOutputSink, dead_letter_record, late_event_record
 from sinks.redis_sink import RedisTotalsSink
+from state.records import CountedUsage, LateRecord
+from state.window_kinds import window_kind
 
 
 def _to_shards(batch: IntakeBatch) -> list[tuple]:

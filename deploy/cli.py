@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
-from dataflows.settings import Settings, SettingsError, parse_duration_ms
+from dataflows.settings import Settings
+from state.durations import DurationError, parse_duration_ms
 
 Handler = Callable[[argparse.Namespace], int]
 Builder = Callable[[argparse.ArgumentParser], Handler]
@@ -84,7 +85,7 @@ def duration_ms(text: str) -> int:
     """argparse type: ``30s``, ``5m``, ``1h`` → milliseconds."""
     try:
         return parse_duration_ms(text)
-    except SettingsError as err:
+    except DurationError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -229,7 +230,7 @@ def query_command(parser: argparse.ArgumentParser) -> Handler:
                         help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse_url})")
 
     def run(args: argparse.Namespace) -> int:
-        from deploy.table import format_table
+        from state.text_table import format_table
 
         try:
             from sinks.clickhouse_backend import connect
@@ -263,7 +264,7 @@ def dev_clickhouse_command(parser: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         try:
-            from sinks.dev_server import serve
+            from deploy.dev_clickhouse import serve
         except ImportError as err:
             raise CliError(f"the dev ClickHouse server is not available: {err}") from err
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from deploy.broker import DevBroker, ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import REPO_ROOT, flow_environment, init_recovery_store, run_flow
-from deploy.table import format_table
+from state.text_table import format_table
 
 DEMO_DIR = REPO_ROOT / "var" / "demo"
 PARTITIONS = 4

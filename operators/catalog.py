@@ -12,7 +12,7 @@
                                                   # calendar (unit = "day" | "month", UTC)
     recurring = false               # sum, unique_count, weighted_sum: state carries into the next window
     rounding = { function = "round", precision = 2 }   # optional: round | ceil | floor
-    # options of one aggregation (see operators.aggregations):
+    # options of one aggregation (see state.aggregations):
     # weighted_sum: input = "level" | "increment", unit = "hour" | "second" | "period_average"
     # unique_count: operation_field = "properties.operation_type"; latest: negative = "keep" | "zero"
 
@@ -34,10 +34,10 @@ from decimal import Decimal
 
 import msgspec
 
-from dataflows.settings import SettingsError, parse_duration_ms
-from operators.aggregations import AGGREGATIONS, ROUNDING_FUNCTIONS, Aggregation, round_scaled
 from operators.validation import Invalid, scale_decimal, strict_decimal
-from operators.windows import CalendarWindows, TumblingWindows, WindowKind, window_kind
+from state.aggregations import AGGREGATIONS, ROUNDING_FUNCTIONS, Aggregation, round_scaled
+from state.durations import parse_duration_ms
+from state.window_kinds import CalendarWindows, TumblingWindows, WindowKind, window_kind
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _KEYS = {"name", "code", "aggregation", "field", "group_by", "window", "recurring", "rounding"}
@@ -180,7 +180,7 @@ def _metric(entry: dict, line: int) -> MetricDefinition:
         fail("group_by must be a list of property paths")
     try:
         windows = _windows(entry.get("window", {"kind": "tumbling", "size": "1m"}))
-    except (SettingsError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:
         fail(f"window: {err}")
     path = () if field == "value" else tuple(field.split(".")[1:])
     try:

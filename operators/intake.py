@@ -4,7 +4,7 @@ This is the per-partition half of the flow. It owns the partition's event-time
 watermark, so whether an event is late depends only on the events before it
 in the same partition: a replay classifies every event the same way.
 
-    >>> from operators.windows import TumblingWindows
+    >>> from state.window_kinds import TumblingWindows
     >>> intake = IntakeLogic("usage", partition=0, n_partitions=1, shards=2,
     ...                      windows=TumblingWindows(60_000), max_out_of_orderness_ms=0)
     >>> ev = b'{"transaction_id":"t","organization_id":"o","external_customer_id":"c",' \\
@@ -21,11 +21,11 @@ import zlib
 from dataclasses import dataclass, field
 
 from operators.catalog import Catalog
-from operators.records import DeadLetter, LateRecord, ShardBatch
 from operators.validation import Invalid, validate
-from operators.watermark import NO_WATERMARK, PartitionWatermark
-from operators.windows import WindowKind
 from state.dedup import DIGEST_BIAS, digest_hash
+from state.records import DeadLetter, LateRecord, ShardBatch, ShardEvent
+from state.watermark import NO_WATERMARK, PartitionWatermark
+from state.window_kinds import WindowKind
 
 KafkaRecord = tuple
 """One Kafka record: ``(offset, key, value, headers, timestamp_ms)``.
@@ -177,9 +177,9 @@ class IntakeLogic:
                 events = events_by_shard.get(shard)
                 if events is None:
                     events = events_by_shard[shard] = []
-                events.append((digest, org, event.external_customer_id, event.code, timestamp,
-                               event.value_scaled, watermark, offset, event.transaction_id,
-                               metric_values))
+                events.append(ShardEvent(digest, org, event.external_customer_id, event.code,
+                                         timestamp, event.value_scaled, watermark, offset,
+                                         event.transaction_id, metric_values))
             if max_event is None or timestamp > max_event:
                 max_event = timestamp
                 watermark = max_event - out_of_orderness

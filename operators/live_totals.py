@@ -17,7 +17,7 @@ A logic resumed from a snapshot re-emits all its totals once, so Redis is rewrit
 restart even for totals that never change again::
 
     >>> from operators.quotas import parse_quotas
-    >>> from operators.records import CountedUsage
+    >>> from state.records import CountedUsage
     >>> rules = parse_quotas('[[quota]]\\ncode="api"\\nperiod="day"\\nmeasure="count"\\nthreshold=2\\n')
     >>> logic = LiveTotalsLogic(LiveTotalsParams(shards=1, rules=rules))
     >>> usage = CountedUsage({("org", "cus", "api", 0): (3, 5 * 10**18, 1_000)}, watermark=0)
@@ -42,9 +42,9 @@ import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
-from operators.watermark import NO_WATERMARK
 from state.utc_calendar import date_text, month_start_ms, next_month_start_ms
 from state.utc_calendar import month_of as civil_month_of
+from state.watermark import NO_WATERMARK
 
 DAY_MS = 86_400_000
 DEFAULT_DAY_HORIZON_MS = 2 * DAY_MS

@@ -44,7 +44,7 @@ REASON = "error.type"
 
 log = logging.getLogger(__name__)
 
-_NO_WATERMARK_BELOW = -(2**62)  # operators.watermark.NO_WATERMARK and anything near it
+_NO_WATERMARK_BELOW = -(2**62)  # state.watermark.NO_WATERMARK and anything near it
 
 
 # ---- the hot-path API -------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer
                              TopicPartition)
 
 from operators import telemetry
+from operators.graceful_stop import stop_requested
 from operators.intake import IntakeBatch, IntakeLogic
-from recovery.graceful_stop import stop_requested
 
 log = logging.getLogger(__name__)
 

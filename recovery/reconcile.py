@@ -250,7 +250,7 @@ def run_reconcile(*, bootstrap: str, topic: str, url: str, window_size_ms: int,
     """``tallyflow reconcile``: print the differing rows; 0 when ClickHouse equals the topic."""
     import sys
 
-    from deploy.table import format_table
+    from state.text_table import format_table
     from sinks.clickhouse_backend import connect
     from sinks.encoding import format_datetime64
 

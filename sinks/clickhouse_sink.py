@@ -24,8 +24,7 @@ from typing import Union
 from bytewax.outputs import FixedPartitionedSink
 
 from operators import telemetry
-from operators.records import LateRecord, MetricRow, WindowRow
-from recovery.graceful_stop import stop_requested
+from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseUnavailable, connect
 from sinks.encoding import (
@@ -45,6 +44,7 @@ from sinks.schema import (
     USAGE_LATE_EVENTS_COLUMNS,
     ensure_schema,
 )
+from state.records import LateRecord, MetricRow, WindowRow
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rows as ClickHouse JSONEachRow: exact decimals as strings, times as UTC text.
 
-    >>> from operators.records import WindowRow
+    >>> from state.records import WindowRow
     >>> encode_window_rows([WindowRow("o", "c", "x", 0, 60_000, 2, 15 * 10**17, 2)])
     b'{"organization_id":"o","external_customer_id":"c","code":"x","window_start":"1970-01-01 00:00:00.000","window_end":"1970-01-01 00:01:00.000","event_count":2,"total_value":"1.500000000000000000","version":2,"is_deleted":0}\\n'
 """
@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import msgspec
 
-from operators.records import LateRecord, MetricRow, WindowRow
 from operators.validation import format_scaled
+from state.records import LateRecord, MetricRow, WindowRow
 from state.utc_calendar import utc_text
 
 DATETIME64_MIN_MS = -2_208_988_800_000  # 1900-01-01 00:00:00.000, ClickHouse's first DateTime64

@@ -5,7 +5,7 @@ epoch that produced it commits; after a crash, a replay may send some again.
 Consumers deduplicate on the ``tallyflow.source.*`` headers (topic, partition,
 offset), which name the input record exactly.
 
-    >>> from operators.records import DeadLetter
+    >>> from state.records import DeadLetter
     >>> record = dead_letter_record(DeadLetter(b"k", b"{", [], "malformed_json", "…", "usage", 3, 42))
     >>> record.value, dict(record.headers)["tallyflow.source.offset"]
     (b'{', b'42')
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from bytewax.outputs import FixedPartitionedSink
 from confluent_kafka import Producer
 
-from operators.records import DeadLetter, LateRecord
 from sinks.buffered import BufferedPartition
+from state.records import DeadLetter, LateRecord
 
 
 @dataclass(frozen=True)

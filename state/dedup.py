@@ -34,7 +34,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import itemgetter
+from operator import attrgetter
 
 import numpy as np
 import xxhash
@@ -49,8 +49,8 @@ _RUN_RATIO = 2  # a run is merged into the one before it when that is at most th
 _FEW = 256  # smaller batches are checked event by event (numpy's per-call cost is too high)
 _LOOSE_MAX = 16_384  # digests of small batches kept in a dict before they become a run
 
-_digest_of = itemgetter(0)
-_time_of = itemgetter(4)
+_digest_of = attrgetter("digest")
+_time_of = attrgetter("timestamp_ms")
 _INT64 = np.dtype(np.int64)
 
 
@@ -237,7 +237,7 @@ class DedupStore:
         return True
 
     def keep_first_sightings(self, events: list) -> list:
-        """The events (tuples, digest first, event time fifth) whose digest is new; records them.
+        """The events (:class:`state.records.ShardEvent`) whose digest is new; records them.
 
         The batch form of :meth:`first_sighting`, for the hot path.
         """
@@ -282,10 +282,10 @@ class DedupStore:
             maybe_known = repeat(False, len(events))
         loose, fresh = self._loose, []
         for event, maybe in zip(events, maybe_known):
-            digest = event[0]
+            digest = event.digest
             if digest in loose or (maybe and self._indexed(digest)):
                 continue
-            loose[digest] = event[4]
+            loose[digest] = event.timestamp_ms
             fresh.append(event)
         if fresh:
             self._loosened(min(map(_time_of, fresh)), len(fresh))

@@ -6,7 +6,7 @@ after that so no event that can still arrive could have joined it. When sessions
 merge, rows already written under another start get a tombstone (a deleted row
 with a higher version), so ``FINAL`` shows only the merged session::
 
-    >>> from operators.aggregations import Sum
+    >>> from state.aggregations import Sum
     >>> store = SessionStore(gap_ms=10, aggregation=Sum())
     >>> store.add(("k",), 100, 1, watermark_before=0); store.add(("k",), 130, 2, watermark_before=0)
     True
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.aggregations import Aggregation
+from state.aggregations import Aggregation
 from state.windows import StoreRow
 
 

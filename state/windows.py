@@ -1,6 +1,6 @@
 """Open windows of one shard: exact count and scaled-integer sum per key and window.
 
-    >>> from operators.windows import TumblingWindows
+    >>> from state.window_kinds import TumblingWindows
     >>> store = WindowStore(TumblingWindows(60_000))
     >>> store.add(0, ("org", "cust", "api_calls"), 1_500_000_000_000_000_000)
     >>> [(r.event_count, r.total_scaled) for r in store.emit_closed(closing_ms=60_000, watermark_ms=60_000)]
@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from operators.records import WindowRow
-from operators.windows import WindowKind
+from state.records import WindowRow
+from state.window_kinds import WindowKind
 
 WindowKey = tuple  # (organization_id, external_customer_id, code)
 END_OF_TIME = 2**63
@@ -142,8 +142,8 @@ class AggregateSnapshot:
 class AggregateWindowStore:
     """Fixed (tumbling, sliding or calendar) windows folding events with any catalog aggregation.
 
-    >>> from operators.aggregations import Max
-    >>> from operators.windows import TumblingWindows
+    >>> from state.aggregations import Max
+    >>> from state.window_kinds import TumblingWindows
     >>> store = AggregateWindowStore(TumblingWindows(60_000), Max())
     >>> store.add(("org", "cust", ()), 1_000, 5, watermark_before=0), store.add(("org", "cust", ()), 2_000, 9, 0)
     (True, True)
@@ -156,7 +156,7 @@ class AggregateWindowStore:
     row's version is the number of events behind it (the key's events so far), so a
     correction of an earlier window re-emits the later ones with a higher version::
 
-        >>> from operators.aggregations import Sum
+        >>> from state.aggregations import Sum
         >>> running = AggregateWindowStore(TumblingWindows(60_000), Sum(), recurring=True)
         >>> running.add(("o", "c", ()), 1_000, 5, watermark_before=0)
         True

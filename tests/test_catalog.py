@@ -10,10 +10,10 @@ import pytest
 from deploy.broker import ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import run_flow
-from operators.aggregations import AGGREGATIONS
 from operators.catalog import CatalogError, load_catalog_text
 from recovery.reconcile import recompute
 from sinks.clickhouse_backend import connect
+from state.aggregations import AGGREGATIONS
 from state.sessions import SessionStore
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic

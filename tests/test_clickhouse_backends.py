@@ -22,6 +22,7 @@ import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from deploy.dev_clickhouse import DevClickHouseServer
 from sinks.clickhouse_backend import (
     ClickHouseBackend,
     ClickHouseError,
@@ -29,7 +30,6 @@ from sinks.clickhouse_backend import (
     connect,
     open_chdb_engines,
 )
-from sinks.dev_server import DevClickHouseServer
 
 pytestmark = pytest.mark.integration
 
@@ -250,7 +250,7 @@ def test_dev_server_decodes_every_request_encoding_clickhouse_connect_uses() -> 
 
     import lz4.frame
 
-    from sinks.dev_server import decode_body
+    from deploy.dev_clickhouse import decode_body
 
     two_lz4_frames = lz4.frame.compress(b"INSERT INTO t ") + lz4.frame.compress(b"FORMAT Native\n")
     assert decode_body(two_lz4_frames, "lz4") == b"INSERT INTO t FORMAT Native\n"

@@ -4,10 +4,12 @@ import pickle
 import random
 from array import array
 
+import msgspec
 import pytest
 
 import state.dedup as dedup
 from state.dedup import DedupSnapshot, DedupStore, transaction_digest
+from state.records import ShardEvent
 
 START_MS = 1_767_225_600_000
 MINUTE = 60_000
@@ -29,7 +31,7 @@ class Reference:
         return True
 
     def keep_first_sightings(self, events: list) -> list:
-        return [event for event in events if self.first_sighting(event[0], event[4])]
+        return [event for event in events if self.first_sighting(event.digest, event.timestamp_ms)]
 
     def forget_before(self, watermark_ms: int) -> int:
         gone = [d for d, b in self.bucket_of.items()
@@ -45,9 +47,9 @@ class Reference:
         return {bucket: sorted(digests) for bucket, digests in out.items()}
 
 
-def event(digest: int, timestamp_ms: int) -> tuple:
-    """An event tuple as the flow builds it: digest first, event time fifth."""
-    return (digest, "org", "customer", "api_calls", timestamp_ms, 10**18, 0, 0, "txn", None)
+def event(digest: int, timestamp_ms: int) -> ShardEvent:
+    """An event as the flow builds it."""
+    return ShardEvent(digest, "org", "customer", "api_calls", timestamp_ms, 10**18, 0, 0, "txn", None)
 
 
 def unpacked(snapshot: DedupSnapshot) -> dict[int, list[int]]:
@@ -217,7 +219,7 @@ def test_first_copy_in_a_batch_is_kept_and_the_batch_is_remembered():
     store = DedupStore(10 * MINUTE)
     for size in (5, 1_000):  # the one-by-one and the numpy path
         a, b = event(size, START_MS), event(size + 1, START_MS)
-        a_copy = (size,) + a[1:4] + (START_MS + 9 * MINUTE,) + a[5:]
+        a_copy = msgspec.structs.replace(a, timestamp_ms=START_MS + 9 * MINUTE)
         filler = [event(-size * 10_000 - i, START_MS + i) for i in range(size)]
         fresh = store.keep_first_sightings([a, b, a_copy, b] + filler)
         assert fresh[:2] == [a, b] and fresh[2:] == filler

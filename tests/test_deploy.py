@@ -36,7 +36,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from dataflows.settings import Settings, parse_duration_ms
+from dataflows.settings import Settings
 from deploy import cli
 from deploy.broker import ensure_topic, free_port
 from deploy.entrypoint import (
@@ -59,6 +59,7 @@ from sinks.schema import (
     USAGE_LATE_EVENTS,
     USAGE_LATE_EVENTS_COLUMNS,
 )
+from state.durations import parse_duration_ms
 from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
 

@@ -16,11 +16,11 @@ import pytest
 
 from deploy.broker import ensure_topic, free_port
 from deploy.cli import main as tallyflow
+from deploy.dev_clickhouse import DevClickHouseServer
 from deploy.generator import generate, produce
 from deploy.runner import init_recovery_store, start_flow
 from recovery.reconcile import diff, recompute, run_reconcile
 from sinks.clickhouse_backend import connect
-from sinks.dev_server import DevClickHouseServer
 from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
 

@@ -15,10 +15,9 @@ from decimal import Decimal
 
 import pytest
 
-import deploy.generator
-import deploy.table
 from deploy.broker import BrokerError, ensure_topic, topic_partitions
 from deploy.cli import main
+import deploy.generator
 from deploy.generator import (
     KINDS,
     GeneratedRecord,
@@ -27,7 +26,8 @@ from deploy.generator import (
     partition_for,
     produce,
 )
-from deploy.table import format_table
+import state.text_table
+from state.text_table import format_table
 from support.kafka import kafka_broker, read_all, unique_topic  # noqa: F401 (fixture)
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -350,7 +350,7 @@ def test_format_table_aligns_and_keeps_decimals_exact():
     ]
 
 
-@pytest.mark.parametrize("module", [deploy.generator, deploy.table])
+@pytest.mark.parametrize("module", [deploy.generator, state.text_table])
 def test_docstring_examples_run(module):
     failed, attempted = doctest.testmod(module)
     assert attempted > 0 and failed == 0

@@ -7,8 +7,8 @@ blur two transactions; the expected values are written out by hand.
 import json
 
 from operators.intake import IntakeLogic
-from operators.windows import TumblingWindows
 from state.dedup import transaction_digest
+from state.window_kinds import TumblingWindows
 
 MINUTE = 60_000
 
@@ -33,7 +33,7 @@ def test_intake_digest_is_transaction_digest_for_any_characters():
     pairs = [("a\x1fb", "c"), ("a", "b\x1fc"), ("1:", "x"), ("é%3A", "\u2028"), ("org", "t1")]
     records = [(i, None, event(org, txn), None) for i, (org, txn) in enumerate(pairs)]
     batch = intake().process(records)
-    digests = [e[0] for e in batch.events_by_shard[0]]
+    digests = [e.digest for e in batch.events_by_shard[0]]
     assert digests == [transaction_digest(org, txn) for org, txn in pairs]
     assert len(set(digests)) == len(pairs)
 

@@ -20,13 +20,13 @@ import pytest
 
 from deploy.broker import ensure_topic
 from deploy.runner import init_recovery_store, run_flow
-from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.catalog import CatalogError, load_catalog_text
 from operators.intake import IntakeLogic
-from operators.aggregations import Sum
-from operators.records import MetricRow
-from operators.windows import CalendarWindows, TumblingWindows
+from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from sinks.clickhouse_backend import connect
+from state.aggregations import Sum
+from state.records import MetricRow
+from state.window_kinds import CalendarWindows, TumblingWindows
 from support.flow import flow_env
 from state.windows import AggregateWindowStore
 from support.kafka import unique_topic

@@ -30,11 +30,11 @@ from operators.live_totals import (
     month_of,
 )
 from operators.quotas import QuotaFileError, QuotaRules, load_quotas, parse_quotas
-from operators.records import CountedUsage
 from recovery.reconcile import read_aggregates, recompute
 from sinks.alerts import PENDING, AlertsPartition, fence_key
 from sinks.clickhouse_backend import connect
 from sinks.redis_sink import RedisTotalsWriter
+from state.records import CountedUsage
 from support.clickhouse import before_first_write
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic

@@ -10,12 +10,12 @@ import pickle
 
 import pytest
 
-from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.catalog import Catalog, load_catalog_text
-from operators.records import CountedUsage, MetricRow, ShardBatch, WindowRow
-from operators.watermark import END_OF_STREAM, NO_WATERMARK
-from operators.windows import SlidingWindows, TumblingWindows
+from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from state.dedup import transaction_digest
+from state.records import CountedUsage, MetricRow, ShardBatch, ShardEvent, WindowRow
+from state.watermark import END_OF_STREAM, NO_WATERMARK
+from state.window_kinds import SlidingWindows, TumblingWindows
 
 SCALE = 10**18
 HOUR = 3_600_000
@@ -23,9 +23,9 @@ DAY = 86_400_000
 FEB_1_2026 = 1_769_904_000_000  # 2026-02-01T00:00:00Z
 
 
-def event(txn: str, ts: int, value: int = 1, seen: int = NO_WATERMARK, metrics=None) -> tuple:
-    return (transaction_digest("org", txn), "org", "cust", "api", ts, value * SCALE, seen, 0, txn,
-            metrics)
+def event(txn: str, ts: int, value: int = 1, seen: int = NO_WATERMARK, metrics=None) -> ShardEvent:
+    return ShardEvent(transaction_digest("org", txn), "org", "cust", "api", ts, value * SCALE, seen, 0,
+                      txn, metrics)
 
 
 def logic_for(windows, rollups=("hour", "day"), counted=False, catalog=None, resume=None):

@@ -35,13 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.broker import ensure_topic, free_port
 from deploy.cli import main as tallyflow
+from deploy.dev_clickhouse import DevClickHouseServer
 from deploy.generator import generate, produce
 from deploy.runner import REPO_ROOT, bytewax_command, init_recovery_store
 from operators.intake import IntakeLogic
 from operators.validation import Invalid, validate
-from operators.windows import TumblingWindows
 from sinks.clickhouse_backend import connect
-from sinks.dev_server import DevClickHouseServer
+from state.window_kinds import TumblingWindows
 from support.clickhouse import before_first_write
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic

@@ -26,10 +26,10 @@ from deploy.broker import free_port
 from deploy.cli import main as tallyflow
 from deploy.runner import REPO_ROOT, flow_environment
 from operators import telemetry
-from operators.aggregation import UsageWindowLogic, UsageWindowParams
 from operators.intake import IntakeLogic
-from operators.records import ShardBatch
-from operators.windows import TumblingWindows
+from operators.usage_windows import UsageWindowLogic, UsageWindowParams
+from state.records import ShardBatch
+from state.window_kinds import TumblingWindows
 
 START_MS = 1_767_225_600_000
 
@@ -261,7 +261,7 @@ def test_lag_probe_reads_the_cached_end_offset_at_most_once_a_second():
 def test_intake_batches_report_metric_values_that_are_missing(tmp_path):
     from operators.catalog import load_catalog
     from operators.intake import IntakeLogic
-    from operators.windows import TumblingWindows
+    from state.window_kinds import TumblingWindows
 
     catalog_file = tmp_path / "metrics.toml"
     catalog_file.write_text('[[metric]]\nname = "gb"\ncode = "api_calls"\naggregation = "sum"\n'

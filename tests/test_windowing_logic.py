@@ -5,21 +5,21 @@ import pickle
 
 import pytest
 
-from operators.aggregation import UsageShardSnapshot, UsageWindowLogic, UsageWindowParams
 from operators.intake import IntakeLogic, shard_of
-from operators.records import ShardBatch
-from operators.watermark import (END_OF_STREAM, NO_WATERMARK, FlowWatermark, PartitionWatermark,
-                                 WatermarkRegression)
-from operators.windows import SessionWindows, SlidingWindows, TumblingWindows
+from operators.usage_windows import UsageShardSnapshot, UsageWindowLogic, UsageWindowParams
 from state.dedup import DedupStore, transaction_digest
+from state.records import ShardBatch, ShardEvent
+from state.watermark import (END_OF_STREAM, NO_WATERMARK, FlowWatermark, PartitionWatermark,
+                                 WatermarkRegression)
+from state.window_kinds import SessionWindows, SlidingWindows, TumblingWindows
 
 MINUTE = 60_000
 SCALE = 10**18
 
 
 def event(txn: str, ts: int, value: int = 1, org="org", cust="cust", code="api",
-          seen: int = NO_WATERMARK, metrics=None) -> tuple:
-    return (transaction_digest(org, txn), org, cust, code, ts, value * SCALE, seen, 0, txn, metrics)
+          seen: int = NO_WATERMARK, metrics=None) -> ShardEvent:
+    return ShardEvent(transaction_digest(org, txn), org, cust, code, ts, value * SCALE, seen, 0, txn, metrics)
 
 
 def make_logic(shards=1, horizon=86_400_000, resume=None) -> UsageWindowLogic:
@@ -169,7 +169,7 @@ def test_shard_snapshot_round_trip_resumes_exactly():
 
 
 def late_item(txn: str, ts: int, partition: int, offset: int) -> tuple:
-    from operators.records import LateRecord
+    from state.records import LateRecord
 
     record = LateRecord("org", "cust", "api", txn, ts, SCALE, "window_closed", 0, "usage",
                         partition, offset, b"{}")
@@ -240,7 +240,7 @@ def test_intake_lateness_depends_only_on_its_own_partition():
     ])
     assert batch.watermark == 190_000
     on_time = [e for events in batch.events_by_shard.values() for e in events]
-    assert sorted(e[4] for e in on_time) == [181_000, 200_000]
+    assert sorted(e.timestamp_ms for e in on_time) == [181_000, 200_000]
     late = [item for items in batch.late_by_shard.values() for item in items]
     assert [(due, r.source_offset, r.reason, r.watermark_ms) for due, _digest, r in late] == [
         (120_000, 2, "window_closed", 190_000)

@@ -80,13 +80,14 @@ def _dedup_child(ids: str, out: str) -> int:
     """RSS growth per id of a DedupStore holding ``ids`` digests; tracemalloc as a cross-check.
 
     The store is filled the way the flow fills it: keep_first_sightings on
-    batches of 5,000 event tuples (digest first, event time fifth).
+    batches of 5,000 ShardEvents.
     """
     import gc
     import random
     import tracemalloc
 
     from state.dedup import DedupStore, transaction_digest
+    from state.records import ShardEvent
 
     n = int(ids)
     rng = random.Random(1)
@@ -97,8 +98,8 @@ def _dedup_child(ids: str, out: str) -> int:
             events = []
             for i in range(start, min(n, start + batch)):
                 txn = f"{rng.getrandbits(128):032x}"
-                events.append((transaction_digest("org_001", txn), "org_001", "cust_001", "api_calls",
-                               START_MS + i * 600_000 // n, SCALE, 0, i, txn, None))
+                events.append(ShardEvent(transaction_digest("org_001", txn), "org_001", "cust_001",
+                                         "api_calls", START_MS + i * 600_000 // n, SCALE, 0, i, txn, None))
             store.keep_first_sightings(events)
 
     gc.collect()

@@ -178,7 +178,7 @@ def format_report(results: dict) -> str:
 
 
 def format_targets(targets: list[dict]) -> str:
-    from deploy.table import format_table
+    from state.text_table import format_table
 
     rows = [(t["name"], t["target"], str(t["measured"]), t["status"], t["gap"]) for t in targets]
     return format_table(["target", "goal", "measured", "status", "gap"], rows)
@@ -186,7 +186,7 @@ def format_targets(targets: list[dict]) -> str:
 
 def format_profile(name: str, section: dict) -> str:
     """One profile's contenders as a table, with its stream and the memory per open key."""
-    from deploy.table import format_table
+    from state.text_table import format_table
 
     columns = ["contender", "events", "seconds", "events/s", "vs baseline", "rows/s",
                "peak RSS MB", "B/open key", "fixed s", "events/s excl. fixed", "note"]

@@ -114,7 +114,7 @@ def with_factors(runs: list[dict], baseline_events_per_s: int) -> list[dict]:
 
 def format_scaling(results: dict) -> str:
     """The scaling mode's printout: per profile, events/s and the factor per cluster size."""
-    from deploy.table import format_table
+    from state.text_table import format_table
 
     parts = [f"scaling mode: {results['cores']} cores available here; clusters of one-worker "
              f"processes; ClickHouse writes discarded (discard://), Redis off, recovery on"]

@@ -22,8 +22,8 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
+from deploy.dev_clickhouse import DevClickHouseServer
 from sinks.clickhouse_backend import ClickHouseError, open_chdb_engines
-from sinks.dev_server import DevClickHouseServer
 
 T = TypeVar("T")
 UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist

@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import msgspec
 
-ShardEvent = tuple
-"""A valid, on-time event on its way to its shard, as a tuple for speed::
 
-    (digest, organization_id, external_customer_id, code, timestamp_ms, value_scaled,
-     watermark_before, offset, transaction_id, metric_values)
+class ShardEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A valid, on-time event on its way to its shard, built by position and read by name.
 
-``watermark_before`` is its partition's watermark just before it (each window
-store decides with it, so the decision is the same on every replay);
-``metric_values`` is ``None`` or ``[(metric_index, group, value), ...]`` for the
-catalog metrics of its code.
-"""
+    An ``array_like`` struct outside the garbage collector: about as cheap to build as a
+    tuple and faster to read than a NamedTuple, which the collector would keep tracking.
+
+    ``digest`` is the transaction's dedup digest; ``watermark_before`` is its partition's
+    watermark just before it (each window store decides with it, so the decision is the same
+    on every replay); ``offset`` is its Kafka offset; ``metric_values`` is ``None`` or
+    ``[(metric_index, group, value), ...]`` for the catalog metrics of its code::
+
+        >>> event = ShardEvent(7, "org", "cust", "api_calls", 60_000, 1_000_000_000, 0, 41, "tx-1", None)
+        >>> event.timestamp_ms, event.value_scaled, event.offset
+        (60000, 1000000000, 41)
+    """
+
+    digest: int
+    organization_id: str
+    external_customer_id: str
+    code: str
+    timestamp_ms: int
+    value_scaled: int
+    watermark_before: int
+    offset: int
+    transaction_id: str
+    metric_values: list | None
 
 
 class ShardBatch(msgspec.Struct, frozen=True, gc=False):
@@ -33,7 +49,7 @@ class ShardBatch(msgspec.Struct, frozen=True, gc=False):
     n_partitions: int
     watermark: int
     at_end: bool
-    events: list
+    events: list[ShardEvent]
     late: list = []
     idle: bool = False
     topic: str = ""

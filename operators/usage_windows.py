@@ -4,10 +4,10 @@ A shard owns the organizations that hash to it (see ``operators.intake.shard_of`
 It hears from every Kafka partition, so it can take the minimum of their
 watermarks and close windows the way a single-partition stream would::
 
-    >>> from operators.records import ShardBatch
-    >>> from operators.windows import TumblingWindows
+    >>> from state.records import ShardBatch, ShardEvent
+    >>> from state.window_kinds import TumblingWindows
     >>> logic = UsageWindowLogic(UsageWindowParams(TumblingWindows(60_000), 86_400_000, 1))
-    >>> event = (1, "org", "cust", "api_calls", 30_000, 2 * 10**18, 0, 7, "t1", None)
+    >>> event = ShardEvent(1, "org", "cust", "api_calls", 30_000, 2 * 10**18, 0, 7, "t1", None)
     >>> rows, _ = logic.on_batch([ShardBatch(0, 1, 65_000, False, [event, event])])
     >>> [(r.window_start_ms, r.event_count, r.total_scaled) for r in rows], logic.duplicates
     ([(0, 1, 2000000000000000000)], 1)
@@ -29,12 +29,12 @@ from bytewax.operators import StatefulBatchLogic
 
 from operators import telemetry
 from operators.catalog import Catalog, MetricDefinition
-from operators.records import CountedUsage, LateRecord, MetricRow, ShardBatch, WindowRow
-from operators.watermark import NO_WATERMARK, FlowWatermark
-from operators.windows import SessionWindows, TumblingWindows, WindowKind
-from operators.aggregations import Sum
+from state.aggregations import Sum
 from state.dedup import DedupSnapshot, DedupStore
+from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow
 from state.sessions import SessionStore
+from state.watermark import NO_WATERMARK, FlowWatermark
+from state.window_kinds import SessionWindows, TumblingWindows, WindowKind
 from state.windows import AggregateWindowStore, WindowStore
 
 ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
@@ -174,10 +174,12 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         by_unit: dict[int, dict[tuple, list]] = {unit: {} for unit in self._own_units(counted)}
         per_event = []
         for event in fresh:
-            _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
+            seen = event.watermark_before
             if seen < forgotten:
                 per_event.append(event)
                 continue
+            timestamp, value = event.timestamp_ms, event.value_scaled
+            org, customer, code = event.organization_id, event.external_customer_id, event.code
             group_key = (timestamp - timestamp % size, org, customer, code)
             group = groups.get(group_key)  # _add_to_group, inlined on the hot path
             if group is None:
@@ -190,8 +192,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             for unit, unit_groups in by_unit.items():
                 _add_to_group(unit_groups, (timestamp - timestamp % unit, org, customer, code),
                               value, timestamp)
-            if metric_values:
-                self._add_metrics(batch, event, metric_values, seen, out)
+            if event.metric_values:
+                self._add_metrics(batch, event, seen, out)
         usage_add = self.usage.add_group
         for (start, org, customer, code), (count, total, _latest) in groups.items():
             usage_add(start, (org, customer, code), count, total)
@@ -216,11 +218,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             units.add(_DAY_MS)
         return sorted(unit for unit in units if unit % self.params.windows.size_ms)
 
-    def _count_one(self, batch: ShardBatch, event: tuple, out: list, counted: dict | None) -> None:
-        _digest, org, customer, code, timestamp, value, seen, _offset, _txn, metric_values = event
+    def _count_one(self, batch: ShardBatch, event: ShardEvent, out: list, counted: dict | None) -> None:
+        timestamp, value, seen = event.timestamp_ms, event.value_scaled, event.watermark_before
         if seen < self.forgotten_before:
             seen = self.forgotten_before  # an idle partition came back: its windows may be gone
-        key = (org, customer, code)
+        key = (event.organization_id, event.external_customer_id, event.code)
         if not self._add_usage(key, timestamp, value, seen):
             out.append(self._late_at_shard(batch, event, "window_closed_idle_partition", seen))
             telemetry.record_late(1)  # intake counted it on time; rollup or metric misses are not late events
@@ -231,10 +233,10 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 store.add(start, key, value)
             else:
                 out.append(self._late_at_shard(batch, event, f"window_closed:{grain}", seen))
-        if metric_values:
-            self._add_metrics(batch, event, metric_values, seen, out)
+        if event.metric_values:
+            self._add_metrics(batch, event, seen, out)
         if counted is not None:
-            day_key = (org, customer, code, timestamp - timestamp % _DAY_MS)
+            day_key = (*key, timestamp - timestamp % _DAY_MS)
             count, total, latest = counted.get(day_key, (0, 0, timestamp))
             counted[day_key] = (count + 1, total + value, max(latest, timestamp))
 
@@ -249,16 +251,16 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 added = True
         return added
 
-    def _add_metrics(self, batch: ShardBatch, event: tuple, metric_values: list, seen: int,
-                     out: list) -> None:
-        org, customer, timestamp = event[1], event[2], event[4]
-        for index, group, value in metric_values:
+    def _add_metrics(self, batch: ShardBatch, event: ShardEvent, seen: int, out: list) -> None:
+        org, customer, timestamp = event.organization_id, event.external_customer_id, event.timestamp_ms
+        for index, group, value in event.metric_values:
             if not self.metric_stores[index].add((org, customer, group), timestamp, value, seen):
                 name = self.params.catalog.metrics[index].name
                 out.append(self._late_at_shard(batch, event, f"window_closed:metric:{name}", seen))
 
-    def _late_at_shard(self, batch: ShardBatch, event: tuple, reason: str, seen: int) -> LateRecord:
-        _digest, org, customer, code, timestamp, value, _seen, offset, txn, _metrics = event
+    def _late_at_shard(self, batch: ShardBatch, event: ShardEvent, reason: str, seen: int) -> LateRecord:
+        org, customer, code = event.organization_id, event.external_customer_id, event.code
+        timestamp, value, offset, txn = event.timestamp_ms, event.value_scaled, event.offset, event.transaction_id
         raw = json.dumps({"transaction_id": txn, "organization_id": org,
                           "external_customer_id": customer, "code": code,
                           "timestamp": timestamp}).encode()

@@ -550,16 +550,16 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``tallyflow dev-clickhouse [--data-dir DIR] [--host H] [--port P]``."""
+    """Command line, the same flags as ``tallyflow dev-clickhouse [--data DIR] [--host H] [--port P]``."""
     parser = argparse.ArgumentParser(prog="tallyflow dev-clickhouse",
                                      description=f"ClickHouse HTTP interface over chdb: {PRODUCTION_WARNING}.")
-    parser.add_argument("--data-dir", default="./var/clickhouse", help="chdb data directory")
+    parser.add_argument("--data", default="var/clickhouse", help="data directory (default var/clickhouse)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (keep it loopback)")
     parser.add_argument("--port", type=int, default=8123)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.data_dir, args.host, args.port)
+    serve(args.data, args.host, args.port)
     return 0
 
 

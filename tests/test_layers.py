@@ -1,0 +1,55 @@
+"""The package layers hold: a package imports only the packages below it (README, "Layout").
+
+The contract lives in pyproject.toml (``[tool.importlinter]``); import-linter checks every
+import, the ones inside functions included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def lint_imports(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_no_package_imports_a_higher_layer():
+    result = lint_imports()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_layers_name_every_product_package_once():
+    config = pyproject()
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    packages = config["tool"]["setuptools"]["packages"]
+    assert sorted(contract["layers"]) == sorted(packages)
+    assert len(set(contract["layers"])) == len(contract["layers"])
+
+
+def test_an_upside_down_order_is_reported_broken(tmp_path: Path):
+    """The check sees the real imports: the same layers upside down must break."""
+    config = pyproject()["tool"]["importlinter"]
+    layers = list(reversed(config["contracts"][0]["layers"]))
+    quoted = ", ".join(f'"{name}"' for name in layers)
+    upside_down = tmp_path / "upside_down.toml"
+    upside_down.write_text(
+        f"[tool.importlinter]\nroot_packages = [{quoted}]\n\n"
+        f'[[tool.importlinter.contracts]]\nname = "upside down"\ntype = "layers"\nlayers = [{quoted}]\n')
+    result = lint_imports("--config", str(upside_down))
+    assert result.returncode != 0
+    assert "upside down BROKEN" in result.stdout
+    assert "state.records" in result.stdout  # e.g. sinks.encoding -> state.records, now forbidden
