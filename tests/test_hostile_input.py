@@ -89,7 +89,7 @@ def test_deep_properties_with_a_catalog_never_raise(depth):
     batch = intake(catalog=GROUPED).process([(0, None, raw, None)])
     if depth < MAX_DEPTH:
         [counted] = batch.events_by_shard[0]
-        [(_index, (group,), _value)] = counted[9]
+        [(_index, (group,), _value)] = counted.metric_values
         assert group.count("[") + group.count("{") == depth
     else:
         assert [d.reason for d in batch.dead_letters] == ["too_deeply_nested"]
@@ -133,13 +133,13 @@ def test_property_numbers_keep_their_exact_decimal_value_to_the_catalog(number_t
            .encode())
     batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
     [counted] = batch.events_by_shard[0]
-    assert counted[9] == [(0, (group,), scaled)]
+    assert counted.metric_values == [(0, (group,), scaled)]
 
 
 def test_property_numeric_strings_follow_the_strict_syntax_too():
     raw = event(properties={"gb": "1_000", "tier": "a"})
     batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
-    assert batch.events_by_shard[0][0][9] == [] and batch.metric_field_missing == 1
+    assert batch.events_by_shard[0][0].metric_values == [] and batch.metric_field_missing == 1
 
 
 # --- timestamps: truncated to the millisecond, accepted 1970..2260 ------------
