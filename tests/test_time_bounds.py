@@ -19,11 +19,11 @@ from deploy.broker import ensure_topic
 from deploy.runner import run_flow
 from operators.live_totals import LiveTotalsLogic, LiveTotalsParams
 from operators.quotas import parse_quotas
-from operators.records import CountedUsage, WindowRow
 from operators.validation import MAX_TIMESTAMP_MS, validate
 from sinks.clickhouse_backend import connect
 from sinks.encoding import encode_window_rows
 from sinks.schema import USAGE_AGGREGATES_COLUMNS
+from state.records import CountedUsage, WindowRow
 from support.flow import flow_env
 from support.kafka import unique_topic
 from support.redis import redis_server  # noqa: F401
