@@ -7,6 +7,9 @@ that produced it commits. A replay after a crash rewrites identical rows.
 With ``Enrichment``, rows of ``usage_aggregates`` also get customer attributes
 from Redis at write time; they are not part of the key, so a rewrite with
 changed attributes replaces its twin with the same totals.
+A row ClickHouse cannot take (a sum beyond its column, a value the engine refuses) is written
+to ``usage_rejected_rows`` instead, and the rest of its batch is written (``sinks.rejected``):
+one such row never stops billing, nor makes the flow crash and replay into the same error.
 
     >>> sink = ClickHouseSink("chdb://./var/clickhouse", partitions=2)
     >>> sink.list_parts()
@@ -26,7 +29,7 @@ from bytewax.outputs import FixedPartitionedSink
 from operators import telemetry
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
-from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseUnavailable, connect
+from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
 from sinks.encoding import (
     encode_enriched_window_rows,
     encode_late_records,
@@ -34,6 +37,7 @@ from sinks.encoding import (
     encode_window_rows,
 )
 from sinks.enrichment import CustomerAttributes
+from sinks.rejected import ROW_ERROR_CODES, fits, write_rejected
 from sinks.schema import (
     METRIC_AGGREGATES,
     METRIC_AGGREGATES_COLUMNS,
@@ -42,6 +46,7 @@ from sinks.schema import (
     USAGE_AGGREGATES_COLUMNS,
     USAGE_LATE_EVENTS,
     USAGE_LATE_EVENTS_COLUMNS,
+    USAGE_REJECTED_ROWS,
     ensure_schema,
 )
 from state.records import LateRecord, MetricRow, WindowRow
@@ -134,7 +139,35 @@ class ClickHousePartition(BufferedPartition[SinkItem]):
             for item in rows_only:
                 by_table.setdefault(_table_of(item), []).append(item)
             for table, rows in by_table.items():
-                self._insert(table, rows)
+                self._write(table, rows)
+
+    def _write(self, table: str, rows: list) -> None:
+        """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``."""
+        out_of_range = [row for row in rows if not fits(row)]
+        if out_of_range:
+            rows = [row for row in rows if fits(row)]
+            self._reject(table, out_of_range, "total_out_of_range",
+                         f"the sum does not fit the column of {table}")
+        if rows:
+            self._insert_isolating(table, rows)
+
+    def _insert_isolating(self, table: str, rows: list) -> None:
+        """Insert ``rows``; if the engine refuses some of them, halve until they are alone."""
+        try:
+            self._insert(table, rows)
+        except ClickHouseError as err:
+            if isinstance(err, ClickHouseUnavailable) or err.code not in ROW_ERROR_CODES:
+                raise  # about the setup, not a row: stop, with the engine's message
+            if len(rows) == 1:
+                self._reject(table, rows, "clickhouse_refused", str(err))
+                return
+            middle = len(rows) // 2
+            self._insert_isolating(table, rows[:middle])
+            self._insert_isolating(table, rows[middle:])
+
+    def _reject(self, table: str, rows: list, reason: str, detail: str) -> None:
+        with_retries(lambda: write_rejected(self._backend, table, rows, reason, detail),
+                     USAGE_REJECTED_ROWS)
 
     def _insert(self, table: str, rows: list) -> None:
         columns, encode = _ENCODERS[table]

@@ -11,7 +11,7 @@ holds a sum of values is ``Decimal(76, 18)`` (``TOTAL_TYPE``): 10**38 events of 
 value would be needed to overflow it. ``TOTAL_COLUMNS`` names them, for ``tallyflow migrate``.
 
     >>> [t.name for t in TABLES]
-    ['usage_aggregates', 'usage_aggregates_hourly', 'usage_aggregates_daily', 'metric_aggregates', 'usage_late_events']
+    ['usage_aggregates', 'usage_aggregates_hourly', 'usage_aggregates_daily', 'metric_aggregates', 'usage_late_events', 'usage_rejected_rows']
     >>> "ReplacingMergeTree(version, is_deleted)" in create_statement(TABLES[0])
     True
 """
@@ -53,6 +53,7 @@ USAGE_AGGREGATES_HOURLY = "usage_aggregates_hourly"
 USAGE_AGGREGATES_DAILY = "usage_aggregates_daily"
 METRIC_AGGREGATES = "metric_aggregates"
 USAGE_LATE_EVENTS = "usage_late_events"
+USAGE_REJECTED_ROWS = "usage_rejected_rows"
 
 ROLLUP_TABLES = {"": USAGE_AGGREGATES, "hour": USAGE_AGGREGATES_HOURLY, "day": USAGE_AGGREGATES_DAILY}
 """Where a ``WindowRow`` goes, by its grain."""
@@ -115,6 +116,19 @@ TABLES = (
         ),
         ("source_topic", "source_partition", "source_offset", "reason"),
     ),
+    Table(  # rows the engine cannot take (sinks.rejected): kept here, never lost, never looping
+        USAGE_REJECTED_ROWS,
+        (
+            ("source_table", "LowCardinality(String)"),
+            ("row_key", "String"),  # JSON array of the row's key in source_table
+            ("reason", "LowCardinality(String)"),  # total_out_of_range | clickhouse_refused
+            ("detail", "String"),
+            ("row_json", "String"),  # the whole row, decimals as exact text
+            ("version", "UInt64"),
+        ),
+        ("source_table", "row_key"),
+        "version",
+    ),
 )
 TABLES_BY_NAME = {table.name: table for table in TABLES}
 
@@ -130,6 +144,7 @@ TOTAL_COLUMNS = tuple((table.name, name) for table in TABLES for name, kind in t
 USAGE_AGGREGATES_COLUMNS = TABLES_BY_NAME[USAGE_AGGREGATES].column_names
 METRIC_AGGREGATES_COLUMNS = TABLES_BY_NAME[METRIC_AGGREGATES].column_names
 USAGE_LATE_EVENTS_COLUMNS = TABLES_BY_NAME[USAGE_LATE_EVENTS].column_names
+USAGE_REJECTED_ROWS_COLUMNS = TABLES_BY_NAME[USAGE_REJECTED_ROWS].column_names
 
 
 def create_statement(table: Table) -> str:

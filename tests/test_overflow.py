@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import pytest
+
 from deploy import cli
 from deploy.broker import ensure_topic
 from deploy.generator import GeneratedRecord, produce
@@ -29,6 +31,8 @@ def old_schema_ddl() -> list[str]:
     """The tables as the previous release created them: every sum column Decimal(38, 18)."""
     statements = []
     for table in TABLES:
+        if table.name == "usage_rejected_rows":  # new with Decimal(76, 18)
+            continue
         columns = ", ".join(f"{name} {OLD_SUM_TYPE if kind == NEW_SUM_TYPE else kind}"
                             for name, kind in table.columns)
         engine = f"ReplacingMergeTree({', '.join(table.engine_args)})"
@@ -65,6 +69,8 @@ def every_row(backend) -> dict[str, list[tuple]]:
     """All rows of every table, every version (not FINAL), sums as exact text."""
     out = {}
     for table in TABLES:
+        if table.name == "usage_rejected_rows":
+            continue
         _, rows = backend.query(f"SELECT * FROM {table.name} ORDER BY tuple(*)")
         out[table.name] = [tuple(str(v) if isinstance(v, Decimal) else v for v in row) for row in rows]
     return out
@@ -207,3 +213,78 @@ def test_two_of_the_largest_values_in_one_window_are_counted_exactly(kafka_broke
         ("big_sum", "c", 2, twice),
         ("big_sum", "d", 2, -twice),
     ]
+
+
+# ----------------------------------------------------------------------------- rows ClickHouse refuses
+
+
+def rejected_rows(url: str) -> list[tuple]:
+    backend = connect(url)
+    try:
+        _, rows = backend.query("SELECT source_table, row_key, reason, row_json "
+                                "FROM usage_rejected_rows FINAL ORDER BY 1, 2")
+    finally:
+        backend.close()
+    return [(table, json.loads(key), reason, json.loads(row)) for table, key, reason, row in rows]
+
+
+def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker, chdb_url):
+    """Tables of the old schema (sums in Decimal(38, 18)) and the overflow pair: the flow does not
+    stop; the refused rows are kept, exactly, and every other row is written."""
+    backend = connect(chdb_url)
+    try:
+        for statement in old_schema_ddl():
+            backend.command(statement)
+    finally:
+        backend.close()
+    topic = unique_topic("unmigrated")
+    ensure_topic(kafka_broker.bootstrap, topic, 1)
+    start = JAN_1_2026_MS
+    normal = [event(f"n{i}", start + i * 1_000, "1.25", customer=f"n{i % 3}") for i in range(30)]
+    produce(kafka_broker.bootstrap, topic,
+            normal + [event("big1", start + 5_000, LARGEST), event("big2", start + 6_000, LARGEST)])
+    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url, ROLLUPS="day"))
+
+    backend = connect(chdb_url)
+    try:
+        _, rows = backend.query("SELECT external_customer_id, event_count, total_value "
+                                "FROM usage_aggregates FINAL ORDER BY 1")
+    finally:
+        backend.close()
+    assert rows == [("n0", 10, Decimal("12.5")), ("n1", 10, Decimal("12.5")), ("n2", 10, Decimal("12.5"))]
+    twice = f"{2 * int(LARGEST)}.{'0' * 18}"
+    refused = rejected_rows(chdb_url)
+    assert [(table, key[:3], reason, row["event_count"], row["total_scaled"])
+            for table, key, reason, row in refused] == [
+        ("usage_aggregates", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
+        ("usage_aggregates_daily", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
+    ]
+
+
+def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_url):
+    from state.records import WindowRow
+    from sinks.clickhouse_backend import ClickHouseError
+    from sinks.clickhouse_sink import ClickHousePartition
+    from sinks.schema import ensure_schema
+
+    backend = connect(chdb_url)
+    try:
+        ensure_schema(backend)
+        part = ClickHousePartition(backend, max_rows=1_000, max_age_s=60)
+        beyond = 10**76  # the first scaled total Decimal(76, 18) cannot hold
+        part.write_batch([WindowRow("o", "big", "x", 0, 60_000, 1, beyond, 1),
+                          WindowRow("o", "ok", "x", 0, 60_000, 1, beyond - 1, 1)])
+        part.flush()
+        _, rows = backend.query("SELECT external_customer_id, total_value FROM usage_aggregates FINAL")
+        assert rows == [("ok", Decimal("9" * 58 + "." + "9" * 18))]
+        [(table, key, reason, row)] = rejected_rows(chdb_url)
+        assert (table, key[1], reason) == ("usage_aggregates", "big", "total_out_of_range")
+        assert row["total_scaled"] == f"1{'0' * 58}.{'0' * 18}"
+
+        backend.command("DROP TABLE usage_aggregates")  # a setup problem, not a row: it stops
+        part.write_batch([WindowRow("o", "ok", "x", 60_000, 120_000, 1, 1, 1)])
+        with pytest.raises(ClickHouseError) as refused:
+            part.flush()
+        assert refused.value.code == 60
+    finally:
+        backend.close()
