@@ -5,6 +5,12 @@ Run it the Bytewax way (settings come from the environment, see the README)::
     python -m bytewax.run dataflows.usage:flow
     python -m bytewax.run dataflows.usage:flow -w 2 -r ./var/recovery -s 5 -b 30
 
+Importing this module has no side effects. :func:`build_flow` wires a flow for a
+``Settings`` and does nothing else (a test can build one in-process). The module
+attribute ``flow`` is made on first access, which is when ``bytewax.run`` asks for
+it: :func:`prepare_process` sets up what a running flow needs (logging, the telemetry
+server, signal handlers, GC thresholds), then the flow is built from the environment.
+
 This module only wires steps; the logic lives in ``operators/``, state in
 ``state/``, input and resume in ``recovery/``, writers in ``sinks/``.
 """
@@ -122,10 +128,20 @@ def build_flow(settings: Settings) -> Dataflow:
     return flow
 
 
-configure_logging()
-configure_telemetry()
-install_signal_handlers()
-# The hot path makes many short-lived tuples; the default GC thresholds ran a
-# collection every few hundred events (18% of CPU in `make bench`'s profile).
-gc.set_threshold(200_000, 50, 100)
-flow = build_flow(Settings.from_env())
+def prepare_process() -> None:
+    """The process-wide side effects of a running flow: logging, telemetry, signals, GC."""
+    configure_logging()
+    configure_telemetry()
+    install_signal_handlers()
+    # The hot path makes many short-lived tuples; the default GC thresholds ran a
+    # collection every few hundred events (18% of CPU in `make bench`'s profile).
+    gc.set_threshold(200_000, 50, 100)
+
+
+def __getattr__(name: str) -> Dataflow:
+    """``flow``, for ``python -m bytewax.run dataflows.usage:flow``: made once, on first access."""
+    if name != "flow":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    prepare_process()
+    globals()["flow"] = made = build_flow(Settings.from_env())
+    return made

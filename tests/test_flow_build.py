@@ -1,0 +1,57 @@
+"""The flow is importable: building it in-process has no side effects; running it does them."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from dataflows.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def process_state() -> tuple:
+    return (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), gc.get_threshold(),
+            list(logging.getLogger().handlers), threading.active_count())
+
+
+def step_names(flow) -> list[str]:
+    return [step.step_name for step in flow.substeps]
+
+
+def test_building_the_flow_in_process_changes_nothing_in_the_process():
+    before = process_state()
+    import dataflows.usage as usage
+
+    flow = usage.build_flow(Settings.from_env({"REDIS_URL": "", "LATE_TOPIC": "late"}))
+    assert step_names(flow) == ["kafka_in", "to_shards", "usage_windows", "dead_letters", "dlq_out",
+                                "table_rows", "clickhouse_out", "late_records", "late_topic_out"]
+    assert process_state() == before
+    assert "flow" not in vars(usage)  # made only when bytewax.run asks for it
+
+
+def test_the_built_flow_follows_its_settings():
+    import dataflows.usage as usage
+
+    with_redis = usage.build_flow(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0"}))
+    assert {"live_totals", "redis_totals_out"} <= set(step_names(with_redis))
+    assert "late_topic_out" not in step_names(with_redis)
+
+
+def test_importing_the_flow_module_reads_no_environment():
+    """A bad setting fails when the flow is made, not when the module is imported."""
+    env = {**os.environ, "WINDOW_SIZE": "bogus", "METRICS_PORT": "0", "PYTHONPATH": str(REPO)}
+    code = ("import dataflows.usage as u, signal; "
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL; "
+            "u.flow")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "WINDOW_SIZE: not a duration: 'bogus'" in result.stderr
+    assert "in __getattr__" in result.stderr  # raised on access, after the import succeeded
