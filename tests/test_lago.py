@@ -27,8 +27,8 @@ from sinks.clickhouse_backend import connect
 from state.aggregations import Sum
 from state.records import MetricRow
 from state.window_kinds import CalendarWindows, TumblingWindows
-from support.flow import flow_env
 from state.windows import AggregateWindowStore
+from support.flow import flow_env
 from support.kafka import unique_topic
 
 UTC = timezone.utc
