@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from operators.catalog import load_catalog_text
 from operators.intake import IntakeLogic
 from operators.validation import REASONS
-from operators.windows import TumblingWindows
 from sinks.kafka_output import FIT_BYTES, dead_letter_record, late_event_record
+from state.window_kinds import TumblingWindows
 
 MESSAGES = int(os.environ.get("FUZZ_MESSAGES", "100000"))
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
@@ -180,7 +180,7 @@ def check_batch(intake: IntakeLogic, records: list[tuple]) -> dict:
     """Process ``records``; assert each one is accounted for exactly once. Returns the tally."""
     batch = intake.process(records)
     offsets = [r[0] for r in records]
-    on_time = [e[7] for events in batch.events_by_shard.values() for e in events]
+    on_time = [e.offset for events in batch.events_by_shard.values() for e in events]
     late = [item[2].source_offset for items in batch.late_by_shard.values() for item in items]
     dead = [letter.source_offset for letter in batch.dead_letters]
     assert sorted(on_time + late + dead) == sorted(offsets)
@@ -194,7 +194,7 @@ def check_batch(intake: IntakeLogic, records: list[tuple]) -> dict:
         assert [v for k, v in out.headers if k.lower() == "tallyflow.reason"] == [letter.reason.encode()]
     for events in batch.events_by_shard.values():
         for event in events:
-            assert 0 <= event[4] <= LAST_MS and -MAX_ABS_SCALED <= event[5] <= MAX_ABS_SCALED
+            assert 0 <= event.timestamp_ms <= LAST_MS and -MAX_ABS_SCALED <= event.value_scaled <= MAX_ABS_SCALED
     for items in batch.late_by_shard.values():
         for _due, _digest, record in items:
             assert 0 <= record.timestamp_ms <= LAST_MS
