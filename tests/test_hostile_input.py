@@ -221,7 +221,7 @@ def test_events_too_far_ahead_of_their_record_timestamp_go_to_the_dlq():
     ])
     assert [(d.source_offset, d.reason) for d in batch.dead_letters] == [(1, "future_timestamp")]
     assert "MAX_FUTURE_SKEW" in batch.dead_letters[0].detail
-    assert [e[8] for e in batch.events_by_shard[0]] == ["edge", "no-ts"]
+    assert [e.transaction_id for e in batch.events_by_shard[0]] == ["edge", "no-ts"]
     assert batch.valid_count == 2 and batch.consumed_count == 3
 
 
@@ -234,7 +234,7 @@ def test_one_event_dated_far_ahead_does_not_freeze_its_partition():
     second = logic.process([(2, None, event(txn="b", timestamp=START_MS + 61_000), None, START_MS + 61_000)])
     assert [d.reason for d in first.dead_letters] == ["future_timestamp"]
     assert logic.watermark.max_event_ms == START_MS + 61_000
-    assert [e[8] for e in second.events_by_shard[0]] == ["b"] and not second.late_by_shard
+    assert [e.transaction_id for e in second.events_by_shard[0]] == ["b"] and not second.late_by_shard
 
 
 def test_max_future_skew_off_keeps_far_future_events():
