@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deploy.broker import ensure_topic
 from deploy.runner import init_recovery_store, run_flow
@@ -86,14 +89,17 @@ class Biller:
         self.params = UsageWindowParams(usage, dedup_horizon_ms=400 * DAY_MS, shards=1, catalog=self.catalog)
         self.intake = IntakeLogic("usage", 0, 1, 1, usage, max_out_of_orderness_ms=0, catalog=self.catalog)
         self.logic = UsageWindowLogic(self.params)
-        self.table: dict[tuple, MetricRow] = {}  # what ReplacingMergeTree FINAL keeps
+        self.table: dict[tuple, MetricRow] = {}  # what ReplacingMergeTree FINAL keeps, by its key
 
-    def feed(self, record: tuple, at_end: bool = False) -> None:
-        batch = self.intake.process([record] if record else [], at_end=at_end)
+    def feed(self, record: tuple | None, at_end: bool = False) -> None:
+        self.feed_batch([record] if record else [], at_end)
+
+    def feed_batch(self, records: list[tuple], at_end: bool = False) -> None:
+        batch = self.intake.process(records, at_end=at_end)
         out, _ = self.logic.on_batch(batch.shard_batches()[1])
         for row in out:
             if isinstance(row, MetricRow):
-                key = (row.external_customer_id, row.group_key, row.window_start_ms)
+                key = (row.external_customer_id, row.group_key, row.window_start_ms, row.metric)
                 if key not in self.table or row.version >= self.table[key].version:
                     self.table[key] = row
 
@@ -107,7 +113,8 @@ class Biller:
         self.logic = UsageWindowLogic(self.params, pickle.loads(snapshot))
 
     def rows(self) -> dict[tuple, MetricRow]:
-        return dict(self.table)
+        """``(customer, group_key, window start) -> row`` of a one-metric catalog."""
+        return {key[:3]: row for key, row in self.table.items()}
 
 
 def bill(catalog_text: str, events: list[dict], until: str | None = None) -> Biller:
@@ -579,3 +586,123 @@ def test_lago_metrics_resume_in_the_middle_of_august(kafka_broker, chdb_url, tmp
     run_flow(env, recovery_dir=recovery, snapshot_s=1)
     later = {key: row for key, row in _expected_lago_table().items() if key not in july}
     assert _read_lago_table(chdb_url) == later     # August still starts from July's carried 1000
+
+
+# -- property: any batching, any crash point, the same bill as a plain recomputation ---------------
+
+PROPERTY_CATALOG = """
+[[metric]]
+name = "total"
+code = "usage"
+aggregation = "sum"
+field = "properties.value"
+recurring = true
+window = { kind = "calendar", unit = "month" }
+
+[[metric]]
+name = "storage"
+code = "usage"
+aggregation = "weighted_sum"
+field = "properties.value"
+input = "increment"
+unit = "period_average"
+recurring = true
+window = { kind = "calendar", unit = "month" }
+
+[[metric]]
+name = "seats"
+code = "usage"
+aggregation = "unique_count"
+field = "properties.seat"
+operation_field = "properties.operation_type"
+recurring = true
+window = { kind = "calendar", unit = "month" }
+"""
+EXAMPLES = int(os.environ.get("LAGO_EXAMPLES", "150"))
+SPAN_S = 200 * 86_400  # 2023-11-01 to mid-May 2024: empty months, February of a leap year
+
+
+def _month_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start, (start + timedelta(days=32)).replace(day=1)
+
+
+def recompute_bill(events: list[tuple[int, str, Decimal, str, str | None]], watermark: datetime) -> dict:
+    """Independent oracle: per customer and month, from every event so far, with Decimal and datetime.
+
+    A month is billed when it has events, or when it ended by the watermark and what is carried into
+    it still bills something (a non-zero total or level, a seat still added).
+    """
+    first = datetime(2023, 11, 1, tzinfo=UTC)
+    table = {}
+    for customer in sorted({e[1] for e in events}):
+        mine = [e for e in events if e[1] == customer]
+        start, end = _month_bounds(first + timedelta(seconds=mine[0][0]))
+        while start < watermark or any(first + timedelta(seconds=e[0]) >= start for e in mine):
+            table.update(_month_rows(customer, mine, first, start, end, watermark))
+            start, end = end, (end + timedelta(days=32)).replace(day=1)
+    return table
+
+
+def _month_rows(customer, mine, first, start, end, watermark) -> dict:
+    before = [(first + timedelta(seconds=s), value, seat, op) for s, _c, value, seat, op in mine
+              if first + timedelta(seconds=s) < end]
+    inside = sum(1 for at_, *_ in before if at_ >= start)
+    total = sum(value for _at, value, _s, _o in before)
+    seconds = Decimal((end - start) // timedelta(seconds=1))
+    held = sum(value * Decimal((end - max(at_, start)) // timedelta(seconds=1)) for at_, value, _s, _o in before)
+    storage = (held / seconds).quantize(Decimal("1e-18"), context=Context(prec=80))
+    last = {}
+    for at_, _value, seat_, op in sorted(before, key=lambda b: (b[0], b[3] == "remove")):
+        last[seat_] = op or "add"
+    seats = sum(1 for op in last.values() if op == "add")
+    level_at_start = sum(value for at_, value, _s, _o in before if at_ < start)
+    rows = {}
+    key_start = (start - EPOCH) // timedelta(milliseconds=1)
+    for name, value, carried in (("total", total, level_at_start), ("storage", storage, level_at_start),
+                                 ("seats", Decimal(seats), seats)):
+        if inside or (end <= watermark and carried):
+            rows[name, customer, key_start] = (value, inside)
+    return rows
+
+
+@st.composite
+def usage_streams(draw):
+    count = draw(st.integers(1, 10))
+    events = sorted(
+        (draw(st.integers(0, SPAN_S)), draw(st.sampled_from("ab")),
+         Decimal(draw(st.integers(-300, 300))) / 100, draw(st.sampled_from(("s1", "s2", "s3"))),
+         draw(st.sampled_from((None, "add", "remove"))))
+        for _ in range(count))
+    tick = draw(st.integers(events[-1][0], SPAN_S + 40 * 86_400))
+    cuts = sorted(draw(st.lists(st.integers(0, count + 1), max_size=4)))
+    crash = draw(st.none() | st.tuples(st.integers(0, count), st.integers(0, 3)))
+    return events, tick, cuts, crash
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(usage_streams())
+def test_any_batching_and_crash_bills_like_a_recomputation(stream):
+    events, tick, cuts, crash = stream
+    first = datetime(2023, 11, 1, tzinfo=UTC)
+    text = lambda s: (first + timedelta(seconds=s)).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    items = [event(text(s), code="usage", customer=c, value=str(v), seat=seat_,
+                   **({"operation_type": op} if op else {})) for s, c, v, seat_, op in events]
+    records = _records(items + [event(text(tick), code="tick")])
+    biller = Biller(PROPERTY_CATALOG)
+    bounds = [0, *cuts, len(records)]
+    batches = [records[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    saved = None
+    for number, batch in enumerate(batches):
+        if crash and number == min(crash[0], len(batches) - 1):
+            saved, replay_from = biller.checkpoint(), number
+        biller.feed_batch(batch)
+        if saved and number == min(replay_from + crash[1], len(batches) - 1):
+            biller.restore(saved)                         # the rows written meanwhile stay in the table
+            for again in batches[replay_from:number + 1]:
+                biller.feed_batch(again)
+            saved = None
+    biller.feed(None, at_end=True)
+    actual = {(row.metric, key[0], key[2]): (Decimal(row.value_scaled).scaleb(-18), row.event_count)
+              for key, row in biller.table.items()}
+    assert actual == recompute_bill(events, first + timedelta(seconds=tick))
