@@ -249,6 +249,7 @@ from confluent_kafka import Producer  # noqa: E402
 
 from deploy.broker import ensure_topic  # noqa: E402
 from deploy.runner import run_flow  # noqa: E402
+from sinks.clickhouse_backend import connect  # noqa: E402
 from sinks.kafka_output import FIT_BYTES  # noqa: E402
 from support.flow import flow_env, read_output  # noqa: E402
 from support.kafka import read_all, unique_topic  # noqa: E402
@@ -257,7 +258,11 @@ BIG = b'{"transaction_id":"' + b"9" * 1_200_000  # an invalid record of 1.2 MB (
 
 
 @pytest.mark.integration
-def test_hostile_records_reach_the_dlq_and_the_flow_counts_the_rest(kafka_broker, chdb_url):
+def test_hostile_records_reach_the_dlq_and_the_flow_counts_the_rest(kafka_broker, chdb_url, tmp_path):
+    catalog_file = tmp_path / "metrics.toml"
+    catalog_file.write_text('[[metric]]\nname = "gb"\ncode = "storage"\naggregation = "sum"\n'
+                            'field = "properties.gb"\ngroup_by = ["tier"]\n')
+    exact = b'{"gb": 12345678.123456789, "tier": 1.50}'
     topic, dlq_topic = unique_topic("usage"), unique_topic("dlq")
     ensure_topic(kafka_broker.bootstrap, topic, 1)
     ensure_topic(kafka_broker.bootstrap, dlq_topic, 1)
@@ -271,17 +276,31 @@ def test_hostile_records_reach_the_dlq_and_the_flow_counts_the_rest(kafka_broker
         (with_raw_field("junk", nested(1000), txn="deep"), START_MS + 71_000, []),
         (event(org="a\x1fb", txn="c", timestamp=START_MS + 72_000), START_MS + 72_000, []),
         (event(org="a", txn="b\x1fc", timestamp=START_MS + 73_000), START_MS + 73_000, []),
+        (event(txn="gb1", code="storage", timestamp=START_MS + 74_000, properties="P").replace(
+            b'"P"', exact), START_MS + 74_000, []),
+        (event(txn="gb2", code="storage", timestamp=START_MS + 75_000, properties="P").replace(
+            b'"P"', exact.replace(b"1.50", b"15e-1")), START_MS + 75_000, []),
     ]
     producer = Producer({"bootstrap.servers": kafka_broker.bootstrap, "message.max.bytes": 2_000_000})
     for value, timestamp, headers in sent:
         producer.produce(topic, value, b"key", partition=0, timestamp=timestamp, headers=headers)
     assert producer.flush(30) == 0
 
-    run_flow(flow_env(kafka_broker.bootstrap, topic, dlq_topic, chdb_url), timeout=300)
+    run_flow(flow_env(kafka_broker.bootstrap, topic, dlq_topic, chdb_url,
+                      METRICS_FILE=str(catalog_file)), timeout=300)
 
-    counts = {(org, start - START_MS): count for (org, _c, _code, start), (count, _t)
+    counts = {(org, code, start - START_MS): count for (org, _c, code, start), (count, _t)
               in read_output(chdb_url).aggregates.items()}
-    assert counts == {("org", 0): 1, ("org", 60_000): 1, ("a\x1fb", 60_000): 1, ("a", 60_000): 1}
+    assert counts == {("org", "api_calls", 0): 1, ("org", "api_calls", 60_000): 1,
+                      ("a\x1fb", "api_calls", 60_000): 1, ("a", "api_calls", 60_000): 1,
+                      ("org", "storage", 60_000): 2}
+    backend = connect(chdb_url)
+    try:
+        _, rows = backend.query("SELECT group_key, event_count, toString(value) FROM metric_aggregates FINAL")
+    finally:
+        backend.close()
+    # Every digit of the property survives, and 1.50 and 15e-1 are one group.
+    assert [tuple(r) for r in rows] == [('{"tier":"1.5"}', 2, "24691356.246913578")]
     letters = {int(dict(m.headers())["tallyflow.source.offset"]): m
                for m in read_all(kafka_broker.bootstrap, dlq_topic)}
     reasons = {offset: dict(m.headers())["tallyflow.reason"] for offset, m in letters.items()}
