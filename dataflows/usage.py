@@ -23,7 +23,6 @@ from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 
 from dataflows.logs import configure_logging
-from dataflows.observability import configure_telemetry
 from dataflows.settings import Settings
 from operators.catalog import load_catalog
 from operators.graceful_stop import install_signal_handlers
@@ -35,6 +34,7 @@ from operators.live_totals import (
     LiveTotalsParams,
 )
 from operators.quotas import QuotaRules, load_quotas
+from operators.telemetry.setup import configure_telemetry
 from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from recovery.kafka_source import UsageSource
 from sinks.alerts import AlertsSink

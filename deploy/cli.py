@@ -361,7 +361,6 @@ def migrate_command(parser: argparse.ArgumentParser) -> Handler:
 @subcommand("lag")
 def lag_command(parser: argparse.ArgumentParser) -> Handler:
     """Print a running flow's per-partition lag and watermarks (read from its /status.json)."""
-    port = os.environ.get("METRICS_PORT", "").strip() or "9464"
     parser.add_argument("--url", action="append", default=None,
                         help="a flow process's metrics server (default: http://127.0.0.1:$METRICS_PORT "
                              "or :9464); repeat it for every process of a cluster to see all partitions")
@@ -370,8 +369,9 @@ def lag_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds")
 
     def run(args: argparse.Namespace) -> int:
-        from dataflows.observability import fetch_status, format_lag, merge_status
+        from operators.telemetry.lag import fetch_status, format_lag, merge_status
 
+        port = os.environ.get("METRICS_PORT", "").strip() or "9464"
         urls = args.url or [f"http://127.0.0.1:{port}"]
 
         def table() -> str:

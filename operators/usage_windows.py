@@ -27,7 +27,7 @@ from typing import Iterable
 
 from bytewax.operators import StatefulBatchLogic
 
-from operators import telemetry
+from operators.telemetry import metrics, tracing
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.dedup import DedupSnapshot, DedupStore
@@ -113,7 +113,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         ]
         self.pending_late: list = list(resume.pending_late) if resume else []
         self.duplicates = resume.duplicates if resume else 0
-        self.window_tracing = telemetry.WindowTracing()  # sampled events' spans; not snapshotted
+        self.window_tracing = tracing.WindowTracing()  # sampled events' spans; not snapshotted
 
     # -- input ---------------------------------------------------------------
 
@@ -139,8 +139,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         self.dedup.forget_before(current)
         if counted:
             out.append(CountedUsage(counted, self.forgotten_before))
-        telemetry.record_duplicates(self.duplicates - duplicates_before)
-        telemetry.record_windows_closed(len(closed))
+        metrics.record_duplicates(self.duplicates - duplicates_before)
+        metrics.record_windows_closed(len(closed))
         return out, StatefulBatchLogic.RETAIN
 
     def _count(self, batch: ShardBatch, out: list, counted: dict | None) -> None:
@@ -225,7 +225,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         key = (event.organization_id, event.external_customer_id, event.code)
         if not self._add_usage(key, timestamp, value, seen):
             out.append(self._late_at_shard(batch, event, "window_closed_idle_partition", seen))
-            telemetry.record_late(1)  # intake counted it on time; rollup or metric misses are not late events
+            metrics.record_late(1)  # intake counted it on time; rollup or metric misses are not late events
             return
         for grain, store in self.rollups.items():
             start = timestamp - timestamp % ROLLUP_SIZES_MS[grain]
@@ -303,7 +303,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
     def snapshot(self) -> UsageShardSnapshot:
         started = time.perf_counter()
         snapshot = self._snapshot()
-        telemetry.record_snapshot(time.perf_counter() - started)
+        metrics.record_snapshot(time.perf_counter() - started)
         return snapshot
 
     def _snapshot(self) -> UsageShardSnapshot:

@@ -25,7 +25,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError,
                              TopicPartition)
 
-from operators import telemetry
+from operators.telemetry import lag, metrics, tracing
 from operators.graceful_stop import stop_requested
 from operators.intake import IntakeBatch, IntakeLogic
 
@@ -73,8 +73,8 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         self._announced = False
         self._finished = False
         self._awake_at: datetime | None = None
-        self._lag_probe = telemetry.LagProbe(topic, partition)
-        self._tracing = telemetry.IntakeTracing(topic, partition)
+        self._lag_probe = lag.LagProbe(topic, partition)
+        self._tracing = tracing.IntakeTracing(topic, partition)
         consumer.assign([TopicPartition(topic, partition, self._next_offset)])
 
     def _end_offset(self) -> int:
@@ -120,7 +120,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         batch = self._intake.process(records, at_end=reached_end, idle=self._idle)
         if traced is not None:
             self._tracing.end(batch, traced)
-        telemetry.record_intake(batch, self._intake.watermark.max_event_ms)
+        metrics.record_intake(batch, self._intake.watermark.max_event_ms)
         return batch
 
     def _went_idle(self, got_records: bool) -> bool:
@@ -155,7 +155,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         return self._awake_at
 
     def snapshot(self) -> PartitionResume:
-        telemetry.record_source_snapshot()
+        metrics.record_source_snapshot()
         next_offset = self._next_offset if self._next_offset >= 0 else 0
         return PartitionResume(next_offset, self._intake.watermark.max_event_ms)
 

@@ -26,7 +26,7 @@ from typing import Union
 
 from bytewax.outputs import FixedPartitionedSink
 
-from operators import telemetry
+from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
@@ -106,7 +106,7 @@ def with_retries(action, what: str, sleep=time.sleep):
                     "the flow resumes from its last snapshot"
                 ) from err
             delay = backoff.next_delay()
-            telemetry.record_sink_retry(what)
+            metrics.record_sink_retry(what)
             log.warning("ClickHouse unavailable, retrying",
                         extra={"what": what, "attempt": backoff.attempt, "retry_in_s": delay,
                                "error": str(err)})
@@ -134,7 +134,7 @@ class ClickHousePartition(BufferedPartition[SinkItem]):
         self._attributes = attributes
 
     def flush_items(self, items: list[SinkItem]) -> None:
-        with telemetry.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
+        with tracing.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
             by_table: dict[str, list] = {}
             for item in rows_only:
                 by_table.setdefault(_table_of(item), []).append(item)
@@ -180,7 +180,7 @@ class ClickHousePartition(BufferedPartition[SinkItem]):
         started = time.perf_counter()
         with_retries(lambda: self._backend.insert_json_each_row(table, columns, payload), table)
         seconds = time.perf_counter() - started
-        telemetry.record_sink_write(table, len(rows), seconds)
+        metrics.record_sink_write(table, len(rows), seconds)
         log.debug("flushed", extra={"table": table, "rows": len(rows), "seconds": round(seconds, 4)})
 
     def close(self) -> None:

@@ -53,7 +53,7 @@ class ShardBatch(msgspec.Struct, frozen=True, gc=False):
     late: list = []
     idle: bool = False
     topic: str = ""
-    traces: list = []  # operators.telemetry.TraceCarry of sampled events (tracing on only)
+    traces: list = []  # operators.telemetry.tracing.TraceCarry of sampled events (tracing on only)
 
 
 class WindowRow(msgspec.Struct, frozen=True, gc=False):

@@ -415,7 +415,7 @@ def test_tracing_on_keeps_results_exact_and_exports_decode_window_sink(kafka_bro
     """Two workers, a traceparent header, OTLP to a local receiver: same totals, linked spans.
 
     ClickHouse is the dev HTTP server, so a chdb engine inside a 2-worker flow process (which
-    once aborted with a double free; see ``operators.telemetry.Telemetry.drain``) cannot make
+    once aborted with a double free; see ``operators.telemetry.metrics.Telemetry.drain``) cannot make
     this test flaky.
     """
     from confluent_kafka import Producer

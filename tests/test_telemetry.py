@@ -17,16 +17,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dataflows.observability import (
-    ObservabilityError,
-    configure_telemetry,
-    shutdown_telemetry,
-)
 from deploy.broker import free_port
 from deploy.cli import main as tallyflow
 from deploy.runner import REPO_ROOT, flow_environment
-from operators import telemetry
 from operators.intake import IntakeLogic
+from operators.telemetry import metrics
+from operators.telemetry.board import StatusBoard
+from operators.telemetry.lag import LagProbe
+from operators.telemetry.settings import TelemetryError
+from operators.telemetry.setup import configure_telemetry, shutdown_telemetry
+from operators.telemetry.tracing import MAX_TRACED_PER_BATCH, IntakeTracing, WindowTracing, trace_sink
 from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from state.records import ShardBatch
 from state.window_kinds import TumblingWindows
@@ -62,22 +62,22 @@ def samples(url: str) -> dict:
 
 
 def record_a_run() -> None:
-    telemetry.record_consumed(0, 600)
-    telemetry.record_consumed(1, 400)
-    telemetry.record_valid(990)
-    telemetry.record_invalid("malformed_json", 6)
-    telemetry.record_invalid("missing_field", 4)
-    telemetry.record_duplicates(40)
-    telemetry.record_late(3)
-    telemetry.record_windows_closed(120)
-    telemetry.record_sink_write("usage_aggregates", 120, 0.02)
-    telemetry.record_sink_write("usage_late_events", 3, 0.004)
-    telemetry.record_sink_retry("usage_aggregates")
-    telemetry.record_snapshot(0.003)
-    telemetry.record_watermark(0, START_MS + 50_000, START_MS + 60_000)
-    telemetry.record_watermark(1, START_MS + 20_000, START_MS + 30_000)
-    telemetry.record_consumer_lag(0, 25)
-    telemetry.record_consumer_lag(1, -7)  # the dev broker under-reports its end offset
+    metrics.record_consumed(0, 600)
+    metrics.record_consumed(1, 400)
+    metrics.record_valid(990)
+    metrics.record_invalid("malformed_json", 6)
+    metrics.record_invalid("missing_field", 4)
+    metrics.record_duplicates(40)
+    metrics.record_late(3)
+    metrics.record_windows_closed(120)
+    metrics.record_sink_write("usage_aggregates", 120, 0.02)
+    metrics.record_sink_write("usage_late_events", 3, 0.004)
+    metrics.record_sink_retry("usage_aggregates")
+    metrics.record_snapshot(0.003)
+    metrics.record_watermark(0, START_MS + 50_000, START_MS + 60_000)
+    metrics.record_watermark(1, START_MS + 20_000, START_MS + 30_000)
+    metrics.record_consumer_lag(0, 25)
+    metrics.record_consumer_lag(1, -7)  # the dev broker under-reports its end offset
 
 
 def event(txn: str, ts: int, org: str = "org-1") -> bytes:
@@ -91,21 +91,21 @@ class RaisingConsumer:
 
 
 def test_every_call_is_a_cheap_no_op_before_configure():
-    assert telemetry.active() is None
+    assert metrics.active() is None
     record_a_run()
-    telemetry.record_watermark(0, -(2**63), None)
-    telemetry.record_source_snapshot()
-    telemetry.LagProbe("t", 0).maybe_record(RaisingConsumer(), 10)
-    assert telemetry.IntakeTracing("t", 0).begin([(0, None, b"{}", [("traceparent", b"x")])]) is None
+    metrics.record_watermark(0, -(2**63), None)
+    metrics.record_source_snapshot()
+    LagProbe("t", 0).maybe_record(RaisingConsumer(), 10)
+    assert IntakeTracing("t", 0).begin([(0, None, b"{}", [("traceparent", b"x")])]) is None
     items = [object()]
-    with telemetry.trace_sink(items) as flushed:
+    with trace_sink(items) as flushed:
         assert flushed is items
-    assert telemetry.WindowTracing().closed([object()]) == []
+    assert WindowTracing().closed([object()]) == []
 
     calls = 200_000
     started = time.perf_counter()
     for _ in range(calls):
-        telemetry.record_consumed(0, 500)
+        metrics.record_consumed(0, 500)
     per_call = (time.perf_counter() - started) / calls
     assert per_call < 2e-6, f"a no-op record call costs {per_call * 1e9:.0f} ns"
 
@@ -208,7 +208,7 @@ def test_status_endpoints():
 
 def test_status_history_gives_rates():
     now = [1_000.0]
-    board = telemetry.StatusBoard(clock=lambda: now[0])
+    board = StatusBoard(clock=lambda: now[0])
     board.tick()
     for _ in range(3):
         now[0] += 1
@@ -223,7 +223,7 @@ def test_status_history_gives_rates():
 
 def test_snapshot_age_follows_source_snapshots_and_keeps_the_shard_duration():
     now = [50.0]
-    board = telemetry.StatusBoard(clock=lambda: now[0])
+    board = StatusBoard(clock=lambda: now[0])
     board.snapshot_taken(0.004)
     now[0] += 3
     board.snapshot_taken(None)  # the source's offsets: a resume point, no duration
@@ -241,21 +241,21 @@ def test_lag_probe_reads_the_cached_end_offset_at_most_once_a_second():
             calls.append((tp.partition, cached))
             return 0, 1_000
 
-    probe = telemetry.LagProbe("usage", 3, clock=lambda: now[0])
+    probe = LagProbe("usage", 3, clock=lambda: now[0])
     probe.maybe_record(Consumer(), 400)
     probe.maybe_record(Consumer(), 500)  # within the second: skipped
     now[0] += 1.5
     probe.maybe_record(Consumer(), 1_200)  # past the reported end: clamped
     assert calls == [(3, True), (3, True)]
-    assert telemetry.active().board.lags() == [(3, 0)]
+    assert metrics.active().board.lags() == [(3, 0)]
 
-    telemetry.record_consumer_lag(3, 40)
+    metrics.record_consumer_lag(3, 40)
     probe.maybe_record(Consumer(), 1_300, eof_offset=1_300)  # at the end: 0 at once, no call
     assert calls == [(3, True), (3, True)]
-    assert telemetry.active().board.lags() == [(3, 0)]
-    fresh = telemetry.LagProbe("usage", 4, clock=lambda: now[0])
+    assert metrics.active().board.lags() == [(3, 0)]
+    fresh = LagProbe("usage", 4, clock=lambda: now[0])
     fresh.maybe_record(Consumer(), -2, eof_offset=0)  # an empty partition: nothing read, no lag
-    assert dict(telemetry.active().board.lags())[4] == 0
+    assert dict(metrics.active().board.lags())[4] == 0
 
 
 def test_intake_batches_report_metric_values_that_are_missing(tmp_path):
@@ -269,7 +269,7 @@ def test_intake_batches_report_metric_values_that_are_missing(tmp_path):
     observability = configure()
     intake = IntakeLogic("usage", 0, 1, 2, TumblingWindows(60_000), 0, catalog=load_catalog(str(catalog_file)))
     batch = intake.process([(0, None, event("t1", START_MS), None), (1, None, event("t2", START_MS), None)])
-    telemetry.record_intake(batch, intake.watermark.max_event_ms)
+    metrics.record_intake(batch, intake.watermark.max_event_ms)
     families = samples(observability.url)
     assert [s[2] for s in families["tallyflow_metric_field_missing"][1]] == [2]
     assert observability.telemetry.board.status()["totals"]["metric_field_missing"] == 2
@@ -278,7 +278,7 @@ def test_intake_batches_report_metric_values_that_are_missing(tmp_path):
 def test_metrics_port_zero_serves_nothing_and_still_counts():
     observability = configure(METRICS_PORT="0")
     assert observability.server is None and observability.url is None
-    telemetry.record_consumed(2, 7)
+    metrics.record_consumed(2, 7)
     assert observability.telemetry.board.status()["totals"]["consumed"] == 7
 
 
@@ -291,7 +291,7 @@ def test_a_taken_port_is_a_warning_not_a_crash(caplog):
             observability = configure(METRICS_PORT=str(port))
     assert observability.server is None
     assert any("metrics port in use" in r.getMessage() for r in caplog.records)
-    telemetry.record_consumed(0, 1)
+    metrics.record_consumed(0, 1)
 
 
 @pytest.mark.parametrize("env, message", [
@@ -300,7 +300,7 @@ def test_a_taken_port_is_a_warning_not_a_crash(caplog):
     ({"TRACE_SAMPLE_RATIO": "2"}, "TRACE_SAMPLE_RATIO"),
 ])
 def test_bad_settings_name_the_variable(env, message):
-    with pytest.raises(ObservabilityError, match=message):
+    with pytest.raises(TelemetryError, match=message):
         configure_telemetry(env)
 
 
@@ -308,10 +308,10 @@ def test_otlp_endpoint_with_nothing_listening_does_not_break_start_up(tmp_path):
     metrics_port, dead_port = free_port(), free_port()
     script = textwrap.dedent(f"""
         import json, urllib.request
-        from dataflows.observability import configure_telemetry
-        from operators import telemetry
+        from operators.telemetry import metrics
+        from operators.telemetry.setup import configure_telemetry
         observability = configure_telemetry()
-        telemetry.record_consumed(0, 5)
+        metrics.record_consumed(0, 5)
         with urllib.request.urlopen("{{}}/metrics".format(observability.url), timeout=5) as r:
             assert b'tallyflow_events_consumed_total{{partition="0"}} 5.0' in r.read()
         print("started")
@@ -346,20 +346,20 @@ def test_a_sampled_event_is_traced_decode_window_sink():
     ]
     windows = TumblingWindows(60_000)
     intake = IntakeLogic("usage", 0, 1, 1, windows, 0)
-    tracing = telemetry.IntakeTracing("usage", 0)
+    tracing = IntakeTracing("usage", 0)
     begun = tracing.begin(records)
     batch = intake.process(records)
     tracing.end(batch, begun)
     assert [len(c) for c in batch.traces_by_shard.values()] == [1]
 
     logic = UsageWindowLogic(UsageWindowParams(windows, 86_400_000, 1))
-    window_tracing = telemetry.WindowTracing()
+    window_tracing = WindowTracing()
     shard_batch = ShardBatch(0, 1, batch.watermark, True, batch.events_by_shard[0])
     window_tracing.add(batch.traces_by_shard[0])
     rows, _ = logic.on_batch([shard_batch])
     carriers = window_tracing.closed(rows)
     assert len(carriers) == 1 and carriers[0].table == "usage_aggregates"
-    with telemetry.trace_sink(list(rows) + carriers) as flushed:
+    with trace_sink(list(rows) + carriers) as flushed:
         assert flushed == list(rows)  # the sink never sees the carriers
 
     decoded = {s.attributes["messaging.kafka.offset"]: s for s in spans.get_finished_spans()
@@ -377,7 +377,7 @@ def test_a_sampled_event_is_traced_decode_window_sink():
     assert decode.attributes["messaging.destination.partition.id"] == "0"
     assert decode.attributes["messaging.kafka.offset"] == 1
     assert window.attributes["tallyflow.window_start_ms"] == START_MS
-    assert telemetry.active().board.status()["recent_traces"] == [f"{upstream_trace:032x}"] * 2
+    assert metrics.active().board.status()["recent_traces"] == [f"{upstream_trace:032x}"] * 2
 
 
 def test_the_ratio_picks_records_without_a_parent():
@@ -387,11 +387,11 @@ def test_the_ratio_picks_records_without_a_parent():
     configure_telemetry({"METRICS_PORT": "0", "TRACE_SAMPLE_RATIO": "1"}, span_exporter=spans)
     records = [(i, None, event(f"t{i}", START_MS + i), None) for i in range(100)]
     intake = IntakeLogic("usage", 0, 1, 2, TumblingWindows(60_000), 0)
-    tracing = telemetry.IntakeTracing("usage", 0)
+    tracing = IntakeTracing("usage", 0)
     begun = tracing.begin(records)
     tracing.end(intake.process(records), begun)
     decoded = [s for s in spans.get_finished_spans() if s.name == "decode usage"]
-    assert len(decoded) == telemetry.MAX_TRACED_PER_BATCH
+    assert len(decoded) == MAX_TRACED_PER_BATCH
     assert all(s.parent is None and s.attributes["tallyflow.outcome"] == "windowed" for s in decoded)
 
 
