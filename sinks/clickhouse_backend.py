@@ -74,6 +74,10 @@ class ClickHouseBackend(Protocol):
         ``settings`` are optional per-insert ClickHouse settings (e.g. a dedup token).
         """
 
+    def insert_arrow(self, table: str, columns: Sequence[str], payload: bytes,
+                     settings: Mapping[str, str] | None = None) -> None:
+        """Insert an Arrow IPC stream (``ArrowStream``; see ``sinks.columnar``) into ``columns``."""
+
     def close(self) -> None:
         """Release the connection or the engine reference; idempotent."""
 
@@ -348,7 +352,7 @@ _CHDB_INSERT_SETTINGS = {"date_time_input_format": "best_effort"}
 class ChdbBackend:
     """``chdb://<dir>``: the engine in this process (shared with every backend on ``dir``).
 
-    Inserts stream the JSONEachRow payload straight into the engine (``send_insert``);
+    Inserts stream the payload (JSONEachRow or ArrowStream) straight into the engine (``send_insert``);
     queries read Native and decode it with clickhouse-connect (exactly as ``HttpBackend``).
     """
 
@@ -382,6 +386,17 @@ class ChdbBackend:
             head += f" SETTINGS {settings_sql(settings)}"
         with self._lease.locked(settings=_CHDB_INSERT_SETTINGS) as conn:
             _chdb_call(lambda: stream_insert(conn, head, "JSONEachRow", payload))
+
+    def insert_arrow(self, table: str, columns: Sequence[str], payload: bytes,
+                     settings: Mapping[str, str] | None = None) -> None:
+        """Insert an Arrow IPC stream ``payload``; optional per-insert ClickHouse ``settings``."""
+        if not payload:
+            return
+        head = f"INSERT INTO {table} ({', '.join(quote_identifier(c) for c in columns)})"
+        if settings:
+            head += f" SETTINGS {settings_sql(settings)}"
+        with self._lease.locked(settings=_CHDB_INSERT_SETTINGS) as conn:
+            _chdb_call(lambda: stream_insert(conn, head, "ArrowStream", payload))
 
     def close(self) -> None:
         self._lease.release()
@@ -528,6 +543,14 @@ class HttpBackend:
         self._call(lambda c: c.raw_insert(table, list(columns), insert_block=payload,
                                           settings=dict(settings or {}), fmt="JSONEachRow"))
 
+    def insert_arrow(self, table: str, columns: Sequence[str], payload: bytes,
+                     settings: Mapping[str, str] | None = None) -> None:
+        """Insert an Arrow IPC stream ``payload``; optional per-insert ClickHouse ``settings``."""
+        if not payload:
+            return
+        self._call(lambda c: c.raw_insert(table, list(columns), insert_block=payload,
+                                          settings=dict(settings or {}), fmt="ArrowStream"))
+
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
@@ -562,6 +585,10 @@ class DiscardBackend:
 
     def insert_json_each_row(self, table: str, columns: Sequence[str], payload: bytes,
                              settings: Mapping[str, str] | None = None) -> None:
+        return None
+
+    def insert_arrow(self, table: str, columns: Sequence[str], payload: bytes,
+                     settings: Mapping[str, str] | None = None) -> None:
         return None
 
     def close(self) -> None:

@@ -30,22 +30,14 @@ from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
-from sinks.encoding import (
-    encode_enriched_window_rows,
-    encode_late_records,
-    encode_metric_rows,
-    encode_window_rows,
-)
+from sinks.columnar import arrow_stream, late_batch, metric_batch, window_batch
 from sinks.enrichment import CustomerAttributes
 from sinks.rejected import ROW_ERROR_CODES, fits, write_rejected
 from sinks.schema import (
     METRIC_AGGREGATES,
-    METRIC_AGGREGATES_COLUMNS,
     ROLLUP_TABLES,
     USAGE_AGGREGATES,
-    USAGE_AGGREGATES_COLUMNS,
     USAGE_LATE_EVENTS,
-    USAGE_LATE_EVENTS_COLUMNS,
     USAGE_REJECTED_ROWS,
     ensure_schema,
 )
@@ -56,10 +48,11 @@ log = logging.getLogger(__name__)
 SinkItem = Union[WindowRow, MetricRow, LateRecord]
 
 _ENCODERS = {
-    **{table: (USAGE_AGGREGATES_COLUMNS, encode_window_rows) for table in ROLLUP_TABLES.values()},
-    METRIC_AGGREGATES: (METRIC_AGGREGATES_COLUMNS, encode_metric_rows),
-    USAGE_LATE_EVENTS: (USAGE_LATE_EVENTS_COLUMNS, encode_late_records),
+    **{table: window_batch for table in ROLLUP_TABLES.values()},
+    METRIC_AGGREGATES: metric_batch,
+    USAGE_LATE_EVENTS: late_batch,
 }
+"""How a table's rows become an Arrow record batch (``sinks.columnar``)."""
 
 
 def _table_of(item: SinkItem) -> str:
@@ -170,15 +163,15 @@ class ClickHousePartition(BufferedPartition[SinkItem]):
                      USAGE_REJECTED_ROWS)
 
     def _insert(self, table: str, rows: list) -> None:
-        columns, encode = _ENCODERS[table]
         if table == USAGE_AGGREGATES and self._attributes is not None:
             fields = self._attributes.fields
             found = self._attributes.lookup((r.organization_id, r.external_customer_id) for r in rows)
-            columns, payload = columns + fields, encode_enriched_window_rows(rows, fields, found)
+            batch = window_batch(rows, table, (fields, found))
         else:
-            payload = encode(rows)
+            batch = _ENCODERS[table](rows, table)
+        columns, payload = tuple(batch.schema.names), arrow_stream(batch)
         started = time.perf_counter()
-        with_retries(lambda: self._backend.insert_json_each_row(table, columns, payload), table)
+        with_retries(lambda: self._backend.insert_arrow(table, columns, payload), table)
         seconds = time.perf_counter() - started
         metrics.record_sink_write(table, len(rows), seconds)
         log.debug("flushed", extra={"table": table, "rows": len(rows), "seconds": round(seconds, 4)})

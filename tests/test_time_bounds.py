@@ -21,8 +21,7 @@ from operators.live_totals import LiveTotalsLogic, LiveTotalsParams
 from operators.quotas import parse_quotas
 from operators.validation import MAX_TIMESTAMP_MS, validate
 from sinks.clickhouse_backend import connect
-from sinks.encoding import encode_window_rows
-from sinks.schema import USAGE_AGGREGATES_COLUMNS
+from sinks.columnar import arrow_stream, window_batch
 from state.records import CountedUsage, WindowRow
 from support.flow import flow_env
 from support.kafka import unique_topic
@@ -85,8 +84,8 @@ def test_rows_ending_after_the_last_day_are_encoded_and_stored(moment, chdb_url)
                         "window_end DateTime64(3, 'UTC'), event_count UInt64, total_value Decimal(76, 18), "
                         "version UInt64, is_deleted UInt8) ENGINE = MergeTree ORDER BY window_start")
         backend.command("TRUNCATE TABLE rows_by_day")
-        backend.insert_json_each_row("rows_by_day", USAGE_AGGREGATES_COLUMNS,
-                                     encode_window_rows([window_row(start, end)]))
+        batch = window_batch([window_row(start, end)], "usage_aggregates_daily")
+        backend.insert_arrow("rows_by_day", batch.schema.names, arrow_stream(batch))
         _, rows = backend.query("SELECT window_start, window_end FROM rows_by_day")
     finally:
         backend.close()
@@ -95,9 +94,10 @@ def test_rows_ending_after_the_last_day_are_encoded_and_stored(moment, chdb_url)
 
 def test_an_end_past_year_9999_is_encoded_at_the_last_millisecond_clickhouse_parses():
     last_day = ms("9999-12-31T00:00:00+00:00")
-    [line] = encode_window_rows([window_row(last_day, last_day + DAY_MS)]).splitlines()
-    row = json.loads(line)
-    assert (row["window_start"], row["window_end"]) == ("9999-12-31 00:00:00.000", "9999-12-31 23:59:59.999")
+    batch = window_batch([window_row(last_day, last_day + DAY_MS)], "usage_aggregates_daily")
+    row = {name: batch.column(name)[0].as_py() for name in ("window_start", "window_end")}
+    assert (row["window_start"], row["window_end"]) == (
+        datetime(9999, 12, 31, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC))
 
 
 # ----------------------------------------------------------------------------- the real flow

@@ -1,0 +1,247 @@
+"""Rows as columns: one Arrow record batch per insert, typed from the table's definition.
+
+The sink used to build a JSON object per row (decimals as text, times as text) and have
+ClickHouse parse them back; at one row per event that was a third of the flow's time. Here
+each column is pulled from the rows in one pass and handed to Arrow as a typed array, so the
+per-row work in Python is one attribute read per column:
+
+* ``String`` and ``LowCardinality(String)`` -> Arrow ``string`` (UTF-8, bytes unchanged);
+* ``DateTime64(3, 'UTC')`` -> ``timestamp[ms, UTC]`` from the epoch milliseconds, clamped to
+  what ClickHouse takes (``sinks.encoding.DATETIME64_MIN_MS``/``_MAX_MS``; only a window's end
+  past year 9999 gets there);
+* ``UInt8/32/64`` -> the same unsigned integers (booleans as 0/1);
+* ``Decimal(P, S)`` -> ``decimal128(P, S)`` when ``P <= 38`` else ``decimal256(P, S)``, built
+  directly from the scaled integers (two's complement, little-endian: Arrow's layout), so a
+  value is never formatted or parsed. The scale must be 18 (the flow's scaled integers); a
+  value that does not fit ``P`` digits raises ``DecimalOverflow`` naming the column, where
+  ClickHouse would have refused the row (Code 69).
+
+The types come from ``sinks.schema``, so widening a column there widens it here. The payload
+is an Arrow IPC stream, ClickHouse's ``ArrowStream`` input format, which both chdb's streaming
+insert and the HTTP interface take.
+
+    >>> from state.records import WindowRow
+    >>> batch = window_batch([WindowRow("o", "c", "x", 0, 60_000, 2, -15 * 10**17, 2)], "usage_aggregates")
+    >>> batch.num_rows, batch.schema.field("total_value").type.scale, batch.column("total_value")[0].as_py()
+    (1, 18, Decimal('-1.500000000000000000'))
+    >>> str(batch.schema.field("window_end").type), batch.column("is_deleted").to_pylist()
+    ('timestamp[ms, tz=UTC]', [0])
+"""
+
+from __future__ import annotations
+
+import re
+from operator import attrgetter
+from typing import Sequence
+
+from sinks.encoding import DATETIME64_MAX_MS, DATETIME64_MIN_MS
+from sinks.schema import TABLES_BY_NAME
+
+FORMAT = "ArrowStream"
+"""ClickHouse's name of the payload's format."""
+
+SCALE_DIGITS = 18  # the flow's sums are integers scaled by 10**18
+
+_DECIMAL_RE = re.compile(r"^Decimal\((\d+),\s*(\d+)\)$")
+_UNSIGNED = {"UInt8", "UInt16", "UInt32", "UInt64"}
+
+
+class DecimalOverflow(ValueError):
+    """A sum does not fit its ``Decimal(P, S)`` column."""
+
+
+def arrow_type(kind: str):
+    """The Arrow type that ClickHouse reads into a column of type ``kind``.
+
+    >>> [str(arrow_type(k)) for k in ("String", "LowCardinality(String)", "UInt64", "DateTime64(3, 'UTC')")]
+    ['string', 'string', 'uint64', 'timestamp[ms, tz=UTC]']
+    >>> str(arrow_type("Decimal(38, 18)")), str(arrow_type("Decimal(76, 18)"))
+    ('decimal128(38, 18)', 'decimal256(76, 18)')
+    >>> arrow_type("Float64")
+    Traceback (most recent call last):
+    ...
+    ValueError: no columnar encoding for ClickHouse type 'Float64'
+    """
+    import pyarrow as pa
+
+    if kind in ("String", "LowCardinality(String)"):
+        return pa.string()
+    if kind == "DateTime64(3, 'UTC')":
+        return pa.timestamp("ms", tz="UTC")
+    if kind in _UNSIGNED:
+        return getattr(pa, kind.lower())()
+    match = _DECIMAL_RE.match(kind)
+    if match:
+        precision, scale = int(match.group(1)), int(match.group(2))
+        return (pa.decimal128 if precision <= 38 else pa.decimal256)(precision, scale)
+    raise ValueError(f"no columnar encoding for ClickHouse type {kind!r}")
+
+
+def decimal_array(values: Sequence[int], kind: str, column: str):
+    """Scaled integers (``value * 10**18``) as an Arrow decimal array of ``kind``.
+
+    >>> decimal_array([1, -1, 10**38 - 1], "Decimal(38, 18)", "v").to_pylist()[:2]
+    [Decimal('1E-18'), Decimal('-1E-18')]
+    >>> decimal_array([10**38], "Decimal(38, 18)", "total_value")
+    Traceback (most recent call last):
+    ...
+    sinks.columnar.DecimalOverflow: total_value: 100000000000000000000.000000000000000000 does not fit Decimal(38, 18)
+    """
+    import pyarrow as pa
+
+    kind_type = arrow_type(kind)
+    if kind_type.scale != SCALE_DIGITS:
+        raise ValueError(f"{column}: {kind} has scale {kind_type.scale}; the flow's sums have "
+                         f"{SCALE_DIGITS} decimal places")
+    if values:
+        limit = 10**kind_type.precision
+        for extreme in (min(values), max(values)):
+            if not -limit < extreme < limit:
+                raise DecimalOverflow(f"{column}: {_decimal_text(extreme)} does not fit {kind}")
+    width = kind_type.byte_width
+    data = b"".join([value.to_bytes(width, "little", signed=True) for value in values])
+    return pa.Array.from_buffers(kind_type, len(values), [None, pa.py_buffer(data)])
+
+
+def _decimal_text(scaled: int) -> str:
+    sign = "-" if scaled < 0 else ""
+    whole, fraction = divmod(abs(scaled), 10**SCALE_DIGITS)
+    return f"{sign}{whole}.{fraction:0{SCALE_DIGITS}d}"
+
+
+def column_array(values: list, kind: str, column: str):
+    """``values`` (Python ints, bools or strings) as the Arrow array ClickHouse reads as ``kind``.
+
+    >>> column_array([True, False], "UInt8", "is_deleted").to_pylist()
+    [1, 0]
+    >>> column_array(["a\\u0000é"], "String", "code").to_pylist()
+    ['a\\x00é']
+    >>> column_array([253_402_300_800_000], "DateTime64(3, 'UTC')", "window_end").cast("int64").to_pylist()
+    [253402300799999]
+    """
+    import pyarrow as pa
+
+    if kind.startswith("Decimal("):
+        return decimal_array(values, kind, column)
+    kind_type = arrow_type(kind)
+    if pa.types.is_unsigned_integer(kind_type) and values and type(values[0]) is bool:
+        return pa.array(values, pa.bool_()).cast(kind_type)
+    if pa.types.is_timestamp(kind_type) and values and (
+            min(values) < DATETIME64_MIN_MS or max(values) > DATETIME64_MAX_MS):
+        values = [min(max(v, DATETIME64_MIN_MS), DATETIME64_MAX_MS) for v in values]
+    if pa.types.is_string(kind_type):
+        try:
+            return pa.array(values, kind_type)
+        except UnicodeEncodeError:  # a lone surrogate: keep the row, mark the character
+            return pa.array([v.encode("utf-8", "replace").decode() for v in values], kind_type)
+    return pa.array(values, kind_type)
+
+
+def record_batch(table: str, columns: dict[str, list]):
+    """An Arrow record batch of ``table``'s columns (a subset, in the table's order, is fine).
+
+    >>> record_batch("usage_late_events", {"reason": ["late"], "source_offset": [7]}).schema.names
+    ['reason', 'source_offset']
+    >>> record_batch("usage_aggregates", {"nope": [1]})
+    Traceback (most recent call last):
+    ...
+    KeyError: "usage_aggregates has no column 'nope'"
+    """
+    import pyarrow as pa
+
+    kinds = dict(TABLES_BY_NAME[table].columns)
+    arrays = []
+    for name, values in columns.items():
+        if name not in kinds:
+            raise KeyError(f"{table} has no column {name!r}")
+        arrays.append(column_array(values, kinds[name], name))
+    return pa.record_batch(arrays, names=list(columns))
+
+
+def arrow_stream(batch) -> bytes:
+    """``batch`` as an Arrow IPC stream: ClickHouse's ``ArrowStream`` input."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _pull(rows: list, attributes: dict[str, str]) -> dict[str, list]:
+    return {column: list(map(attrgetter(attribute), rows)) for column, attribute in attributes.items()}
+
+
+_WINDOW_ROW = {
+    "organization_id": "organization_id", "external_customer_id": "external_customer_id",
+    "code": "code", "window_start": "window_start_ms", "window_end": "window_end_ms",
+    "event_count": "event_count", "total_value": "total_scaled", "version": "version",
+    "is_deleted": "is_deleted",
+}
+_METRIC_ROW = {
+    "metric": "metric", "organization_id": "organization_id",
+    "external_customer_id": "external_customer_id", "group_key": "group_key",
+    "window_start": "window_start_ms", "window_end": "window_end_ms", "value": "value_scaled",
+    "event_count": "event_count", "version": "version", "is_deleted": "is_deleted",
+}
+_LATE_RECORD = {
+    "organization_id": "organization_id", "external_customer_id": "external_customer_id",
+    "code": "code", "transaction_id": "transaction_id", "event_time": "timestamp_ms",
+    "value": "value_scaled", "reason": "reason", "source_topic": "source_topic",
+    "source_partition": "source_partition", "source_offset": "source_offset",
+}
+
+
+def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict] | None = None):
+    """``WindowRow`` s of ``table`` (the main table or a rollup) as a record batch.
+
+    ``enrichment`` is ``(fields, attributes)``: a ``String`` column per field, the values from
+    ``attributes[(organization_id, external_customer_id)]`` (empty strings when absent).
+
+        >>> from state.records import WindowRow
+        >>> rows = [WindowRow("o", "c", "x", 0, 60_000, 1, 0, 1), WindowRow("o", "d", "x", 0, 60_000, 1, 0, 1)]
+        >>> window_batch(rows, "usage_aggregates", (("plan",), {("o", "c"): ("pro",)})).column("plan").to_pylist()
+        ['pro', '']
+    """
+    columns = _pull(rows, _WINDOW_ROW)
+    if enrichment is not None:
+        fields, attributes = enrichment
+        empty = ("",) * len(fields)
+        found = [attributes.get(key, empty) for key in zip(columns["organization_id"],
+                                                            columns["external_customer_id"])]
+        for i, field in enumerate(fields):
+            columns[field] = [values[i] for values in found]
+    return _batch_with_extra(table, columns, enrichment[0] if enrichment else ())
+
+
+def _batch_with_extra(table: str, columns: dict[str, list], extra: tuple[str, ...]):
+    import pyarrow as pa
+
+    base = record_batch(table, {k: v for k, v in columns.items() if k not in extra})
+    if not extra:
+        return base
+    arrays = base.columns + [column_array(columns[field], "String", field) for field in extra]
+    return pa.record_batch(arrays, names=base.schema.names + list(extra))
+
+
+def metric_batch(rows: list, table: str):
+    """``MetricRow`` s as a record batch of ``metric_aggregates``."""
+    return record_batch(table, _pull(rows, _METRIC_ROW))
+
+
+def late_batch(records: list, table: str):
+    """``LateRecord`` s as a record batch of ``usage_late_events``; the raw event as text
+    (invalid UTF-8 replaced) and the watermark clamped at the epoch, as before.
+
+        >>> from state.records import LateRecord
+        >>> late = LateRecord("o", "c", "x", "t", 5, 1, "late", -9, "topic", 0, 3, b"\\xff{}")
+        >>> batch = late_batch([late], "usage_late_events")
+        >>> batch.column("raw").to_pylist(), batch.column("watermark").cast("int64").to_pylist()
+        (['\\ufffd{}'], [0])
+    """
+    columns = _pull(records, _LATE_RECORD)
+    columns["watermark"] = [max(r.watermark_ms, 0) for r in records]
+    columns["raw"] = [r.raw.decode("utf-8", "replace") for r in records]
+    order = TABLES_BY_NAME[table].column_names
+    return record_batch(table, {name: columns[name] for name in order})
+
