@@ -7,6 +7,7 @@ Expected values are worked out by hand here (integers), never by the flow's own 
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 
 import pytest
@@ -288,3 +289,51 @@ def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_ur
         assert refused.value.code == 60
     finally:
         backend.close()
+
+
+class RecordingCluster:
+    """A stand-in for a ClickHouse cluster's catalog: answers the queries ``migrate`` makes and
+    applies its ALTERs, recording every statement (no cluster runs in CI)."""
+
+    ALTER = re.compile(r"ALTER TABLE `(\w+)`\.`(\w+)` ON CLUSTER '(\w+)' MODIFY COLUMN `(\w+)` "
+                       r"(Decimal\(\d+, \d+\)) SETTINGS mutations_sync = 2$")
+
+    def __init__(self, database: str, tables: dict[str, dict[str, str]]) -> None:
+        self.database, self.tables, self.statements = database, tables, []
+
+    def query(self, sql: str):
+        if sql == "SELECT currentDatabase()":
+            return ["db"], [(self.database,)]
+        table = re.search(r"AND table = '(\w+)'", sql).group(1)
+        return ["name", "type"], list(self.tables.get(table, {}).items())
+
+    def command(self, sql: str) -> None:
+        self.statements.append(sql)
+        if sql.startswith("ALTER TABLE") and "MODIFY COLUMN" in sql:
+            database, table, _cluster, column, kind = self.ALTER.match(sql).groups()
+            assert database == self.database
+            self.tables[table][column] = kind
+
+
+def test_migrate_on_a_cluster_widens_local_tables_before_their_distributed_ones():
+    from sinks.cluster_schema import LOCAL_SUFFIX, migrate
+
+    old = {name: dict((c, OLD_SUM_TYPE if k == NEW_SUM_TYPE else k) for c, k in table.columns)
+           for table in TABLES if table.name != "usage_rejected_rows" for name in
+           (table.name, table.name + LOCAL_SUFFIX)}
+    cluster = RecordingCluster("billing", old)
+    outcomes = migrate(cluster, "metering")
+    alters = [s for s in cluster.statements if "MODIFY COLUMN" in s]
+    assert [RecordingCluster.ALTER.match(s).group(2, 4) for s in alters] == [
+        ("usage_aggregates_local", "total_value"), ("usage_aggregates", "total_value"),
+        ("usage_aggregates_hourly_local", "total_value"), ("usage_aggregates_hourly", "total_value"),
+        ("usage_aggregates_daily_local", "total_value"), ("usage_aggregates_daily", "total_value"),
+        ("metric_aggregates_local", "value"), ("metric_aggregates", "value")]
+    assert all(f"ON CLUSTER 'metering' MODIFY COLUMN" in s and NEW_SUM_TYPE in s for s in alters)
+    widened = {o.table: o.widened for o in outcomes if o.widened}
+    assert widened["metric_aggregates_local"] == (f"value from {OLD_SUM_TYPE}",)
+    assert not any(o.drift for o in outcomes if o.existed)
+
+    cluster.statements.clear()
+    assert not any(o.widened for o in migrate(cluster, "metering"))  # idempotent
+    assert not any("MODIFY COLUMN" in s for s in cluster.statements)
