@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
+from sinks.kafka_client import KafkaConfigError, KafkaConnection, KafkaSecurity
 from state.durations import DurationError, parse_duration_ms
 
 
@@ -67,6 +68,13 @@ def env_integer(env: Mapping[str, str], name: str, default: int, minimum: int = 
     return value
 
 
+def _kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
+    try:
+        return KafkaSecurity.from_env(env)
+    except KafkaConfigError as err:
+        raise SettingsError(str(err)) from None
+
+
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -76,6 +84,7 @@ class Settings:
     """Everything the usage flow reads from its environment."""
 
     kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     usage_topic: str = "usage-events"
     dlq_topic: str = "usage-events-dlq"
     clickhouse_url: str = "chdb://./var/clickhouse"
@@ -128,6 +137,7 @@ class Settings:
 
         settings = cls(
             kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS", d.kafka_bootstrap_servers),
+            kafka_security=_kafka_security(env),
             usage_topic=env.get("USAGE_TOPIC", d.usage_topic),
             dlq_topic=env.get("DLQ_TOPIC", d.dlq_topic),
             clickhouse_url=env.get("CLICKHOUSE_URL", d.clickhouse_url),
@@ -200,6 +210,11 @@ class Settings:
     def redis_enabled(self) -> bool:
         """Redis features (enrichment, live totals, alerts) are on unless ``REDIS_URL`` is empty."""
         return bool(self.redis_url)
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """How every Kafka client of the flow connects (bootstrap servers, TLS, SASL)."""
+        return KafkaConnection(",".join(self.brokers), self.kafka_security)
 
     @property
     def brokers(self) -> list[str]:

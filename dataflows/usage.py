@@ -75,7 +75,7 @@ def _live_totals(settings: Settings, counted) -> None:
     op.output("redis_totals_out", split.trues, RedisTotalsSink(settings.redis_url))
     if rules:  # the falses are QuotaAlert
         op.output("alerts_out", split.falses,
-                  AlertsSink(settings.brokers, settings.alerts_topic, settings.redis_url))
+                  AlertsSink(settings.kafka, settings.alerts_topic, settings.redis_url))
 
 
 def build_flow(settings: Settings) -> Dataflow:
@@ -95,7 +95,7 @@ def build_flow(settings: Settings) -> Dataflow:
         )
 
     source = UsageSource(
-        settings.brokers, settings.usage_topic, intake_for,
+        settings.kafka, settings.usage_topic, intake_for,
         batch_size=settings.kafka_batch_size, stop_at_end=settings.stop_at_end,
         idle_timeout_ms=settings.idle_timeout_ms,
     )
@@ -106,7 +106,7 @@ def build_flow(settings: Settings) -> Dataflow:
         "usage_windows", shard_batches, lambda resume: UsageWindowLogic(params, resume)
     )
     dead = op.flat_map("dead_letters", intake, _dead_letters)
-    op.output("dlq_out", dead, KafkaOutputSink(settings.brokers, settings.dlq_topic))
+    op.output("dlq_out", dead, KafkaOutputSink(settings.kafka, settings.dlq_topic, setting="DLQ_TOPIC"))
     rows_or_counted = op.branch("table_rows", shard_out, _is_table_row)  # one pass, two streams
     table_rows = rows_or_counted.trues
     op.output(
@@ -124,7 +124,7 @@ def build_flow(settings: Settings) -> Dataflow:
         _live_totals(settings, rows_or_counted.falses)
     if settings.late_topic:
         late = op.flat_map_value("late_records", table_rows, _late_event_records)
-        op.output("late_topic_out", late, KafkaOutputSink(settings.brokers, settings.late_topic))
+        op.output("late_topic_out", late, KafkaOutputSink(settings.kafka, settings.late_topic, setting="LATE_TOPIC"))
     return flow
 
 

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
+
+from sinks.kafka_client import KafkaConnection, as_connection, list_topics
 
 DEFAULT_RETENTION_MS = 7 * 86_400_000
 _LOG_TAIL_BYTES = 4_000
@@ -63,8 +65,10 @@ class DevBroker:
         binary: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 20.0,
+        authentication: bool = False,
     ) -> None:
         self.port = port if port is not None else free_port(self.host)
+        self.authentication = authentication  # SASL (SCRAM) required; Tansu then knows no user
         self.binary = binary
         self.startup_timeout = startup_timeout
         self._own_log = log_path is None
@@ -91,7 +95,8 @@ class DevBroker:
         url = f"tcp://{self.bootstrap}"
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 *(["--authentication"] if self.authentication else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -142,7 +147,8 @@ class DevBroker:
             try:
                 # A plain TCP probe first: librdkafka logs every refused connection to stderr.
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
-                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+                if not self.authentication:  # else no client could list them
+                    as_connection(self.bootstrap).admin().list_topics(timeout=2)
                 return
             except (OSError, KafkaException) as err:
                 last_error = err
@@ -165,12 +171,12 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return process.returncode
 
 
-def topic_partitions(bootstrap: str, topic: str, *, timeout: float = 10.0) -> int | None:
+def topic_partitions(kafka: KafkaConnection | str, topic: str, *, timeout: float = 10.0) -> int | None:
     """The partition count of ``topic``, or None if it does not exist.
 
     Asks for the metadata of all topics: Tansu creates a topic that is asked for by name.
     """
-    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+    metadata = list_topics(as_connection(kafka).admin(), f"topic {topic!r}", timeout)
     found = metadata.topics.get(topic)
     if found is None:
         return None
@@ -180,7 +186,7 @@ def topic_partitions(bootstrap: str, topic: str, *, timeout: float = 10.0) -> in
 
 
 def ensure_topic(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     topic: str,
     partitions: int,
     *,
@@ -194,7 +200,7 @@ def ensure_topic(
     """
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = as_connection(kafka).admin()
     new = NewTopic(topic, partitions, replication_factor=1, config={"retention.ms": str(retention_ms)})
     future = admin.create_topics([new], operation_timeout=timeout, request_timeout=timeout)[topic]
     try:
@@ -203,7 +209,7 @@ def ensure_topic(
     except KafkaException as err:
         if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
-    existing = topic_partitions(bootstrap, topic, timeout=timeout)
+    existing = topic_partitions(kafka, topic, timeout=timeout)
     if existing != partitions:
         raise BrokerError(
             f"topic {topic!r} already exists with {existing} partitions, not {partitions}; "

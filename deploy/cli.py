@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from deploy.broker import BrokerError
     from deploy.generator import ProduceError
+    from sinks.kafka_client import KafkaUnavailableError, MissingTopicError
 
     try:
         return args.handler(args)
-    except (CliError, BrokerError, ProduceError, KafkaException, ValueError) as err:
+    except (CliError, BrokerError, ProduceError, KafkaException, KafkaUnavailableError, MissingTopicError,
+            ValueError) as err:
         print(f"tallyflow {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -121,6 +123,13 @@ def epoch_ms(text: str) -> int:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give an offset (Z or +02:00): {text!r}")
     return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def kafka_connection(bootstrap: str):
+    """``bootstrap`` with the ``KAFKA_*`` security settings of the environment (TLS, SASL)."""
+    from sinks.kafka_client import KafkaConnection, KafkaSecurity
+
+    return KafkaConnection(bootstrap, KafkaSecurity.from_env())
 
 
 @contextmanager
@@ -202,8 +211,9 @@ def generate_command(parser: argparse.ArgumentParser) -> Handler:
 
         if args.count < 0:
             raise CliError(f"--count must be >= 0, got {args.count}")
-        partitions = args.partitions or topic_partitions(args.bootstrap, args.topic) or 4
-        ensure_topic(args.bootstrap, args.topic, partitions)
+        kafka = kafka_connection(args.bootstrap)
+        partitions = args.partitions or topic_partitions(kafka, args.topic) or 4
+        ensure_topic(kafka, args.topic, partitions)
         records = generate(
             args.count, seed=args.seed, partitions=partitions, organizations=args.organizations,
             customers_per_org=args.customers_per_org, start_ms=args.start, span_ms=args.span,
@@ -211,7 +221,7 @@ def generate_command(parser: argparse.ArgumentParser) -> Handler:
             very_late_share=args.very_late, very_late_by_ms=args.very_late_by,
         )
         started = time.monotonic()
-        counts = produce(args.bootstrap, args.topic, records, rate=args.rate,
+        counts = produce(kafka, args.topic, records, rate=args.rate,
                          progress=not args.no_progress, total=args.count)
         elapsed = time.monotonic() - started
         kinds = " ".join(f"{kind}={n}" for kind, n in counts.items())
@@ -297,7 +307,7 @@ def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
         from recovery.reconcile import run_reconcile
 
         return run_reconcile(
-            bootstrap=args.bootstrap, topic=args.topic, url=args.url,
+            bootstrap=kafka_connection(args.bootstrap), topic=args.topic, url=args.url,
             window_size_ms=args.window_size, max_out_of_orderness_ms=args.max_out_of_orderness,
             offset_specs=args.offsets, windows_from_ms=args.windows_from,
             windows_until_ms=args.windows_until, limit=args.limit,

@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Iterator, TextIO
 import msgspec
 from confluent_kafka import KafkaException, Producer
 
+from sinks.kafka_client import KafkaConnection, as_connection
+
 KINDS = ("event", "duplicate", "malformed", "very_late")
 DEFAULT_CODES = ("api_calls", "storage_gb", "compute_seconds", "egress_bytes")
 
@@ -358,7 +360,7 @@ class ProduceError(RuntimeError):
 
 
 def produce(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     topic: str,
     records: Iterable[GeneratedRecord],
     *,
@@ -378,8 +380,7 @@ def produce(
     if total is None and hasattr(records, "__len__"):
         total = len(records)  # type: ignore[arg-type]
     failures: list[object] = []
-    producer = Producer({
-        "bootstrap.servers": bootstrap,
+    producer = as_connection(kafka).producer({
         "enable.idempotence": True,
         "linger.ms": 5,
         "batch.num.messages": 10_000,

@@ -28,6 +28,7 @@ from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer
 from operators.telemetry import lag, metrics, tracing
 from operators.graceful_stop import stop_requested
 from operators.intake import IntakeBatch, IntakeLogic
+from sinks.kafka_client import KafkaConnection, KafkaConsumer, as_connection, require_topic
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
 
     def __init__(
         self,
-        brokers: list[str],
+        kafka: KafkaConnection | list[str],
         topic: str,
         intake_factory: IntakeFactory | None,
         *,
@@ -178,16 +179,15 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
         extra_config: dict | None = None,
     ) -> None:
         self.idle_timeout_ms = idle_timeout_ms
-        self.brokers = brokers
+        self.kafka = as_connection(kafka)
         self.topic = topic
         self.intake_factory = intake_factory
         self.batch_size = batch_size
         self.stop_at_end = stop_at_end
         self.extra_config = dict(extra_config or {})
 
-    def _consumer(self) -> Consumer:
+    def _consumer(self) -> KafkaConsumer:
         config = {
-            "bootstrap.servers": ",".join(self.brokers),
             "group.id": "tallyflow-usage",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -196,15 +196,10 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
             "fetch.wait.max.ms": 50,
         }
         config.update(self.extra_config)
-        return Consumer(config)
+        return self.kafka.consumer(config)
 
-    def _partition_count(self, consumer: Consumer) -> int:
-        metadata = consumer.list_topics(self.topic, timeout=10)
-        topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            reason = topic.error.str() if topic is not None and topic.error else "no partitions"
-            raise RuntimeError(f"cannot read Kafka topic {self.topic!r}: {reason}")
-        return len(topic.partitions)
+    def _partition_count(self, consumer: KafkaConsumer) -> int:
+        return require_topic(consumer, self.topic, "USAGE_TOPIC")
 
     def list_parts(self) -> list[str]:
         consumer = self._consumer()

@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from operators.validation import Invalid, VALUE_SCALE, validate
+from sinks.kafka_client import KafkaConnection, as_connection, list_topics
 
 AggregateKey = tuple  # (organization_id, external_customer_id, code, window_start_ms)
 RawRecord = tuple  # (partition, offset, value bytes)
@@ -174,7 +175,7 @@ def read_aggregates(backend) -> dict[AggregateKey, tuple[int, Decimal]]:
     return {(r[0], r[1], r[2], int(r[3])): (int(r[4]), Decimal(r[5])) for r in rows}
 
 
-def read_topic(bootstrap: str, topic: str, *, ranges: dict[int, tuple[int, int]] | None = None,
+def read_topic(kafka: KafkaConnection | str, topic: str, *, ranges: dict[int, tuple[int, int]] | None = None,
                timeout_s: float = 120.0) -> list[RawRecord]:
     """Every record of ``topic`` as ``(partition, offset, value)``, read to partition EOF.
 
@@ -183,14 +184,13 @@ def read_topic(bootstrap: str, topic: str, *, ranges: dict[int, tuple[int, int]]
     """
     import time
 
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": "tallyflow-reconcile",
-        "enable.auto.commit": False, "enable.partition.eof": True,
+    consumer = as_connection(kafka).consumer({
+        "group.id": "tallyflow-reconcile", "enable.auto.commit": False, "enable.partition.eof": True,
     })
     try:
-        metadata = consumer.list_topics(timeout=10).topics.get(topic)
+        metadata = list_topics(consumer, "reconcile").topics.get(topic)
         if metadata is None or not metadata.partitions:
             raise RuntimeError(f"topic {topic!r} not found")
         partitions = sorted(metadata.partitions)
@@ -243,7 +243,7 @@ def _in_windows(key: AggregateKey, first_ms: int | None, until_ms: int | None) -
     return (first_ms is None or start >= first_ms) and (until_ms is None or start < until_ms)
 
 
-def run_reconcile(*, bootstrap: str, topic: str, url: str, window_size_ms: int,
+def run_reconcile(*, bootstrap: KafkaConnection | str, topic: str, url: str, window_size_ms: int,
                   max_out_of_orderness_ms: int, offset_specs: list[str] = (),
                   windows_from_ms: int | None = None, windows_until_ms: int | None = None,
                   limit: int = 50, out=None) -> int:

@@ -39,10 +39,11 @@ from collections import OrderedDict
 
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 from prometheus_client import Counter
 
 from operators.live_totals import QuotaAlert
+from sinks.kafka_client import KafkaConnection, as_connection, require_topic
 from sinks.buffered import BufferedPartition
 from sinks.kafka_output import output_producer
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
@@ -95,16 +96,15 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
     Alerts are rare and urgent, so by default every batch is flushed as it arrives.
     """
 
-    def __init__(self, brokers: list[str], topic: str, redis_url: str, *, max_rows: int = 1_000,
-                 max_age_s: float = 0.0, scan_timeout_s: float = 30.0) -> None:
+    def __init__(self, kafka: KafkaConnection | list[str], topic: str, redis_url: str, *,
+                 max_rows: int = 1_000, max_age_s: float = 0.0, scan_timeout_s: float = 30.0) -> None:
         super().__init__(max_rows, max_age_s)
         self._topic = topic
-        self._brokers = ",".join(brokers)
+        self._kafka = as_connection(kafka)
         self._scan_timeout_s = scan_timeout_s
-        self._producer = output_producer(self._brokers)
-        self._offsets = Consumer({"bootstrap.servers": self._brokers,
-                                  "group.id": f"tallyflow-alerts-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False})
+        self._producer = output_producer(self._kafka)
+        self._offsets = self._kafka.consumer({"group.id": f"tallyflow-alerts-{uuid.uuid4().hex}",
+                                              "enable.auto.commit": False})
         self._partitions = self._partition_count()
         self._redis = connect(redis_url, timeout_s=1.0)
         self._breaker = Breaker()
@@ -112,11 +112,7 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         self._failures: list[str] = []
 
     def _partition_count(self) -> int:
-        topic = self._producer.list_topics(self._topic, timeout=10).topics.get(self._topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            reason = topic.error.str() if topic is not None and topic.error else "no partitions"
-            raise RuntimeError(f"cannot write alerts to Kafka topic {self._topic!r}: {reason}")
-        return len(topic.partitions)
+        return require_topic(self._producer, self._topic, "ALERTS_TOPIC")
 
     def partition_of(self, key: bytes) -> int:
         return zlib.crc32(key) % self._partitions
@@ -185,9 +181,9 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         """Whether the record keyed ``key`` is in its partition at or after the fence's offset."""
         start = int(fence[len(PENDING):] or 0)
         partition = self.partition_of(key)
-        consumer = Consumer({"bootstrap.servers": self._brokers, "enable.partition.eof": True,
-                             "group.id": f"tallyflow-alerts-scan-{uuid.uuid4().hex}",
-                             "enable.auto.commit": False})
+        consumer = self._kafka.consumer({"enable.partition.eof": True,
+                                         "group.id": f"tallyflow-alerts-scan-{uuid.uuid4().hex}",
+                                         "enable.auto.commit": False})
         try:
             consumer.assign([TopicPartition(self._topic, partition, start)])
             deadline = time.monotonic() + self._scan_timeout_s
@@ -264,9 +260,9 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
 class AlertsSink(FixedPartitionedSink[QuotaAlert, None]):
     """Quota alerts to ``topic``; ``partitions`` independent fenced writers (one producer per worker)."""
 
-    def __init__(self, brokers: list[str], topic: str, redis_url: str, *,
+    def __init__(self, kafka: KafkaConnection | list[str], topic: str, redis_url: str, *,
                  partitions: int = 1) -> None:
-        self.brokers = brokers
+        self.kafka = as_connection(kafka)
         self.topic = topic
         self.redis_url = redis_url
         self.partitions = partitions
@@ -275,4 +271,4 @@ class AlertsSink(FixedPartitionedSink[QuotaAlert, None]):
         return [str(i) for i in range(self.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> AlertsPartition:
-        return AlertsPartition(self.brokers, self.topic, self.redis_url)
+        return AlertsPartition(self.kafka, self.topic, self.redis_url)

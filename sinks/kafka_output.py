@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from bytewax.outputs import FixedPartitionedSink
 from confluent_kafka import Producer
 
+from sinks.kafka_client import KafkaConnection, as_connection, require_topic
 from sinks.buffered import BufferedPartition
 from state.records import DeadLetter, LateRecord
 
@@ -102,12 +103,12 @@ def late_event_record(late: LateRecord) -> OutboundRecord:
     ]))
 
 
-_producers: dict[tuple[int, str], Producer] = {}
+_producers: dict[tuple[int, KafkaConnection], Producer] = {}
 _producers_lock = threading.Lock()
 
 
-def output_producer(bootstrap_servers: str) -> Producer:
-    """This worker's producer for ``bootstrap_servers``, shared by all its Kafka outputs.
+def output_producer(kafka: KafkaConnection) -> Producer:
+    """This worker's producer for ``kafka``, shared by all its Kafka outputs.
 
     Idempotent: no duplicates from its retries, order kept per partition. It cannot deliver
     before it holds a producer id, which librdkafka first asks for on a 500 ms timer, so each
@@ -120,12 +121,11 @@ def output_producer(bootstrap_servers: str) -> Producer:
     Keyed by the OS thread: a Bytewax worker is a thread Python did not start, whose
     ``threading.local`` data does not outlive each call into Python.
     """
-    key = (threading.get_ident(), bootstrap_servers)
+    key = (threading.get_ident(), kafka)
     with _producers_lock:
         producer = _producers.get(key)
         if producer is None:
-            producer = _producers[key] = Producer({
-                "bootstrap.servers": bootstrap_servers,
+            producer = _producers[key] = kafka.producer({
                 "enable.idempotence": True,
                 "message.max.bytes": MAX_RECORD_BYTES,  # records are cut to fit: fit_record
                 "linger.ms": 5,
@@ -163,18 +163,20 @@ class KafkaOutputPartition(BufferedPartition[OutboundRecord]):
 class KafkaOutputSink(FixedPartitionedSink[OutboundRecord, None]):
     """One Kafka topic as ``partitions`` independent, idempotent producers."""
 
-    def __init__(self, brokers: list[str], topic: str, *, partitions: int = 2,
-                 max_rows: int = 10_000, max_age_s: float = 1.0) -> None:
-        self.brokers = brokers
+    def __init__(self, kafka: KafkaConnection | list[str], topic: str, *, partitions: int = 2,
+                 max_rows: int = 10_000, max_age_s: float = 1.0, setting: str = "the output topic") -> None:
+        self.kafka = as_connection(kafka)
+        self.setting = setting
         self.topic = topic
         self.partitions = partitions
         self.max_rows = max_rows
         self.max_age_s = max_age_s
 
     def list_parts(self) -> list[str]:
-        output_producer(",".join(self.brokers))  # at start-up: it gets its producer id meanwhile
+        producer = output_producer(self.kafka)  # at start-up: it gets its producer id meanwhile
+        require_topic(producer, self.topic, self.setting)  # a missing topic stops the flow now
         return [str(i) for i in range(self.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> KafkaOutputPartition:
-        producer = output_producer(",".join(self.brokers))
+        producer = output_producer(self.kafka)
         return KafkaOutputPartition(producer, self.topic, self.max_rows, self.max_age_s)
