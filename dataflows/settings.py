@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from sinks.kafka_client import KafkaConfigError, KafkaConnection, KafkaSecurity
+from sinks.redaction import redact_url
 from state.durations import DurationError, parse_duration_ms
 
 
@@ -198,13 +199,20 @@ class Settings:
 
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(f"REDIS_URL: use redis://host:port/db (or rediss://, unix://), "
-                                f"got {self.redis_url!r}")
+                                f"got {redact_url(self.redis_url)!r}")
         clash = set(self.enrich_fields) & set(USAGE_AGGREGATES_COLUMNS)
         if clash:
             raise SettingsError(f"ENRICH_FIELDS: {sorted(clash)} would replace columns of "
                                 "usage_aggregates; rename the fields")
         if self.quotas_file and not self.redis_url:
             raise SettingsError("QUOTAS_FILE: alerts need Redis (their fences); set REDIS_URL")
+
+    def __repr__(self) -> str:
+        """Every setting, URLs without their passwords (the Kafka secrets redact themselves)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("clickhouse_url", "redis_url"):
+            shown[name] = redact_url(shown[name])
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def redis_enabled(self) -> bool:

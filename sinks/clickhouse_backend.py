@@ -33,6 +33,8 @@ import fcntl
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -56,6 +58,13 @@ class ClickHouseError(RuntimeError):
 
 class ClickHouseUnavailable(ClickHouseError):
     """Could not reach the server or open the engine; the same call may succeed later."""
+
+
+class ClickHouseMisconfigured(ClickHouseError):
+    """A failure no retry can cure: an unknown host, a TLS failure, refused credentials.
+
+    The flow stops at once with this message instead of waiting for ClickHouse forever.
+    """
 
 
 class ClickHouseBackend(Protocol):
@@ -458,22 +467,54 @@ def http_client_kwargs(url: str) -> dict[str, Any]:
     }
 
 
-def _transport_failure(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) is a network-level failure."""
-    import urllib3.exceptions
-
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the exceptions that caused it, outermost first."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (urllib3.exceptions.HTTPError, OSError)):
-            return True
+        yield current
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return False
 
 
-def cc_error(err: Exception, where: str) -> ClickHouseError:
-    """Classify a clickhouse-connect failure: unreachable -> ``ClickHouseUnavailable``.
+def _transport_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a network-level failure."""
+    import urllib3.exceptions
+
+    return any(isinstance(c, (urllib3.exceptions.HTTPError, OSError)) for c in _causes(err))
+
+
+# ClickHouse's codes for credentials it refuses: UNKNOWN_USER, REQUIRED_PASSWORD,
+# IP_ADDRESS_NOT_ALLOWED, ACCESS_DENIED, AUTHENTICATION_FAILED.
+AUTHENTICATION_CODES = frozenset({192, 194, 195, 497, 516})
+# getaddrinfo's "no such name" answers; EAI_AGAIN (a DNS server not answering now) stays transient.
+# A handshake cut short by the peer (a server restarting) may succeed on the next try.
+_TLS_CONNECTION_DROPPED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+_UNKNOWN_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
+
+
+def permanent_failure(err: BaseException, code: int | None) -> str | None:
+    """Why retrying ``err`` cannot help (``"TLS failure"``…), or None when it may be transient.
+
+    >>> import ssl
+    >>> permanent_failure(ssl.SSLCertVerificationError("certificate verify failed"), None)
+    'TLS failure (check the https:// URL, verify= and ca_cert=)'
+    >>> permanent_failure(ConnectionRefusedError(111, "Connection refused"), None) is None
+    True
+    """
+    if code in AUTHENTICATION_CODES:
+        return "authentication failed (check the user and password in CLICKHOUSE_URL)"
+    for cause in _causes(err):
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_CONNECTION_DROPPED):
+            return "TLS failure (check the https:// URL, verify= and ca_cert=)"
+        if isinstance(cause, socket.gaierror) and cause.errno in _UNKNOWN_HOST:
+            return "unknown host (check the host name in CLICKHOUSE_URL)"
+    return None
+
+
+def cc_error(err: Exception, where: str, secrets: Sequence[str] = ()) -> ClickHouseError:
+    """Classify a clickhouse-connect failure: unreachable -> ``ClickHouseUnavailable``; an
+    unknown host, TLS or credentials -> ``ClickHouseMisconfigured``; ``secrets`` are scrubbed.
 
     >>> from clickhouse_connect.driver.exceptions import DatabaseError
     >>> e = cc_error(DatabaseError("Received ClickHouse exception, code: 60, server response: "
@@ -485,8 +526,13 @@ def cc_error(err: Exception, where: str) -> ClickHouseError:
 
     code = getattr(err, "code", None)
     text = str(err)
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>") if secret else text
     start = text.find("Code: ")
     message = text[start:].strip() if start >= 0 else text
+    reason = permanent_failure(err, code)
+    if reason is not None:
+        return ClickHouseMisconfigured(f"ClickHouse at {where}: {reason}; not retried: {message}", code=code)
     if _transport_failure(err) or (isinstance(err, OperationalError) and not code):
         return ClickHouseUnavailable(f"ClickHouse at {where} unavailable: {text}", code=code)
     if isinstance(err, OperationalError) and not isinstance(err, StreamFailureError):
@@ -504,6 +550,7 @@ class HttpBackend:
     def __init__(self, url: str) -> None:
         self._kwargs = http_client_kwargs(url)
         self._where = f"{self._kwargs['interface']}://{self._kwargs['host']}:{self._kwargs['port']}"
+        self._secrets = (self._kwargs["password"],) if self._kwargs["password"] else ()
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -516,7 +563,7 @@ class HttpBackend:
                     self._client = clickhouse_connect.get_client(
                         **self._kwargs, tz_mode="aware", autogenerate_session_id=False)
                 except Exception as err:  # clickhouse-connect raises many types while connecting
-                    raise cc_error(err, self._where) from err
+                    raise cc_error(err, self._where, self._secrets) from err
             return self._client
 
     def _call(self, action: Callable[[Any], Any]) -> Any:
@@ -526,7 +573,7 @@ class HttpBackend:
         try:
             return action(client)
         except (Error, OSError) as err:
-            raise cc_error(err, self._where) from err
+            raise cc_error(err, self._where, self._secrets) from err
 
     def command(self, sql: str) -> None:
         self._call(lambda c: c.command(sql))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from bytewax.outputs import FixedPartitionedSink
@@ -111,7 +111,7 @@ class Enrichment:
     """Customer attributes for ``usage_aggregates`` rows (``sinks.enrichment``): which fields,
     from which Redis, cached how long. Looked up once per flush for the distinct customers."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold a password
     fields: tuple[str, ...]
     cache_ttl_ms: int = 60_000
 
