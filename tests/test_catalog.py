@@ -16,7 +16,7 @@ from sinks.clickhouse_backend import connect
 from state.aggregations import AGGREGATIONS
 from state.sessions import SessionStore
 from support.flow import flow_env
-from support.kafka import created_topic, read_all, unique_topic
+from support.kafka import read_all, unique_topic
 
 S = 10**18
 
@@ -174,7 +174,7 @@ def test_catalog_end_to_end(kafka_broker, chdb_url, tmp_path):
     ensure_topic(kafka_broker.bootstrap, topic, 4)
     produce(kafka_broker.bootstrap, topic,
             generate(12_000, seed=31, partitions=4, start_ms=1_767_225_600_000, span_ms=1_800_000))
-    run_flow(flow_env(kafka_broker.bootstrap, topic, created_topic(kafka_broker.bootstrap, "dlq"), chdb_url,
+    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url,
                       METRICS_FILE=str(catalog_file), TALLYFLOW_SHARDS="4"))
 
     raw = [(m.partition(), m.offset(), m.value()) for m in read_all(kafka_broker.bootstrap, topic)]

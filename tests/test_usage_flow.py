@@ -18,7 +18,7 @@ from deploy.generator import generate, produce
 from deploy.runner import run_flow
 from recovery.reconcile import diff, recompute
 from support.flow import flow_env, read_output
-from support.kafka import created_topic, read_all, unique_topic
+from support.kafka import read_all, unique_topic
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 COUNT = 20_000
@@ -88,6 +88,6 @@ def test_stop_at_end_totals_equal_recomputation(backend, usage_stream, kafka_bro
 def test_two_worker_threads_share_the_embedded_engine(usage_stream, kafka_broker, chdb_url):
     # chdb allows one engine per process: both workers' sink partitions share it.
     topic, _records, _raw, expected = usage_stream
-    run_flow(flow_env(kafka_broker.bootstrap, topic, created_topic(kafka_broker.bootstrap, "dlq"), chdb_url), workers=2,
+    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url), workers=2,
              timeout=300)
     assert diff(expected.aggregates, read_output(chdb_url).aggregates) == []

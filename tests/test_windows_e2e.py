@@ -14,7 +14,7 @@ from recovery.reconcile import diff, recompute
 from sinks.clickhouse_backend import connect
 from support.clickhouse import before_first_write
 from support.flow import flow_env, read_output
-from support.kafka import created_topic, read_all, unique_topic
+from support.kafka import read_all, unique_topic
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -38,7 +38,7 @@ def generated(kafka_broker):
 ])
 def test_window_kind_equals_recomputation(kind, settings, expected_args, generated, kafka_broker, chdb_url):
     topic, raw = generated
-    dlq = created_topic(kafka_broker.bootstrap, "dlq")
+    dlq = unique_topic("dlq")
     run_flow(flow_env(kafka_broker.bootstrap, topic, dlq, chdb_url, TALLYFLOW_SHARDS="4", **settings))
     expected = recompute(raw, window_size_ms=60_000, max_out_of_orderness_ms=10_000, **expected_args)
     output = read_output(chdb_url)
@@ -64,7 +64,7 @@ def _edge_windows(expected) -> int:
 
 def test_rollups_are_sums_of_the_minute_rows(generated, kafka_broker, chdb_url):
     topic, _raw = generated
-    run_flow(flow_env(kafka_broker.bootstrap, topic, created_topic(kafka_broker.bootstrap, "dlq"), chdb_url))
+    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url))
     backend = connect(chdb_url)
     try:
         for table, unit in (("usage_aggregates_hourly", "toStartOfHour"), ("usage_aggregates_daily", "toStartOfDay")):
@@ -115,7 +115,7 @@ def versions(url: str, table: str = "usage_aggregates") -> list[tuple]:
 
 
 def two_runs(kafka_broker, chdb_url, tmp_path, first: list[bytes], second: list[bytes], **settings):
-    topic, dlq = unique_topic("corrections"), created_topic(kafka_broker.bootstrap, "dlq")
+    topic, dlq = unique_topic("corrections"), unique_topic("dlq")
     ensure_topic(kafka_broker.bootstrap, topic, 1)
     recovery = tmp_path / "recovery"
     init_recovery_store(recovery)
@@ -156,7 +156,7 @@ def test_idle_timeout_lets_windows_close_while_a_partition_is_silent(kafka_broke
     ensure_topic(kafka_broker.bootstrap, topic, 2)  # partition 1 never gets a record
     send(kafka_broker.bootstrap, topic, [event("a", 10_000), event("b", 200_000)])
     url = dev_clickhouse.url  # a server, so the rows can be read while the flow runs
-    env = flow_env(kafka_broker.bootstrap, topic, created_topic(kafka_broker.bootstrap, "dlq"), url, ROLLUPS="off",
+    env = flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), url, ROLLUPS="off",
                    IDLE_TIMEOUT="1s", SINK_FLUSH_INTERVAL="200ms")
     del env["KAFKA_STOP_AT_END"]
     flow = start_flow(env, recovery_dir=None)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deploy.broker import ensure_topic, topic_partitions
 from deploy.runner import flow_environment
 from recovery.reconcile import read_aggregates
 from sinks.clickhouse_backend import connect
 
+
 def flow_env(bootstrap: str, topic: str, dlq_topic: str, clickhouse_url: str, **extra) -> dict:
-    """Environment for a stop-at-end run of ``dataflows.usage:flow`` (settings are the contract)."""
+    """Environment for a stop-at-end run of ``dataflows.usage:flow`` (settings are the contract).
+
+    The DLQ, late and alerts topics are created (one partition) unless they exist: the flow
+    refuses to start without the topics it writes to.
+    """
     settings = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "USAGE_TOPIC": topic,
@@ -23,6 +29,9 @@ def flow_env(bootstrap: str, topic: str, dlq_topic: str, clickhouse_url: str, **
         "METRICS_PORT": "0",  # flows run side by side; a test that reads /metrics sets a free port
     }
     settings.update(extra)
+    for output in ("DLQ_TOPIC", "LATE_TOPIC", "ALERTS_TOPIC"):
+        if settings.get(output) and topic_partitions(bootstrap, settings[output]) is None:
+            ensure_topic(bootstrap, settings[output], 1)
     return flow_environment(**settings)
 
 

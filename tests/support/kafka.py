@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from deploy.broker import DevBroker, ensure_topic
+from deploy.broker import DevBroker
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +26,6 @@ def kafka_broker() -> Iterator[DevBroker]:
 def unique_topic(prefix: str = "test") -> str:
     """A fresh topic name, so tests sharing the session broker never see each other's data."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def created_topic(bootstrap: str, prefix: str, partitions: int = 1) -> str:
-    """A fresh topic that exists: the flow refuses to start without its DLQ and late topics."""
-    topic = unique_topic(prefix)
-    ensure_topic(bootstrap, topic, partitions)
-    return topic
 
 
 def read_all(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Message]:
