@@ -229,10 +229,10 @@ def rejected_rows(url: str) -> list[tuple]:
     return [(table, json.loads(key), reason, json.loads(row)) for table, key, reason, row in rows]
 
 
-def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker, chdb_url):
+def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker, clickhouse_url):
     """Tables of the old schema (sums in Decimal(38, 18)) and the overflow pair: the flow does not
     stop; the refused rows are kept, exactly, and every other row is written."""
-    backend = connect(chdb_url)
+    backend = connect(clickhouse_url)
     try:
         for statement in old_schema_ddl():
             backend.command(statement)
@@ -244,9 +244,9 @@ def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker,
     normal = [event(f"n{i}", start + i * 1_000, "1.25", customer=f"n{i % 3}") for i in range(30)]
     produce(kafka_broker.bootstrap, topic,
             normal + [event("big1", start + 5_000, LARGEST), event("big2", start + 6_000, LARGEST)])
-    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), chdb_url, ROLLUPS="day"))
+    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), clickhouse_url, ROLLUPS="day"))
 
-    backend = connect(chdb_url)
+    backend = connect(clickhouse_url)
     try:
         _, rows = backend.query("SELECT external_customer_id, event_count, total_value "
                                 "FROM usage_aggregates FINAL ORDER BY 1")
@@ -254,7 +254,7 @@ def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker,
         backend.close()
     assert rows == [("n0", 10, Decimal("12.5")), ("n1", 10, Decimal("12.5")), ("n2", 10, Decimal("12.5"))]
     twice = f"{2 * int(LARGEST)}.{'0' * 18}"
-    refused = rejected_rows(chdb_url)
+    refused = rejected_rows(clickhouse_url)
     assert [(table, key[:3], reason, row["event_count"], row["total_scaled"])
             for table, key, reason, row in refused] == [
         ("usage_aggregates", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
