@@ -38,7 +38,7 @@ from operators.telemetry.setup import configure_telemetry
 from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from recovery.kafka_source import UsageSource
 from sinks.alerts import AlertsSink
-from sinks.clickhouse_sink import ClickHouseSink, Enrichment
+from sinks.clickhouse_sink import ClickHouseSink, Enrichment, sink_partitions
 from sinks.kafka_output import KafkaOutputSink, dead_letter_record, late_event_record
 from sinks.redis_sink import RedisTotalsSink
 from state.records import CountedUsage, LateRecord
@@ -114,6 +114,7 @@ def build_flow(settings: Settings) -> Dataflow:
         table_rows,
         ClickHouseSink(
             settings.clickhouse_url,
+            partitions=sink_partitions(settings.shards),
             max_rows=settings.sink_batch_rows,
             max_age_s=settings.sink_flush_interval_ms / 1000,
             enrichment=Enrichment(settings.redis_url, settings.enrich_fields,

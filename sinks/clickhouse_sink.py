@@ -204,19 +204,63 @@ def _process_backend(url: str) -> ClickHouseBackend:
         return backend
 
 
-class ClickHouseSink(FixedPartitionedSink[SinkItem, None]):
-    """ClickHouse output, split into ``partitions`` independent writers."""
+LEGACY_PARTITIONS = 4
+"""Sink partitions of every earlier release: a recovery store may hold snapshots for "0".."3"."""
 
-    def __init__(self, url: str, *, partitions: int = 4, max_rows: int = 50_000,
+
+def sink_partitions(shards: int) -> int:
+    """How many writers the ClickHouse output has: one per shard, and never fewer than 4.
+
+    Rows reach the sink keyed by their shard, so more writers than shards would sit idle, and
+    shards are what a cluster is sized by (``TALLYFLOW_SHARDS`` >= the workers that share the
+    state). Bytewax spreads the writers evenly over every worker of the cluster, so with 16
+    shards, 1 to 16 workers each write their share instead of 4 of them writing everything.
+    (``list_parts`` cannot ask Bytewax for the worker count; the shard count is the stable
+    stand-in, fixed for the life of a recovery store like the partitions must be.)
+
+    Why never fewer than 4: on resume Bytewax routes every partition snapshot in the recovery
+    store to that partition's worker, and a stored partition missing from ``list_parts`` stops
+    the flow ("Key … is not in this worker's routing map"). Stores written before this change
+    hold "0".."3"; a store's partitions only grow with this rule (its shard count is fixed).
+
+        >>> sink_partitions(16), sink_partitions(2), sink_partitions(32)
+        (16, 4, 32)
+    """
+    return max(LEGACY_PARTITIONS, shards)
+
+
+class ClickHouseSink(FixedPartitionedSink[SinkItem, None]):
+    """ClickHouse output, split into ``partitions`` independent writers (``sink_partitions``).
+
+    Items arrive keyed by shard (``"0"``, ``"1"``, …); shard ``k`` goes to partition ``"k"``
+    when it exists, so each writer takes whole shards and none is hashed onto another's:
+
+        >>> sink = ClickHouseSink("chdb://./var/clickhouse", partitions=16)
+        >>> everywhere = sorted(sink.list_parts())   # how Bytewax orders the cluster's partitions
+        >>> [everywhere[sink.part_fn(k)] for k in ("0", "3", "15")]
+        ['0', '3', '15']
+    """
+
+    def __init__(self, url: str, *, partitions: int = LEGACY_PARTITIONS, max_rows: int = 50_000,
                  max_age_s: float = 2.0, enrichment: Enrichment | None = None) -> None:
+        if partitions < 1:
+            raise ValueError(f"ClickHouseSink partitions must be >= 1, got {partitions}")
         self.url = url
         self.partitions = partitions
         self.max_rows = max_rows
         self.max_age_s = max_age_s
         self.enrichment = enrichment if enrichment and enrichment.fields else None
+        # Bytewax indexes part_fn's value into the sorted global list of partitions.
+        self._index = {name: i for i, name in enumerate(sorted(self.list_parts()))}
 
     def list_parts(self) -> list[str]:
         return [str(i) for i in range(self.partitions)]
+
+    def part_fn(self, item_key: str) -> int:
+        """Shard ``"k"`` -> the index of partition ``"k"`` in Bytewax's sorted list; any other
+        key (more shards than partitions cannot happen, see ``sink_partitions``) is hashed."""
+        index = self._index.get(item_key)
+        return index if index is not None else super().part_fn(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ClickHousePartition:
         backend = _process_backend(self.url)
