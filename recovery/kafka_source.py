@@ -76,6 +76,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         self._awake_at: datetime | None = None
         self._lag_probe = lag.LagProbe(topic, partition)
         self._tracing = tracing.IntakeTracing(topic, partition)
+        metrics.declare_partition(partition)
         consumer.assign([TopicPartition(topic, partition, self._next_offset)])
 
     def _end_offset(self) -> int:

@@ -40,9 +40,9 @@ from collections import OrderedDict
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
 from confluent_kafka import KafkaError, TopicPartition
-from prometheus_client import Counter
 
 from operators.live_totals import QuotaAlert
+from operators.telemetry import metrics
 from sinks.kafka_client import KafkaConnection, as_connection, require_topic
 from sinks.buffered import BufferedPartition
 from sinks.kafka_output import output_producer
@@ -57,9 +57,6 @@ SENT = b"sent"
 PENDING = b"pending:"
 MAX_FENCE_DEBT = 100_000
 
-ALERTS = Counter("tallyflow_alerts", "Quota alerts by outcome: sent, sent_unfenced (Redis "
-                 "unavailable), replay_skipped (fence said sent), replay_found (already in the "
-                 "topic)", ["outcome"])
 
 _encoder = msgspec.json.Encoder()
 
@@ -132,16 +129,16 @@ class AlertsPartition(BufferedPartition[QuotaAlert]):
         for key, alert in keyed.items():
             state = fences.get(key)
             if state == SENT:
-                ALERTS.labels("replay_skipped").inc()
+                metrics.record_alert("replay_skipped")
             elif state is not None and state.startswith(PENDING) and self._in_topic(key, state):
-                ALERTS.labels("replay_found").inc()
+                metrics.record_alert("replay_found")
                 self._debt[fence_of[key]] = None
             else:
                 to_send.append((key, alert))
         # Step 3. Produce; every alert is acknowledged before the epoch may commit.
         self._send(to_send)
         for key, _alert in to_send:
-            ALERTS.labels("sent" if key in fences else "sent_unfenced").inc()
+            metrics.record_alert("sent" if key in fences else "sent_unfenced")
             self._debt[fence_of[key]] = None
         # Step 4. Mark them sent (now, or once Redis answers again).
         self._confirm()

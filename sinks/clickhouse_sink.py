@@ -254,6 +254,7 @@ class ClickHouseSink(FixedPartitionedSink[SinkItem, None]):
         self._index = {name: i for i, name in enumerate(sorted(self.list_parts()))}
 
     def list_parts(self) -> list[str]:
+        metrics.declare_tables((*ROLLUP_TABLES.values(), METRIC_AGGREGATES, USAGE_LATE_EVENTS))
         return [str(i) for i in range(self.partitions)]
 
     def part_fn(self, item_key: str) -> int:

@@ -30,21 +30,13 @@ import time
 from collections import Counter, OrderedDict
 from typing import Callable, Iterable
 
-from prometheus_client import Counter as PromCounter
-
+from operators.telemetry import metrics
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
 
 log = logging.getLogger(__name__)
 
 CUSTOMER_PREFIX = "tallyflow:customer"
 
-LOOKUPS = PromCounter(
-    "tallyflow_enrichment_lookups",
-    "Customer attribute lookups by outcome: hit (fresh in cache), fetched (known, from Redis), "
-    "unknown (no hash in Redis), stale (Redis unavailable, expired cache used), "
-    "unavailable (Redis unavailable, never seen: empty attributes)",
-    ["outcome"],
-)
 
 Customer = tuple  # (organization_id, external_customer_id)
 
@@ -154,7 +146,7 @@ class CustomerAttributes:
     def _count(self, outcome: str, n: int = 1) -> None:
         if n:
             self.stats[outcome] += n
-            LOOKUPS.labels(outcome).inc(n)
+            metrics.record_enrichment_lookups(outcome, n)
 
     def close(self) -> None:
         self._redis.close()

@@ -39,9 +39,9 @@ from typing import Callable
 
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
-from prometheus_client import Counter, Gauge
 
 from operators.live_totals import LiveTotals, PeriodKey, period_label
+from operators.telemetry import metrics
 from operators.validation import format_scaled
 from sinks.buffered import BufferedPartition
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
@@ -63,10 +63,6 @@ return #KEYS
 """  # KEYS: the hashes; ARGV[1]: JSON [[count text, value text, ttl], ...] (one arg: cheap to send)
 _encode_json = msgspec.json.Encoder().encode
 
-WRITES = Counter("tallyflow_live_totals_written", "Live totals written to Redis")
-WRITE_ERRORS = Counter("tallyflow_live_totals_redis_errors", "Failed writes of live totals to Redis")
-RESYNCS = Counter("tallyflow_live_totals_resyncs", "Times Redis had lost its data and was rewritten")
-PENDING = Gauge("tallyflow_live_totals_pending", "Live totals waiting for Redis", ["part"])
 
 Total = tuple  # (count, total_scaled)
 
@@ -107,7 +103,7 @@ class RedisTotalsWriter:
         """Queue ``totals`` (absolute, newer than any pending one); never blocks on Redis."""
         with self._cond:
             self._pending.update(totals)
-            PENDING.labels(self.part).set(len(self._pending))
+            metrics.record_live_totals_pending(self.part, len(self._pending))
             self._cond.notify()
 
     def pending(self) -> int:
@@ -195,13 +191,13 @@ class RedisTotalsWriter:
         return bool(replies[0])
 
     def _failed(self, batch: dict[PeriodKey, Total], err: Exception) -> None:
-        WRITE_ERRORS.inc()
+        metrics.record_live_totals_redis_error()
         delay = self._breaker.failed(err)
         with self._cond:
             for key, entry in batch.items():
                 self._pending.setdefault(key, entry)  # a newer total submitted meanwhile wins
             self._in_flight = 0
-            PENDING.labels(self.part).set(len(self._pending))
+            metrics.record_live_totals_pending(self.part, len(self._pending))
             if self._breaker.failures == 1 or self._breaker.failures % 10 == 0:
                 log.warning("Redis unavailable for live totals: keeping them until it returns",
                             extra={"part": self.part, "pending": len(self._pending),
@@ -214,7 +210,7 @@ class RedisTotalsWriter:
     def _written_ok(self, batch: dict[PeriodKey, Total], lost_data: bool) -> None:
         now = self.clock()
         recovered = self._breaker.succeeded()
-        WRITES.inc(len(batch))
+        metrics.record_live_totals_written(len(batch))
         with self._cond:
             self._written.update(batch)
             self._written_at.update(dict.fromkeys(batch, now))
@@ -223,14 +219,14 @@ class RedisTotalsWriter:
             if now >= self._next_prune:
                 self._prune(now)
             self._in_flight = 0
-            PENDING.labels(self.part).set(len(self._pending))
+            metrics.record_live_totals_pending(self.part, len(self._pending))
             self._cond.notify_all()
         if recovered:
             log.info("Redis is back for live totals", extra={"part": self.part})
 
     def _resync(self, now: float) -> None:
         """Redis lost its data: write again every total it should hold (caller holds the lock)."""
-        RESYNCS.inc()
+        metrics.record_live_totals_resync()
         again = 0
         for key, total in self._written.items():
             if key not in self._pending:

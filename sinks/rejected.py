@@ -35,11 +35,11 @@ import logging
 import re
 
 import msgspec
-from prometheus_client import Counter
 
-from state.records import LateRecord, MetricRow, WindowRow
+from operators.telemetry import metrics
 from operators.validation import format_scaled
 from sinks.schema import TABLES_BY_NAME, USAGE_REJECTED_ROWS, USAGE_REJECTED_ROWS_COLUMNS
+from state.records import LateRecord, MetricRow, WindowRow
 from state.utc_calendar import utc_text
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ ROW_ERROR_CODES = frozenset({
 })
 """ClickHouse errors about the values of some row: retrying the same rows cannot succeed."""
 
-REJECTED = Counter("tallyflow_sink_rows_rejected", "Rows ClickHouse cannot take, written to "
-                   "usage_rejected_rows instead, by target table and reason", ["table", "reason"])
 
 _encoder = msgspec.json.Encoder()
 _DECIMAL_DIGITS = re.compile(r"Decimal\((\d+), 18\)")
@@ -120,6 +118,6 @@ def write_rejected(backend, table: str, items: list, reason: str, detail: str) -
     """Keep ``items`` in ``usage_rejected_rows``, count them and say so (ERROR)."""
     payload = _encoder.encode_lines([rejected_record(table, item, reason, detail) for item in items])
     backend.insert_json_each_row(USAGE_REJECTED_ROWS, USAGE_REJECTED_ROWS_COLUMNS, payload)
-    REJECTED.labels(table, reason).inc(len(items))
+    metrics.record_rows_rejected(table, reason, len(items))
     log.error("rows ClickHouse cannot take were written to %s instead", USAGE_REJECTED_ROWS,
               extra={"table": table, "rows": len(items), "reason": reason, "detail": detail[:500]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -125,9 +126,10 @@ def test_metrics_come_out_under_the_dashboard_names():
         ("tallyflow_events_consumed_total", (("partition", "0"),)): 600,
         ("tallyflow_events_consumed_total", (("partition", "1"),)): 400,
     }
+    counted = {"malformed_json": 6, "missing_field": 4}  # every other known reason reads 0
     assert values("tallyflow_events_invalid", "counter") == {
-        ("tallyflow_events_invalid_total", (("reason", "malformed_json"),)): 6,
-        ("tallyflow_events_invalid_total", (("reason", "missing_field"),)): 4,
+        ("tallyflow_events_invalid_total", (("reason", reason),)): counted.get(reason, 0)
+        for reason in INVALID_REASONS
     }
     for name, value in [("tallyflow_events_valid", 990), ("tallyflow_events_duplicate", 40),
                         ("tallyflow_events_late", 3), ("tallyflow_windows_closed", 120)]:
@@ -169,13 +171,11 @@ def test_metrics_come_out_under_the_dashboard_names():
         "tallyflow_events_duplicate", "tallyflow_events_late", "tallyflow_windows_closed",
         "tallyflow_rows_written", "tallyflow_sink_batch_rows", "tallyflow_sink_write_seconds",
         "tallyflow_sink_retries", "tallyflow_snapshot_seconds", "tallyflow_watermark_ms",
-        "tallyflow_watermark_delay_ms", "tallyflow_consumer_lag",
+        "tallyflow_watermark_delay_ms", "tallyflow_consumer_lag", "tallyflow_enrichment_lookups",
+        "tallyflow_alerts", "tallyflow_live_totals_written", "tallyflow_live_totals_redis_errors",
+        "tallyflow_live_totals_resyncs", "tallyflow_metric_field_missing",
     }
-    assert expected <= tallyflow_families
-    # Only the Redis features' own prometheus_client counters may stand beside them (they are
-    # registered when those modules are imported, e.g. earlier in the same test session).
-    redis_features = ("tallyflow_enrichment_", "tallyflow_live_totals_", "tallyflow_alerts")
-    assert all(name.startswith(redis_features) for name in tallyflow_families - expected)
+    assert tallyflow_families == expected  # one metrics system: nothing beside the instruments
     assert "target_info" not in families
     # prometheus_client's default registry comes along (process metrics, Bytewax's Python side).
     assert any(name.startswith("process_") or name.startswith("python_") for name in families)
@@ -445,3 +445,108 @@ def test_lag_command_merges_the_processes_of_a_cluster(capsys):
 def test_lag_command_says_when_no_flow_answers(capsys):
     assert tallyflow(["lag", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
     assert "no flow answers" in capsys.readouterr().err
+
+
+# ---- every documented counter exists from the start ----------------------------------------------
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def documented_counters() -> set[str]:
+    """The ``*_total`` series of the README's /metrics table (``a_total`` / ``_b_total`` rows too)."""
+    names = set()
+    for line in README.splitlines():
+        cells = line.strip().split("|")
+        if len(cells) < 3 or not cells[1].strip().startswith("`tallyflow_"):
+            continue
+        listed = [name.strip().strip("`") for name in cells[1].split("/")]
+        first = listed[0]
+        for name in listed:
+            if name.startswith("_"):
+                name = first[:first.rfind("_", 0, first.rfind("_total"))] + name
+            if name.endswith("_total"):
+                names.add(name)
+    return names
+
+
+def documented_invalid_reasons() -> set[str]:
+    """The DLQ reasons the README lists (section "Input, and what bad input gets")."""
+    sentence = README.split("Reasons: ", 1)[1].split("The flow never", 1)[0]
+    return set(re.findall(r"`([a-z][a-z0-9_]*)`", sentence))
+
+
+INVALID_REASONS = sorted(documented_invalid_reasons())
+
+
+def counter_values(url: str) -> dict[str, list[tuple[dict, float]]]:
+    """{sample name: [(labels, value)]} of every ``*_total`` sample at ``url``/metrics."""
+    out: dict[str, list] = {}
+    for _family, (_kind, found) in samples(url).items():
+        for name, labels, value in found:
+            if name.endswith("_total"):
+                out.setdefault(name, []).append((labels, value))
+    return out
+
+
+def test_the_readme_documents_the_counters_this_test_checks():
+    assert {"tallyflow_events_late_total", "tallyflow_events_invalid_total",
+            "tallyflow_live_totals_resyncs_total", "tallyflow_sink_rows_rejected_total"} \
+        <= documented_counters()
+    assert {"malformed_json", "future_timestamp", "invalid_value"} <= set(INVALID_REASONS)
+
+
+def test_counters_read_zero_before_their_first_event():
+    observability = configure()
+    counters = counter_values(observability.url)
+    assert counters["tallyflow_events_late_total"] == [({}, 0.0)]
+    assert sorted(labels["reason"] for labels, _ in counters["tallyflow_events_invalid_total"]) \
+        == INVALID_REASONS
+    not_per_partition_or_table = {name for name in documented_counters()
+                                  if name not in ("tallyflow_events_consumed_total",
+                                                  "tallyflow_rows_written_total",
+                                                  "tallyflow_sink_retries_total",
+                                                  "tallyflow_sink_rows_rejected_total")}
+    for name in not_per_partition_or_table:
+        assert name in counters, f"{name} is not on /metrics before its first event"
+        assert all(value == 0 for _labels, value in counters[name]), (name, counters[name])
+
+
+@pytest.mark.integration
+def test_a_flow_scraped_right_after_start_shows_every_documented_counter_at_zero(kafka_broker, chdb_url):
+    from deploy.broker import ensure_topic
+    from deploy.runner import start_flow
+    from support.flow import flow_env
+    from support.kafka import unique_topic
+
+    topic, dlq = unique_topic("usage"), unique_topic("dlq")
+    ensure_topic(kafka_broker.bootstrap, topic, 2)
+    ensure_topic(kafka_broker.bootstrap, dlq, 1)
+    port = free_port()
+    env = flow_env(kafka_broker.bootstrap, topic, dlq, chdb_url, KAFKA_STOP_AT_END="0",
+                   METRICS_PORT=str(port), METRICS_HOST="127.0.0.1", REDIS_URL="")
+    process = start_flow(env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        counters: dict = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                counters = counter_values(url)
+            except (urllib.error.URLError, OSError):
+                counters = {}
+            partitions = {labels.get("partition") for labels, _ in counters.get("tallyflow_events_consumed_total", [])}
+            if partitions >= {"0", "1"} and "tallyflow_rows_written_total" in counters:
+                break
+            assert process.poll() is None, "the flow stopped"
+            time.sleep(0.2)
+        missing = documented_counters() - set(counters)
+        assert not missing, f"not on /metrics right after start: {sorted(missing)}"
+        for name in documented_counters():
+            assert all(value == 0 for _labels, value in counters[name]), (name, counters[name])
+        tables = {labels["table"] for labels, _ in counters["tallyflow_rows_written_total"]}
+        assert {"usage_aggregates", "usage_late_events", "metric_aggregates"} <= tables
+        rejected = {(labels["table"], labels["reason"]) for labels, _ in counters["tallyflow_sink_rows_rejected_total"]}
+        assert ("usage_aggregates", "total_out_of_range") in rejected
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from operators.telemetry.board import StatusBoard
+from operators.validation import REASONS
 
 if TYPE_CHECKING:
     from operators.telemetry.tracing import Tracing
@@ -30,6 +31,16 @@ REASON = "error.type"
 log = logging.getLogger(__name__)
 
 _NO_WATERMARK_BELOW = -(2**62)  # state.watermark.NO_WATERMARK and anything near it
+
+# The label values each labelled counter shows at 0 from the start (so rate() works at once).
+ENRICHMENT_OUTCOMES = ("hit", "fetched", "unknown", "stale", "unavailable")
+"""hit (fresh in cache), fetched (known, from Redis), unknown (no hash in Redis), stale (Redis
+unavailable, expired cache used), unavailable (Redis unavailable, never seen: empty attributes)."""
+ALERT_OUTCOMES = ("sent", "sent_unfenced", "replay_skipped", "replay_found")
+"""sent, sent_unfenced (Redis unavailable), replay_skipped (the fence said sent), replay_found
+(already in the topic)."""
+REJECT_REASONS = ("total_out_of_range", "clickhouse_refused")
+"""Why the ClickHouse sink kept a row in ``usage_rejected_rows`` instead (see sinks.rejected)."""
 
 
 # ---- the hot-path API -------------------------------------------------------------------------
@@ -120,6 +131,70 @@ def record_source_snapshot() -> None:
         t.board.snapshot_taken(None)
 
 
+def declare_partition(partition: int) -> None:
+    """A source reads ``partition``: its consumed counter shows 0 until records come."""
+    t = _active
+    if t is not None:
+        t.consumed(partition, 0)
+
+
+def declare_tables(tables: Iterable[str]) -> None:
+    """A sink writes ``tables``: their rows, retries and rejected-rows counters show 0."""
+    t = _active
+    if t is not None:
+        for table in tables:
+            t.declare_table(table)
+
+
+def record_rows_rejected(table: str, reason: str, n: int) -> None:
+    """``n`` rows meant for ``table`` were kept in ``usage_rejected_rows`` (``reason``)."""
+    t = _active
+    if t is not None and n:
+        t.queue(t.rows_rejected, n, {TABLE: table, REASON: reason})
+
+
+def record_enrichment_lookups(outcome: str, n: int) -> None:
+    """``n`` customer attribute lookups ended with ``outcome`` (:data:`ENRICHMENT_OUTCOMES`)."""
+    t = _active
+    if t is not None and n:
+        t.queue(t.enrichment_lookups, n, {"outcome": outcome})
+
+
+def record_alert(outcome: str) -> None:
+    """A quota alert ended with ``outcome`` (:data:`ALERT_OUTCOMES`)."""
+    t = _active
+    if t is not None:
+        t.queue(t.alerts, 1, {"outcome": outcome})
+
+
+def record_live_totals_written(n: int) -> None:
+    """``n`` live totals were written to Redis."""
+    t = _active
+    if t is not None and n:
+        t.queue(t.live_totals_written, n)
+
+
+def record_live_totals_redis_error() -> None:
+    """A write of live totals to Redis failed (it is retried)."""
+    t = _active
+    if t is not None:
+        t.queue(t.live_totals_redis_errors, 1)
+
+
+def record_live_totals_resync() -> None:
+    """Redis had lost its data: every live total was written again."""
+    t = _active
+    if t is not None:
+        t.queue(t.live_totals_resyncs, 1)
+
+
+def record_live_totals_pending(part: str, n: int) -> None:
+    """``n`` live totals of sink partition ``part`` wait for Redis."""
+    t = _active
+    if t is not None:
+        t.live_totals_pending[part] = n
+
+
 def record_watermark(partition: int, watermark_ms: int, max_event_ms: int | None) -> None:
     """``partition``'s event-time watermark and the newest event time it has seen."""
     t = _active
@@ -171,6 +246,8 @@ class Telemetry:
         self.board = board or StatusBoard()
         self.tracing = tracing
         self._sink_events: deque = deque()
+        self._queued: deque = deque()  # (counter, n, attributes) from sink threads, see drain()
+        self.live_totals_pending: dict[str, int] = {}
         self._partition_attrs: dict[int, dict] = {}
         self._table_attrs: dict[str, dict] = {}
         c = meter.create_counter
@@ -184,6 +261,19 @@ class Telemetry:
         self._windows = c("tallyflow.windows.closed", "{window}", "Aggregate rows of closed windows")
         self._rows = c("tallyflow.rows.written", "{row}", "Rows inserted into ClickHouse, by table")
         self._retries = c("tallyflow.sink.retries", "{retry}", "ClickHouse write retries, by table")
+        self.rows_rejected = c("tallyflow.sink.rows_rejected", "{row}",
+                               "Rows ClickHouse cannot take, written to usage_rejected_rows instead, "
+                               "by target table and reason")
+        self.enrichment_lookups = c("tallyflow.enrichment.lookups", "{lookup}",
+                                    "Customer attribute lookups by outcome")
+        self.alerts = c("tallyflow.alerts", "{alert}", "Quota alerts by outcome")
+        self.live_totals_written = c("tallyflow.live_totals.written", "{total}",
+                                     "Live totals written to Redis")
+        self.live_totals_redis_errors = c("tallyflow.live_totals.redis_errors", "{error}",
+                                          "Failed writes of live totals to Redis")
+        self.live_totals_resyncs = c("tallyflow.live_totals.resyncs", "{resync}",
+                                     "Times Redis had lost its data and was rewritten")
+        self._zero_from_start()
         h = meter.create_histogram
         self._batch_rows = h("tallyflow.sink.batch.rows", "{row}", "Rows per ClickHouse insert",
                              explicit_bucket_boundaries_advisory=[1, 10, 100, 500, 1_000, 5_000,
@@ -210,6 +300,33 @@ class Telemetry:
           "How far a partition's watermark is behind the newest event seen in this process")
         g("tallyflow.consumer.lag", [lags], "{message}",
           "End offset minus position per partition, clamped at 0")
+
+        def pending(_options):
+            return [Observation(n, {"part": part}) for part, n in list(self.live_totals_pending.items())]
+
+        g("tallyflow.live_totals.pending", [pending], "{total}", "Live totals waiting for Redis")
+
+    def _zero_from_start(self) -> None:
+        """Every counter whose series are known in advance reads 0 before its first event."""
+        for counter in (self._valid, self._duplicates, self._late, self._field_missing, self._windows,
+                        self.live_totals_written, self.live_totals_redis_errors, self.live_totals_resyncs):
+            counter.add(0)
+        for reason in REASONS:
+            self._invalid.add(0, {REASON: reason})
+        for outcome in ENRICHMENT_OUTCOMES:
+            self.enrichment_lookups.add(0, {"outcome": outcome})
+        for outcome in ALERT_OUTCOMES:
+            self.alerts.add(0, {"outcome": outcome})
+
+    def queue(self, counter: Any, n: int, attributes: dict | None = None) -> None:
+        """Add ``n`` to ``counter`` at the next :meth:`drain` (for sink threads, see there)."""
+        self._queued.append((counter, n, attributes))
+
+    def declare_table(self, table: str) -> None:
+        """``table``'s rows, retries and rejected rows read 0 from now (applied by drain())."""
+        self._sink_events.append((table, 0, None))
+        for reason in REJECT_REASONS:
+            self.queue(self.rows_rejected, 0, {TABLE: table, REASON: reason})
 
     def _pattrs(self, partition: int) -> dict:
         attrs = self._partition_attrs.get(partition)
@@ -267,6 +384,16 @@ class Telemetry:
 
     def drain(self) -> None:
         """Move queued sink figures into the OpenTelemetry instruments (any thread)."""
+        self._drain_sink_writes()
+        queued = self._queued
+        while queued:
+            try:
+                counter, n, attributes = queued.popleft()
+            except IndexError:
+                return
+            counter.add(n, attributes)
+
+    def _drain_sink_writes(self) -> None:
         events = self._sink_events
         while events:
             try:
@@ -279,6 +406,9 @@ class Telemetry:
                 self._retries.add(0, attrs)
             if rows is None:
                 self._retries.add(1, attrs)
+                continue
+            if seconds is None:  # declare_table: the zero series only
+                self._rows.add(0, attrs)
                 continue
             self._rows.add(rows, attrs)
             self._batch_rows.record(rows, attrs)
