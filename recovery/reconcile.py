@@ -243,6 +243,21 @@ def _in_windows(key: AggregateKey, first_ms: int | None, until_ms: int | None) -
     return (first_ms is None or start >= first_ms) and (until_ms is None or start < until_ms)
 
 
+def count_rejected(backend) -> int:
+    """Rows of ``usage_aggregates`` ClickHouse could not take (``sinks.rejected``); 0 when the
+    table does not exist yet."""
+    from sinks.clickhouse_backend import ClickHouseError
+
+    try:
+        _, [(count,)] = backend.query("SELECT count() FROM usage_rejected_rows FINAL "
+                                      "WHERE source_table = 'usage_aggregates'")
+    except ClickHouseError as err:
+        if err.code != 60:  # UNKNOWN_TABLE: a store written before the table existed
+            raise
+        return 0
+    return int(count)
+
+
 def run_reconcile(*, bootstrap: KafkaConnection | str, topic: str, url: str, window_size_ms: int,
                   max_out_of_orderness_ms: int, offset_specs: list[str] = (),
                   windows_from_ms: int | None = None, windows_until_ms: int | None = None,
@@ -262,6 +277,7 @@ def run_reconcile(*, bootstrap: KafkaConnection | str, topic: str, url: str, win
     backend = connect(url)
     try:
         actual = read_aggregates(backend)
+        rejected = count_rejected(backend)
     finally:
         backend.close()
     keep = lambda d: {k: v for k, v in d.items() if _in_windows(k, windows_from_ms, windows_until_ms)}  # noqa: E731
@@ -270,6 +286,9 @@ def run_reconcile(*, bootstrap: KafkaConnection | str, topic: str, url: str, win
           f"{len(expected.late)} late, {expected.duplicates} duplicates; "
           f"{len(keep(expected.aggregates))} expected rows, {len(keep(actual))} in ClickHouse, "
           f"{len(differences)} differ", file=out)
+    if rejected:
+        print(f"usage_rejected_rows holds {rejected} usage_aggregates row(s) ClickHouse refused; "
+              "they show as differences below", file=out)
     if differences:
         rows = [
             (*d.key[:3], format_datetime64(d.key[3]),

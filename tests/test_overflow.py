@@ -6,6 +6,7 @@ Expected values are worked out by hand here (integers), never by the flow's own 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from decimal import Decimal
@@ -16,6 +17,7 @@ from deploy import cli
 from deploy.broker import ensure_topic
 from deploy.generator import GeneratedRecord, produce
 from deploy.runner import run_flow
+from recovery.reconcile import run_reconcile
 from sinks.clickhouse_backend import connect
 from sinks.schema import TABLES
 from support.flow import flow_env
@@ -260,6 +262,11 @@ def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker,
         ("usage_aggregates", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
         ("usage_aggregates_daily", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
     ]
+    report = io.StringIO()
+    assert run_reconcile(bootstrap=kafka_broker.bootstrap, topic=topic, url=clickhouse_url,
+                         window_size_ms=60_000, max_out_of_orderness_ms=10_000, out=report) == 1
+    assert "holds 1 usage_aggregates row(s) ClickHouse refused" in report.getvalue()
+    assert "1 differ" in report.getvalue()
 
 
 def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_url):
