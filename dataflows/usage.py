@@ -8,8 +8,9 @@ Run it the Bytewax way (settings come from the environment, see the README)::
 Importing this module has no side effects. :func:`build_flow` wires a flow for a
 ``Settings`` and does nothing else (a test can build one in-process). The module
 attribute ``flow`` is made on first access, which is when ``bytewax.run`` asks for
-it: :func:`prepare_process` sets up what a running flow needs (logging, the telemetry
-server, signal handlers, GC thresholds), then the flow is built from the environment.
+it: the settings are read from the environment, :func:`prepare_process` sets up what a
+running flow needs (logging, the telemetry server, signal handlers, GC thresholds), then
+:func:`build_flow` wires the flow.
 
 This module only wires steps; the logic lives in ``operators/``, state in
 ``state/``, input and resume in ``recovery/``, writers in ``sinks/``.
@@ -42,7 +43,6 @@ from sinks.clickhouse_sink import ClickHouseSink, Enrichment, sink_partitions
 from sinks.kafka_output import KafkaOutputSink, dead_letter_record, late_event_record
 from sinks.redis_sink import RedisTotalsSink
 from state.records import CountedUsage, LateRecord
-from state.window_kinds import window_kind
 
 
 def _to_shards(batch: IntakeBatch) -> list[tuple]:
@@ -67,37 +67,36 @@ def _live_totals(settings: Settings, counted) -> None:
 
     ``counted`` is the shard step's ``CountedUsage``, keyed by shard like the state it feeds.
     """
-    rules = load_quotas(settings.quotas_file) if settings.quotas_file else QuotaRules()
-    horizon_ms = max(DEFAULT_DAY_HORIZON_MS, settings.dedup_horizon_ms)  # covers every window
+    rules = load_quotas(settings.redis.quotas_file) if settings.redis.quotas_file else QuotaRules()
+    horizon_ms = max(DEFAULT_DAY_HORIZON_MS, settings.dedup.horizon_ms)  # covers every window
     params = LiveTotalsParams(settings.shards, rules, horizon_ms)
     live = op.stateful_batch("live_totals", counted, lambda resume: LiveTotalsLogic(params, resume))
     split = op.branch("live_outputs", live, lambda key_item: isinstance(key_item[1], LiveTotals))
-    op.output("redis_totals_out", split.trues, RedisTotalsSink(settings.redis_url))
+    op.output("redis_totals_out", split.trues, RedisTotalsSink(settings.redis.url))
     if rules:  # the falses are QuotaAlert
         op.output("alerts_out", split.falses,
-                  AlertsSink(settings.kafka, settings.alerts_topic, settings.redis_url))
+                  AlertsSink(settings.kafka.connection, settings.kafka.alerts_topic, settings.redis.url))
 
 
 def build_flow(settings: Settings) -> Dataflow:
     """Wire the usage flow for ``settings``."""
-    windows = window_kind(settings.window_kind, size_ms=settings.window_size_ms,
-                          slide_ms=settings.window_slide_ms, gap_ms=settings.session_gap_ms)
-    catalog = load_catalog(settings.metrics_file)
-    params = UsageWindowParams(windows, settings.dedup_horizon_ms, settings.shards,
-                               settings.allowed_lateness_ms, settings.rollups, catalog,
-                               emit_counted_usage=settings.redis_enabled)
+    windows = settings.windows.window_kind()
+    catalog = load_catalog(settings.windows.metrics_file)
+    params = UsageWindowParams(windows, settings.dedup.horizon_ms, settings.shards,
+                               settings.windows.allowed_lateness_ms, settings.windows.rollups, catalog,
+                               emit_counted_usage=settings.redis.enabled)
 
     def intake_for(partition: int, n_partitions: int, max_event_ms: int | None) -> IntakeLogic:
         return IntakeLogic(
-            settings.usage_topic, partition, n_partitions, settings.shards, windows,
-            settings.max_out_of_orderness_ms, settings.allowed_lateness_ms, max_event_ms, catalog,
-            max_future_skew_ms=settings.max_future_skew_ms,
+            settings.kafka.usage_topic, partition, n_partitions, settings.shards, windows,
+            settings.windows.max_out_of_orderness_ms, settings.windows.allowed_lateness_ms, max_event_ms, catalog,
+            max_future_skew_ms=settings.windows.max_future_skew_ms,
         )
 
     source = UsageSource(
-        settings.kafka, settings.usage_topic, intake_for,
-        batch_size=settings.kafka_batch_size, stop_at_end=settings.stop_at_end,
-        idle_timeout_ms=settings.idle_timeout_ms,
+        settings.kafka.connection, settings.kafka.usage_topic, intake_for,
+        batch_size=settings.kafka.batch_size, stop_at_end=settings.kafka.stop_at_end,
+        idle_timeout_ms=settings.kafka.idle_timeout_ms,
     )
     flow = Dataflow("tallyflow_usage")
     intake = op.input("kafka_in", flow, source)
@@ -106,33 +105,33 @@ def build_flow(settings: Settings) -> Dataflow:
         "usage_windows", shard_batches, lambda resume: UsageWindowLogic(params, resume)
     )
     dead = op.flat_map("dead_letters", intake, _dead_letters)
-    op.output("dlq_out", dead, KafkaOutputSink(settings.kafka, settings.dlq_topic, setting="DLQ_TOPIC"))
+    op.output("dlq_out", dead, KafkaOutputSink(settings.kafka.connection, settings.kafka.dlq_topic, setting="DLQ_TOPIC"))
     rows_or_counted = op.branch("table_rows", shard_out, _is_table_row)  # one pass, two streams
     table_rows = rows_or_counted.trues
     op.output(
         "clickhouse_out",
         table_rows,
         ClickHouseSink(
-            settings.clickhouse_url,
+            settings.clickhouse.url,
             partitions=sink_partitions(settings.shards),
-            max_rows=settings.sink_batch_rows,
-            max_age_s=settings.sink_flush_interval_ms / 1000,
-            enrichment=Enrichment(settings.redis_url, settings.enrich_fields,
-                                  settings.enrich_cache_ttl_ms) if settings.redis_enabled else None,
+            max_rows=settings.clickhouse.batch_rows,
+            max_age_s=settings.clickhouse.flush_interval_ms / 1000,
+            enrichment=Enrichment(settings.redis.url, settings.redis.enrich_fields,
+                                  settings.redis.enrich_cache_ttl_ms) if settings.redis.enabled else None,
         ),
     )
-    if settings.redis_enabled:
+    if settings.redis.enabled:
         _live_totals(settings, rows_or_counted.falses)
-    if settings.late_topic:
+    if settings.kafka.late_topic:
         late = op.flat_map_value("late_records", table_rows, _late_event_records)
-        op.output("late_topic_out", late, KafkaOutputSink(settings.kafka, settings.late_topic, setting="LATE_TOPIC"))
+        op.output("late_topic_out", late, KafkaOutputSink(settings.kafka.connection, settings.kafka.late_topic, setting="LATE_TOPIC"))
     return flow
 
 
-def prepare_process() -> None:
+def prepare_process(settings: Settings) -> None:
     """The process-wide side effects of a running flow: logging, telemetry, signals, GC."""
     configure_logging()
-    configure_telemetry()
+    configure_telemetry(settings.telemetry)
     install_signal_handlers()
     # The hot path makes many short-lived tuples; the default GC thresholds ran a
     # collection every few hundred events (18% of CPU in `make bench`'s profile).
@@ -143,6 +142,7 @@ def __getattr__(name: str) -> Dataflow:
     """``flow``, for ``python -m bytewax.run dataflows.usage:flow``: made once, on first access."""
     if name != "flow":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    prepare_process()
-    globals()["flow"] = made = build_flow(Settings.from_env())
+    settings = Settings.from_env()
+    prepare_process(settings)
+    globals()["flow"] = made = build_flow(settings)
     return made

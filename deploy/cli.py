@@ -14,10 +14,11 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
-from dataflows.settings import Settings
+from dataflows.settings import ClickHouseSettings, KafkaSettings, RedisSettings, Settings
 from state.durations import DurationError, parse_duration_ms
 
 Handler = Callable[[argparse.Namespace], int]
@@ -125,11 +126,11 @@ def epoch_ms(text: str) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
-def kafka_connection(bootstrap: str):
-    """``bootstrap`` with the ``KAFKA_*`` security settings of the environment (TLS, SASL)."""
-    from sinks.kafka_client import KafkaConnection, KafkaSecurity
-
-    return KafkaConnection(bootstrap, KafkaSecurity.from_env())
+def kafka_section(**overrides: str | None) -> KafkaSettings:
+    """The flow's ``kafka`` settings, read from the environment now, with the command line's
+    ``overrides`` (those not None) on top."""
+    section = KafkaSettings.from_env()
+    return replace(section, **{name: value for name, value in overrides.items() if value is not None})
 
 
 @contextmanager
@@ -185,10 +186,9 @@ def broker_command(parser: argparse.ArgumentParser) -> Handler:
 def generate_command(parser: argparse.ArgumentParser) -> Handler:
     """Produce realistic usage events (with duplicates, malformed and very late ones) to Kafka."""
     add = parser.add_argument
-    add("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", _DEFAULTS.kafka_bootstrap_servers),
-        help=f"default: $KAFKA_BOOTSTRAP_SERVERS or {_DEFAULTS.kafka_bootstrap_servers}")
-    add("--topic", default=os.environ.get("USAGE_TOPIC", _DEFAULTS.usage_topic),
-        help=f"default: $USAGE_TOPIC or {_DEFAULTS.usage_topic}")
+    add("--bootstrap", default=None,
+        help=f"default: $KAFKA_BOOTSTRAP_SERVERS or {_DEFAULTS.kafka.bootstrap_servers}")
+    add("--topic", default=None, help=f"default: $USAGE_TOPIC or {_DEFAULTS.kafka.usage_topic}")
     add("--partitions", type=positive_int, default=None,
         help="partitions of the topic; created if missing (default: the topic's own, else 4)")
     add("--count", type=int, default=100_000, help="records in total, all kinds (default 100000)")
@@ -211,7 +211,8 @@ def generate_command(parser: argparse.ArgumentParser) -> Handler:
 
         if args.count < 0:
             raise CliError(f"--count must be >= 0, got {args.count}")
-        kafka = kafka_connection(args.bootstrap)
+        section = kafka_section(bootstrap_servers=args.bootstrap, usage_topic=args.topic)
+        kafka, args.topic = section.connection, section.usage_topic
         partitions = args.partitions or topic_partitions(kafka, args.topic) or 4
         ensure_topic(kafka, args.topic, partitions)
         records = generate(
@@ -237,7 +238,7 @@ def query_command(parser: argparse.ArgumentParser) -> Handler:
     """Run one SQL statement against the ClickHouse store and print the result as a table."""
     parser.add_argument("sql")
     parser.add_argument("--url", default=None,
-                        help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse_url})")
+                        help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse.url})")
 
     def run(args: argparse.Namespace) -> int:
         from state.text_table import format_table
@@ -247,7 +248,7 @@ def query_command(parser: argparse.ArgumentParser) -> Handler:
         except ImportError as err:
             raise CliError(f"the ClickHouse backend is not available: {err}") from err
 
-        url = args.url or os.environ.get("CLICKHOUSE_URL") or _DEFAULTS.clickhouse_url
+        url = args.url or ClickHouseSettings.from_env().url
         backend = None
         try:
             backend = connect(url)
@@ -288,12 +289,12 @@ def dev_clickhouse_command(parser: argparse.ArgumentParser) -> Handler:
 @subcommand("reconcile")
 def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
     """Recompute the aggregates from the raw topic and diff them against ClickHouse."""
-    env = Settings.from_env()
-    parser.add_argument("--bootstrap", default=env.kafka_bootstrap_servers)
-    parser.add_argument("--topic", default=env.usage_topic)
-    parser.add_argument("--url", default=env.clickhouse_url, help="ClickHouse URL (CLICKHOUSE_URL)")
-    parser.add_argument("--window-size", type=duration_ms, default=env.window_size_ms)
-    parser.add_argument("--max-out-of-orderness", type=duration_ms, default=env.max_out_of_orderness_ms)
+    parser.add_argument("--bootstrap", default=None, help="brokers (default: KAFKA_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--topic", default=None, help="input topic (default: USAGE_TOPIC)")
+    parser.add_argument("--url", default=None, help="ClickHouse URL (default: CLICKHOUSE_URL)")
+    parser.add_argument("--window-size", type=duration_ms, default=None, help="default: WINDOW_SIZE")
+    parser.add_argument("--max-out-of-orderness", type=duration_ms, default=None,
+                        help="default: MAX_OUT_OF_ORDERNESS")
     parser.add_argument("--offsets", action="append", default=[], metavar="P:FIRST-LAST",
                         help="only these offsets of partition P (repeatable); windows at the "
                              "range edges then differ unless the range covers them whole")
@@ -306,9 +307,14 @@ def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
     def handle(args: argparse.Namespace) -> int:
         from recovery.reconcile import run_reconcile
 
+        settings = Settings.from_env()  # the flow's, read when the command runs
+        kafka = replace(settings.kafka, bootstrap_servers=args.bootstrap or settings.kafka.bootstrap_servers)
         return run_reconcile(
-            bootstrap=kafka_connection(args.bootstrap), topic=args.topic, url=args.url,
-            window_size_ms=args.window_size, max_out_of_orderness_ms=args.max_out_of_orderness,
+            bootstrap=kafka.connection, topic=args.topic or settings.kafka.usage_topic,
+            url=args.url or settings.clickhouse.url,
+            window_size_ms=args.window_size or settings.windows.size_ms,
+            max_out_of_orderness_ms=(settings.windows.max_out_of_orderness_ms
+                                     if args.max_out_of_orderness is None else args.max_out_of_orderness),
             offset_specs=args.offsets, windows_from_ms=args.windows_from,
             windows_until_ms=args.windows_until, limit=args.limit,
         )
@@ -326,7 +332,7 @@ def migrate_command(parser: argparse.ArgumentParser) -> Handler:
     converted). Other differences are reported, never changed, and make the exit status 1.
     """
     parser.add_argument("--url", default=None,
-                        help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse_url})")
+                        help=f"store URL (default: $CLICKHOUSE_URL or {_DEFAULTS.clickhouse.url})")
     parser.add_argument("--cluster", default=None, metavar="NAME",
                         help="create Replicated local tables and Distributed tables ON CLUSTER NAME "
                              "('{cluster}' uses the server's macro); default: single-node tables")
@@ -342,7 +348,9 @@ def migrate_command(parser: argparse.ArgumentParser) -> Handler:
         env = dict(os.environ)
         if args.enrich_fields is not None:
             env["ENRICH_FIELDS"] = args.enrich_fields or "off"
-        fields = Settings.from_env(env).enrich_fields
+        redis = RedisSettings.from_env(env)
+        redis.check()
+        fields = redis.enrich_fields
         if args.dry_run:
             statements = (cluster_ddl(args.cluster, enrich_fields=fields) if args.cluster
                           else DDL + enrichment_migrations(fields))
@@ -350,7 +358,7 @@ def migrate_command(parser: argparse.ArgumentParser) -> Handler:
             return 0
         from sinks.clickhouse_backend import ClickHouseError, connect
 
-        url = args.url or os.environ.get("CLICKHOUSE_URL") or _DEFAULTS.clickhouse_url
+        url = args.url or ClickHouseSettings.from_env().url
         where = f"ON CLUSTER {args.cluster!r}" if args.cluster else "single node"
         backend = None
         try:

@@ -160,7 +160,7 @@ def assert_sasl_refused(error: BaseException) -> None:
 
 
 def test_every_flow_client_speaks_sasl(sasl_broker, password_file):
-    kafka = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": sasl_broker.bootstrap, **sasl_env(password_file)}).kafka
+    kafka = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": sasl_broker.bootstrap, **sasl_env(password_file)}).kafka.connection
     clients = {
         "source": lambda: UsageSource(kafka, "usage", intake_factory=None).list_parts(),
         "dlq/late producer": lambda: KafkaOutputSink(kafka, "dlq", setting="DLQ_TOPIC").list_parts(),

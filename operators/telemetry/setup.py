@@ -102,22 +102,24 @@ _current: Observability | None = None
 _lock = threading.Lock()
 
 
-def configure_telemetry(settings_env: Mapping[str, str] = os.environ, *,
+def configure_telemetry(settings: TelemetrySettings | Mapping[str, str] = os.environ, *,
                         span_exporter: Any = None) -> Observability:
     """Set up metrics, tracing and the HTTP server once per process; later calls return the same.
 
+    ``settings`` is the flow's ``Settings.telemetry`` (or an environment to read them from).
     ``span_exporter`` (tests) receives every finished span, beside OTLP if that is configured.
     """
     global _current
     with _lock:
         if _current is not None:
             return _current
-        settings = TelemetrySettings.from_env(settings_env)
-        _current = _configure(settings, settings_env, span_exporter)
+        if not isinstance(settings, TelemetrySettings):
+            settings = TelemetrySettings.from_env(settings)
+        _current = _configure(settings, span_exporter)
         return _current
 
 
-def _configure(settings: TelemetrySettings, env: Mapping[str, str], span_exporter: Any) -> Observability:
+def _configure(settings: TelemetrySettings, span_exporter: Any) -> Observability:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
 
@@ -139,7 +141,7 @@ def _configure(settings: TelemetrySettings, env: Mapping[str, str], span_exporte
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        exporter = OTLPMetricExporter(endpoint=_otlp_url(env, "METRICS", settings.otlp_endpoint, "v1/metrics"),
+        exporter = OTLPMetricExporter(endpoint=settings.otlp_url("metrics"),
                                       timeout=settings.otlp_timeout_s)
         readers.append(PeriodicExportingMetricReader(
             exporter, export_interval_millis=settings.metric_export_interval_ms,
@@ -149,7 +151,7 @@ def _configure(settings: TelemetrySettings, env: Mapping[str, str], span_exporte
 
     tracer_provider, tracing = None, None
     if settings.trace_sample_ratio > 0:
-        tracer_provider = _tracer_provider(settings, env, resource, span_exporter)
+        tracer_provider = _tracer_provider(settings, resource, span_exporter)
         tracing = Tracing(tracer_provider.get_tracer("tallyflow"), settings.trace_sample_ratio)
 
     recorder = Telemetry(meter, StatusBoard(), tracing)
@@ -166,13 +168,7 @@ def _configure(settings: TelemetrySettings, env: Mapping[str, str], span_exporte
     return observability
 
 
-def _otlp_url(env: Mapping[str, str], signal: str, base: str, path: str) -> str:
-    specific = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or "").strip()
-    return specific or f"{base.rstrip('/')}/{path}"
-
-
-def _tracer_provider(settings: TelemetrySettings, env: Mapping[str, str], resource: Any,
-                     span_exporter: Any) -> Any:
+def _tracer_provider(settings: TelemetrySettings, resource: Any, span_exporter: Any) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
@@ -184,7 +180,7 @@ def _tracer_provider(settings: TelemetrySettings, env: Mapping[str, str], resour
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-            endpoint=_otlp_url(env, "TRACES", settings.otlp_endpoint, "v1/traces"),
+            endpoint=settings.otlp_url("traces"),
             timeout=settings.otlp_timeout_s)))
     if span_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
