@@ -148,3 +148,12 @@ def test_helpers_sum_exactly_and_summarize_profiles():
         scaled_value("1e5")
     text = summarize_profile("main (a/x.py:1);hot (a/y.py:9) 9\nmain (a/x.py:2) 1")
     assert "90.0%  hot (a/y.py)" in text and "100.0%  main (a/x.py)" in text
+
+
+def test_cpu_time_is_measured_for_every_child(bench):
+    _, written = bench
+    for section in written["profiles"].values():
+        for c in section["contenders"]:
+            if "events_per_s" in c:
+                assert c["cpu_seconds"] > 0 and c["events_per_cpu_s"] > 0, c
+                assert "cpu_ratio_vs_baseline" in c

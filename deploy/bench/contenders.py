@@ -40,6 +40,8 @@ def contender_figures(name: str, events: int, run: ChildRun, fixed_seconds: floa
     steady_seconds = max(run.seconds - fixed_seconds, 1e-3)
     return {"name": name, "events": events, "seconds": round(run.seconds, 3),
             "events_per_s": round(events / run.seconds), "peak_rss_mb": round(run.peak_rss_mb, 1),
+            "cpu_seconds": round(run.cpu_seconds, 2),
+            "events_per_cpu_s": round(events / max(run.cpu_seconds, 1e-3)),
             "fixed_seconds": round(fixed_seconds, 3),
             "steady_events_per_s": round(events / steady_seconds), **extra}
 

@@ -21,13 +21,16 @@ from deploy.bench.settings import REPO_ROOT, BenchOptions
 @dataclass
 class ChildRun:
     """Finished child processes: wall seconds from the first spawn to the last exit, the sum of
-    their peak RSS, the first non-zero exit status (else 0)."""
+    their peak RSS, the first non-zero exit status (else 0), and the CPU seconds (user + system,
+    every thread) they used: on a machine shared with other work the wall time stretches with
+    the load, the CPU time much less, so ratios of CPU time are the steadier comparison."""
 
     seconds: float
     peak_rss_mb: float
     returncode: int
     log: Path
     peak_rss_mb_each: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
 
 
 def measure_child(command: list[str], *, log: Path, env: dict | None = None,
@@ -67,7 +70,7 @@ def measure_children(commands: list[list[str]], *, logs: list[Path], env: dict |
                                               stdout=out, stderr=subprocess.STDOUT))
     peaks = {process.pid: 0 for process in processes}
     running = {process.pid: process for process in processes}
-    returncode = 0
+    returncode, cpu = 0, 0.0
     while running:
         if time.perf_counter() > started + timeout:
             _kill_all(running.values())
@@ -78,8 +81,10 @@ def measure_children(commands: list[list[str]], *, logs: list[Path], env: dict |
             raise TimeoutError(f"{what} did not exit within {timeout:g}s; log {logs[0]}")
         for pid, process in list(running.items()):
             peaks[pid] = max(peaks[pid], peak_rss_bytes(pid) or 0)
-            if process.poll() is None:
+            used = _reap(process)
+            if used is None:
                 continue
+            cpu += used
             del running[pid]
             if process.returncode and not returncode:
                 returncode = process.returncode
@@ -87,7 +92,16 @@ def measure_children(commands: list[list[str]], *, logs: list[Path], env: dict |
         time.sleep(0.005)
     seconds = time.perf_counter() - started
     each = [peaks[process.pid] / 2**20 for process in processes]
-    return ChildRun(seconds, sum(each), returncode, logs[0], each)
+    return ChildRun(seconds, sum(each), returncode, logs[0], each, cpu)
+
+
+def _reap(process: subprocess.Popen) -> float | None:
+    """None while ``process`` runs; once it has exited, its CPU seconds (its return code set)."""
+    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _kill_all(processes) -> None:
