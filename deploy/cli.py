@@ -275,12 +275,13 @@ def dev_clickhouse_command(parser: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         try:
-            from deploy.dev_clickhouse import serve
+            from deploy.dev_clickhouse import dev_password, dev_url, serve
         except ImportError as err:
             raise CliError(f"the dev ClickHouse server is not available: {err}") from err
 
-        print(f"CLICKHOUSE_URL=http://{args.host}:{args.port}", flush=True)
-        serve(args.data, host=args.host, port=args.port)  # stops itself on Ctrl-C or SIGTERM
+        password = dev_password()  # random per run unless DEV_CLICKHOUSE_PASSWORD picks it
+        print(f"CLICKHOUSE_URL={dev_url(args.host, args.port, password)}", flush=True)
+        serve(args.data, host=args.host, port=args.port, password=password)  # until Ctrl-C or SIGTERM
         return 0
 
     return run

@@ -20,15 +20,23 @@ engine for clickhouse-connect 1.12 (and curl) to work against a data directory:
 * errors as ClickHouse reports them: ``Code: N. DB::Exception: …`` body, the
   ``X-ClickHouse-Exception-Code`` header, a 4xx/5xx status.
 
-Not provided: authentication (any user and password are accepted; it binds loopback by
-default), HTTP sessions (``SET``/``USE`` statements are checked but do not persist: pass
+Guarded (``deploy.dev_clickhouse_guard``): the user ``default`` with a random password per run
+(:attr:`DevClickHouseServer.url` carries it; ``DEV_CLICKHOUSE_PASSWORD`` picks one for the CLI),
+loopback ``Host`` headers only (a DNS-rebinding defence), and no SQL that reads or writes files
+or reaches the network (``file()``, ``url()``, ``INTO OUTFILE``, the File engine, ``SYSTEM``…):
+the engine's local mode would let ``file()`` touch any path, so the server refuses them all
+(Code 497, ACCESS_DENIED). ``/ping`` needs no password.
+
+Not provided: users other than ``default``, HTTP sessions (``SET``/``USE`` statements are checked but do not persist: pass
 settings as URL parameters), ClickHouse's own ``compress=1``/``decompress=1`` block format,
 multipart external data, progress headers. Requests run one at a time (chdb is one engine per
 process, serialised by one lock) and request bodies are read whole into memory.
 
     >>> import tempfile, urllib.request
     >>> with tempfile.TemporaryDirectory() as tmp, DevClickHouseServer(tmp) as server:
-    ...     urllib.request.urlopen(server.base_url + "/?query=SELECT%20version()").read()
+    ...     ask = urllib.request.Request(server.base_url + "/?query=SELECT%20version()",
+    ...                                  headers=server.auth_headers)
+    ...     urllib.request.urlopen(ask).read()
     b'26.9.2.1\\n'
 """
 
@@ -38,6 +46,7 @@ import argparse
 import gzip
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -51,6 +60,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, Mapping, Sequence
 from urllib.parse import parse_qsl
 
+from deploy.dev_clickhouse_guard import (
+    DEV_USER,
+    LOOPBACK_HOSTS,
+    authorized,
+    host_allowed,
+    new_password,
+    refused_access,
+)
 from sinks.clickhouse_backend import ChdbEngineLease, ClickHouseError, engine_error, stream_insert
 
 log = logging.getLogger(__name__)
@@ -79,11 +96,12 @@ _NOT_CLICKHOUSE_FORMATS = {"arrowtable", "dataframe", "datastore"}  # chdb Pytho
 # Modelled on ClickHouse's exception-code -> HTTP status mapping; anything else is 500.
 _HTTP_STATUS = {6: 400, 26: 400, 27: 400, 32: 400, 36: 400, 38: 400, 41: 400, 42: 400, 43: 400,
                 53: 400, 62: 400, 73: 400, 115: 400, 271: 400,
-                46: 404, 47: 404, 60: 404, 81: 404, 48: 501}
+                46: 404, 47: 404, 60: 404, 81: 404, 48: 501, 497: 403, 516: 403}
 _CONTENT_TYPES = {"Native": "application/octet-stream", "RowBinary": "application/octet-stream",
                   "Parquet": "application/octet-stream", "Arrow": "application/octet-stream",
                   "CSV": "text/csv; charset=UTF-8; header=absent"}
 _UNKNOWN_ERROR = 1001  # ClickHouse's STD_EXCEPTION
+ACCESS_DENIED, AUTHENTICATION_FAILED = 497, 516
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,7 @@ def execute(lease: ChdbEngineLease, q: HttpQuery) -> Reply:
     """Run one request on the engine; engine failures raise ``ClickHouseError``."""
     started = time.perf_counter()
     insert = split_insert(q.sql)
+    _refuse_files_and_network(insert[0] if insert else q.sql.decode(errors="replace"), q.settings)
     try:
         if insert is not None:
             return _insert(lease, q, *insert)
@@ -170,6 +189,15 @@ def execute(lease: ChdbEngineLease, q: HttpQuery) -> Reply:
         log.debug("dev-clickhouse request", extra={
             "query_id": q.query_id, "sql": q.sql[:160].decode(errors="replace"),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def _refuse_files_and_network(statement: str, settings: Mapping[str, str]) -> None:
+    refused = refused_access(statement, settings)
+    if refused is not None:
+        raise ClickHouseError(
+            f"Code: {ACCESS_DENIED}. DB::Exception: the dev server refuses {refused}: it reads or writes "
+            "files or reaches the network, and the server serves its data directory only. (ACCESS_DENIED)",
+            code=ACCESS_DENIED)
 
 
 def _insert(lease: ChdbEngineLease, q: HttpQuery, head: str, fmt: str, data: bytes) -> Reply:
@@ -339,6 +367,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         path, _, url_query = self.path.partition("?")
+        if not self._admitted(url_query, needs_password=path != "/ping"):
+            return
         if path == "/ping" or (path in ("", "/") and "query" not in dict(parse_qsl(url_query))):
             self._send(Reply(body=b"Ok.\n"), None)
         elif path in ("", "/"):
@@ -354,10 +384,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(error_reply(ClickHouseError(f"bad request body: {err}", code=_UNKNOWN_ERROR)), None)
             return
+        if not self._admitted(url_query, needs_password=True):
+            return
         if path not in ("", "/"):
             self._send(error_reply(ClickHouseError(f"There is no handler for {path}", code=_UNKNOWN_ERROR)), None)
             return
         self._serve(url_query, raw)
+
+    def _admitted(self, url_query: str, *, needs_password: bool) -> bool:
+        """A loopback Host header, and the password unless ``needs_password`` is False."""
+        if not host_allowed(self.headers.get("Host"), self.server.allowed_hosts):
+            self.close_connection = True
+            refusal = ClickHouseError(f"Host header {self.headers.get('Host')!r} is not this server's "
+                                      "(loopback only: DNS-rebinding defence)", code=ACCESS_DENIED)
+        elif needs_password and not authorized(self.headers, dict(parse_qsl(url_query)), self.server.password):
+            refusal = ClickHouseError(f"Code: {AUTHENTICATION_FAILED}. DB::Exception: {DEV_USER}: Authentication "
+                                      "failed: password is incorrect, or there is no user with such name. "
+                                      "(AUTHENTICATION_FAILED)", code=AUTHENTICATION_FAILED)
+        else:
+            return True
+        self._send(error_reply(refusal), None)
+        return False
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -416,8 +463,10 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], lease: ChdbEngineLease, timezone_name: str,
-                 http_compression: bool) -> None:
+                 http_compression: bool, password: str, allowed_hosts: frozenset[str]) -> None:
         super().__init__(address, _Handler)
+        self.password = password
+        self.allowed_hosts = allowed_hosts
         self.lease = lease
         self.timezone_name = timezone_name
         self.http_compression = http_compression
@@ -454,15 +503,22 @@ class _HttpServer(ThreadingHTTPServer):
 class DevClickHouseServer:
     """The stand-in server on ``data_dir``, in a background thread (port 0 picks a free port).
 
+    ``password`` defaults to a new random one; give the same one to a restart on the same port
+    so that running clients keep working.
+
         >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp, DevClickHouseServer(tmp) as server:
-        ...     server.url.startswith("http://127.0.0.1:") and server.url.endswith("/default")
+        >>> with tempfile.TemporaryDirectory() as tmp, DevClickHouseServer(tmp, password="pw") as server:
+        ...     server.url.startswith("http://default:pw@127.0.0.1:") and server.url.endswith("/default")
         True
     """
 
-    def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 0,
+                 password: str | None = None) -> None:
         self.data_dir = data_dir
         self.host = host
+        self.password = password or new_password()
+        wildcard = host in ("", "0.0.0.0", "::")
+        self.allowed_hosts = LOOPBACK_HOSTS if wildcard else LOOPBACK_HOSTS | {host.lower()}
         self._requested_port = port
         self._lease: ChdbEngineLease | None = None
         self._httpd: _HttpServer | None = None
@@ -477,7 +533,8 @@ class DevClickHouseServer:
             with lease.locked() as conn:
                 probe = "SELECT version(), timezone(), getSetting('enable_http_compression')"
                 version, tz, compression = conn.query(probe, "TabSeparated").bytes().decode().split()
-            httpd = _HttpServer((self.host, self._requested_port), lease, tz, compression in ("1", "true"))
+            httpd = _HttpServer((self.host, self._requested_port), lease, tz, compression in ("1", "true"),
+                                self.password, self.allowed_hosts)
         except BaseException:
             lease.release()
             raise
@@ -486,7 +543,7 @@ class DevClickHouseServer:
                                          name="dev-clickhouse", daemon=True)
         self._thread.start()
         log.warning("dev ClickHouse listening on %s: %s", self.base_url, PRODUCTION_WARNING,
-                    extra={"url": self.url, "data_dir": lease.path, "engine_version": version})
+                    extra={"data_dir": lease.path, "engine_version": version})
         return self
 
     @property
@@ -501,8 +558,13 @@ class DevClickHouseServer:
 
     @property
     def url(self) -> str:
-        """The ``http://127.0.0.1:PORT/default`` URL for ``clickhouse_backend.connect``."""
-        return f"{self.base_url}/default"
+        """The ``http://default:PASSWORD@127.0.0.1:PORT/default`` URL for ``clickhouse_backend.connect``."""
+        return dev_url(self.host, self.port, self.password)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """ClickHouse's credential headers, for plain HTTP clients (curl, urllib)."""
+        return {"X-ClickHouse-User": DEV_USER, "X-ClickHouse-Key": self.password}
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -530,9 +592,9 @@ class DevClickHouseServer:
         self.stop()
 
 
-def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8123) -> None:
+def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8123, password: str | None = None) -> None:
     """Run the stand-in server until Ctrl-C or SIGTERM (blocking)."""
-    server = DevClickHouseServer(data_dir, host, port).start()
+    server = DevClickHouseServer(data_dir, host, port, password).start()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
@@ -559,8 +621,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(args.data, args.host, args.port)
+    password = dev_password()
+    print(f"CLICKHOUSE_URL={dev_url(args.host, args.port, password)}", flush=True)
+    serve(args.data, args.host, args.port, password)
     return 0
+
+
+def dev_password() -> str:
+    """``DEV_CLICKHOUSE_PASSWORD`` when set (a script that starts the server picks it), else random."""
+    return os.environ.get("DEV_CLICKHOUSE_PASSWORD", "").strip() or new_password()
+
+
+def dev_url(host: str, port: int, password: str) -> str:
+    """The URL a client of the server on ``host:port`` uses.
+
+    >>> dev_url("127.0.0.1", 8123, "pw")
+    'http://default:pw@127.0.0.1:8123/default'
+    """
+    return f"http://{DEV_USER}:{password}@{host}:{port}/default"
 
 
 if __name__ == "__main__":

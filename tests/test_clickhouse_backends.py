@@ -209,7 +209,7 @@ def test_chdb_backends_in_many_threads(chdb_url: str) -> None:
 
 
 def _http(server: DevClickHouseServer, path: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
-    request = urllib.request.Request(server.base_url + path, data=body)
+    request = urllib.request.Request(server.base_url + path, data=body, headers=server.auth_headers)
     try:
         with urllib.request.urlopen(request) as response:
             return response.status, dict(response.headers), response.read()
@@ -226,7 +226,8 @@ def test_dev_server_speaks_clickhouse_http(dev_clickhouse: DevClickHouseServer) 
     # RowBinary in a chunked body.
     row_binary = struct.pack("<Q", 2) + bytes([9]) + b"rowbinary"
     conn = http.client.HTTPConnection("127.0.0.1", dev_clickhouse.port)
-    conn.request("POST", "/", iter([b"INSERT INTO t (n, s) FORMAT RowBinary\n", row_binary]), encode_chunked=True)
+    conn.request("POST", "/", iter([b"INSERT INTO t (n, s) FORMAT RowBinary\n", row_binary]),
+                 headers=dev_clickhouse.auth_headers, encode_chunked=True)
     assert conn.getresponse().status == 200
     conn.close()
 

@@ -161,7 +161,7 @@ def test_clickhouse_outage_blocks_then_catches_up(kafka_broker, tmp_path, reques
         server.stop()
         time.sleep(outage_s)
         assert flow.poll() is None, "with ClickHouse down the flow must wait, not finish or fail"
-        server = DevClickHouseServer(data_dir, port=port).start()
+        server = DevClickHouseServer(data_dir, port=port, password=server.password).start()  # the flow's URL
         assert wait_exit(flow) == 0
         assert_exact(bootstrap, topic, server.url)
     finally:

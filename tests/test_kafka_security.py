@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from confluent_kafka import KafkaException
 
 from dataflows.settings import Settings, SettingsError
 from deploy.broker import DevBroker, ensure_topic, topic_partitions
-from deploy.generator import generate, produce
+from deploy.generator import ProduceError, generate, produce
 from deploy.runner import REPO_ROOT, bytewax_command, flow_environment
 from sinks.kafka_client import (
     KafkaConfigError,
@@ -168,13 +169,14 @@ def test_every_flow_client_speaks_sasl(sasl_broker, password_file):
         "reconcile": lambda: read_topic(kafka, "usage", timeout_s=5),
         "topic check": lambda: topic_partitions(kafka, "usage", timeout=5),
         "topic creation": lambda: ensure_topic(kafka, "usage", 1, timeout=5),
-        "generate": lambda: produce(kafka, "usage", generate(1, seed=1, partitions=1), flush_timeout=5),
+        "generate": lambda: produce(kafka, "usage", generate(1, seed=1, partitions=1, start_ms=0), flush_timeout=5),
     }
     with ThreadPoolExecutor(len(clients)) as pool:  # each waits for its metadata timeout
         outcomes = dict(zip(clients, pool.map(failure_of, clients.values())))
     for name, error in outcomes.items():
         if name in ("topic creation", "generate"):  # librdkafka's own error: the cause is in its log
-            assert error is not None and PASSWORD not in str(error), name
+            assert isinstance(error, (KafkaException, ProduceError)), (name, error)
+            assert PASSWORD not in str(error), name
             continue
         assert isinstance(error, KafkaUnavailableError), (name, error)
         assert_sasl_refused(error)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -389,23 +390,23 @@ class Collector:
 def clickhouse_process(tmp_path):
     """The dev ClickHouse server as a child process (``tallyflow dev-clickhouse``): this test
     process already hosts the module's server, and chdb hosts one directory per process."""
-    port = free_port()
+    port, password = free_port(), secrets.token_urlsafe(12)
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "dev-clickhouse", "--data", str(tmp_path / "ch"),
          "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DEV_CLICKHOUSE_PASSWORD": password})
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(url + "/?query=SELECT%201", timeout=2):
+                with urllib.request.urlopen(url + "/ping", timeout=2):
                     break
             except OSError:
                 assert server.poll() is None, "the dev ClickHouse server exited"
                 assert time.monotonic() < deadline, "the dev ClickHouse server did not answer"
                 time.sleep(0.2)
-        yield url
+        yield f"http://default:{password}@127.0.0.1:{port}/default"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -6,6 +6,7 @@ Standard library only at import.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -147,14 +148,14 @@ def dev_clickhouse(data_dir: Path, log: Path) -> Iterator[str]:
     """
     from deploy.broker import free_port
 
-    port = free_port()
+    port, password = free_port(), secrets.token_urlsafe(12)
     processes: list[subprocess.Popen] = []
     try:
         server = spawn([sys.executable, "-m", "deploy.cli", "dev-clickhouse", "--data",
-                         str(data_dir), "--port", str(port)], log, processes)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url, server)
-        yield url
+                         str(data_dir), "--port", str(port)], log, processes,
+                       project_env(DEV_CLICKHOUSE_PASSWORD=password))
+        wait_http(f"http://127.0.0.1:{port}", server)
+        yield f"http://default:{password}@127.0.0.1:{port}/default"
     finally:
         for process in processes:
             stop_process(process)
