@@ -129,7 +129,7 @@ def test_http_backend_reports_a_stopped_server_as_unavailable(tmp_path: Path) ->
 def test_clickhouse_connect_native_round_trip_through_dev_server(
         dev_clickhouse: DevClickHouseServer, compress: bool | str) -> None:
     client = clickhouse_connect.get_client(host="127.0.0.1", port=dev_clickhouse.port, username="default",
-                                           password="", compress=compress, tz_mode="aware")
+                                           password=dev_clickhouse.password, compress=compress, tz_mode="aware")
     try:
         assert client.server_version == "26.9.2.1"
         client.command(DDL)
