@@ -1,4 +1,11 @@
-"""The flow's HTTP server: ``/metrics``, ``/status`` (the live page), ``/status.json``, ``/healthz``."""
+"""The flow's HTTP server: ``/metrics``, ``/status`` (the live page), ``/status.json``, ``/healthz``.
+
+It binds ``METRICS_HOST`` (default ``0.0.0.0``: in Kubernetes Prometheus scrapes the pod's
+address, and the NetworkPolicy in ``deploy/k8s`` admits only the scraper to port 9464). It is
+bounded: :data:`WORKERS` threads answer, at most :data:`QUEUED` connections wait (more are
+closed at once), and a client that sends nothing for :data:`REQUEST_TIMEOUT_S` seconds is
+dropped, so idle or slow connections cannot pile up threads in the flow's process.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,10 @@ import errno
 import json
 import logging
 import os
+import queue
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -17,15 +26,68 @@ from operators.telemetry.settings import TelemetrySettings
 log = logging.getLogger(__name__)
 
 STATUS_PAGE = Path(__file__).with_name("status_page.html")
+WORKERS = 4
+QUEUED = 32
+REQUEST_TIMEOUT_S = 5.0
+
+
+class BoundedHTTPServer(HTTPServer):
+    """An HTTP server with a fixed pool of ``workers`` threads and a queue of ``queued`` connections.
+
+    ``ThreadingHTTPServer`` starts a thread per connection: 500 idle connections held 500 threads.
+    Here a connection beyond the queue is closed without an answer, and the handler's ``timeout``
+    (set it on the handler class) drops a client that stops sending.
+    """
+
+    request_queue_size = 128  # the listen backlog: accepting (and refusing) must keep up with a burst
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 workers: int = WORKERS, queued: int = QUEUED) -> None:
+        self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(maxsize=queued)
+        self._workers: list[threading.Thread] = []
+        super().__init__(address, handler)  # binds (or raises, after calling server_close)
+        self._workers = [threading.Thread(target=self._work, name=f"tallyflow-http-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self._pending.put_nowait((request, client_address))
+        except queue.Full:
+            self.shutdown_request(request)  # overloaded: refuse rather than grow
+
+    def _work(self) -> None:
+        while (job := self._pending.get()) is not None:
+            request, client_address = job
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one bad client must not end the worker
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics client dropped", extra={"client": str(client_address)})
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._workers:
+            try:
+                self._pending.put(None, timeout=1)
+            except queue.Full:
+                break
 
 
 def start_server(settings: TelemetrySettings, board: StatusBoard,
-                 metrics_text: Callable[[], tuple[bytes, str]]) -> ThreadingHTTPServer | None:
+                 metrics_text: Callable[[], tuple[bytes, str]]) -> BoundedHTTPServer | None:
     """Serve in a daemon thread; None (and a warning) when the port is taken."""
     page = STATUS_PAGE.read_bytes()
     recovery = recovery_configured()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # a client silent this long is dropped
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -53,7 +115,7 @@ def start_server(settings: TelemetrySettings, board: StatusBoard,
             return
 
     try:
-        server = ThreadingHTTPServer((settings.metrics_host, settings.metrics_port), Handler)
+        server = BoundedHTTPServer((settings.metrics_host, settings.metrics_port), Handler)
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             raise
@@ -61,7 +123,6 @@ def start_server(settings: TelemetrySettings, board: StatusBoard,
                     "(give each process of a cluster its own METRICS_PORT)",
                     extra={"host": settings.metrics_host, "port": settings.metrics_port})
         return None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="tallyflow-metrics", daemon=True).start()
     return server
 

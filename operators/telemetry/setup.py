@@ -37,13 +37,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import Any, Mapping
 
 from operators.telemetry import metrics
 from operators.telemetry.board import StatusBoard
 from operators.telemetry.metrics import Telemetry
-from operators.telemetry.server import start_server
+from operators.telemetry.server import BoundedHTTPServer, start_server
 from operators.telemetry.settings import TelemetrySettings
 from operators.telemetry.tracing import Tracing
 
@@ -68,7 +67,7 @@ class Observability:
     telemetry: Telemetry
     meter_provider: Any
     tracer_provider: Any = None
-    server: ThreadingHTTPServer | None = None
+    server: BoundedHTTPServer | None = None
     collector: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
