@@ -188,7 +188,12 @@ class _ChdbEngine:
     """The process's chdb engine on one directory and its connections (one per settings)."""
 
     def __init__(self, path: str) -> None:
-        import chdb  # imported here: ~0.2 s and 500 MB that HTTP-only processes never need
+        try:
+            import chdb  # imported here: ~0.2 s and 500 MB that HTTP-only processes never need
+        except ImportError as err:  # the production image leaves the embedded engine out
+            raise ClickHouseMisconfigured(
+                "CLICKHOUSE_URL: chdb:// needs the embedded engine (pip install 'tallyflow[embedded]'); "
+                "the production image has none: use http(s)://user:password@host:8123/db") from err
 
         self.path = path
         self.refs = 0

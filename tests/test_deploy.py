@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -64,6 +65,7 @@ from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
+K8S_DEV_DIR = REPO_ROOT / "deploy" / "k8s-dev"  # the base plus placeholder credentials
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "tallyflow.json"
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -72,15 +74,19 @@ START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # --------------------------------------------------------------------------- manifests
 
 
-def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+def manifest_files(directory: Path = K8S_DIR) -> list[Path]:
+    return sorted(p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def all_manifest_files() -> list[Path]:
+    return manifest_files() + manifest_files(K8S_DEV_DIR)
 
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[tuple[str, str], dict]:
-    """Every Kubernetes resource of deploy/k8s, by (kind, name)."""
+    """Every Kubernetes resource of deploy/k8s and its dev overlay, by (kind, name)."""
     found: dict[tuple[str, str], dict] = {}
-    for path in manifest_files():
+    for path in all_manifest_files():
         for doc in yaml.safe_load_all(path.read_text()):
             key = (doc["kind"], doc["metadata"]["name"])
             assert key not in found, f"{key} defined twice"
@@ -104,7 +110,7 @@ def container_env(manifests: dict) -> dict:
 
 @pytest.mark.parametrize("version", ["1.29.0", latest_version()])
 def test_manifests_validate_against_the_kubernetes_schemas(version):
-    for path in manifest_files():
+    for path in all_manifest_files():
         for doc in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
 
@@ -119,6 +125,9 @@ def test_the_schema_check_rejects_a_broken_manifest(manifests):
 def test_kustomization_lists_every_manifest_in_one_namespace(manifests):
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == [p.name for p in manifest_files()]
+    dev = yaml.safe_load((K8S_DEV_DIR / "kustomization.yaml").read_text())
+    assert dev["resources"] == ["../k8s"] + [p.name for p in manifest_files(K8S_DEV_DIR)]
+    assert dev["namespace"] == kustomization["namespace"]
     namespace = kustomization["namespace"]
     assert one(manifests, "Namespace")["metadata"]["name"] == namespace
     for (kind, name), doc in manifests.items():
@@ -126,6 +135,55 @@ def test_kustomization_lists_every_manifest_in_one_namespace(manifests):
             assert doc["metadata"]["namespace"] == namespace, (kind, name)
     images = {image["name"] for image in kustomization["images"]}
     assert container(manifests)["image"] in images
+
+
+def base_documents() -> list[dict]:
+    return [doc for path in manifest_files() for doc in yaml.safe_load_all(path.read_text())]
+
+
+def test_the_base_applies_no_secret_so_it_cannot_overwrite_the_real_one(manifests):
+    assert [doc["kind"] for doc in base_documents() if doc["kind"] == "Secret"] == []
+    box, pod = container(manifests), one(manifests, "StatefulSet")["spec"]["template"]["spec"]
+    referenced = {source["secretRef"]["name"] for source in box["envFrom"] if "secretRef" in source}
+    referenced |= {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    dev_secrets = {name for (kind, name) in manifests if kind == "Secret"}
+    assert dev_secrets <= referenced  # the overlay's placeholders are what the pods read
+    optional = {v["secret"]["secretName"]: v["secret"].get("optional") for v in pod["volumes"] if "secret" in v}
+    assert referenced - dev_secrets == {name for name, is_optional in optional.items() if is_optional}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders kustomizations")
+def test_kustomize_renders_the_base_without_and_the_dev_overlay_with_the_placeholder_secret():
+    def kinds(directory: Path) -> list[str]:
+        rendered = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True,
+                                  check=True, timeout=60).stdout
+        return sorted(doc["kind"] for doc in yaml.safe_load_all(rendered))
+
+    base, dev = kinds(K8S_DIR), kinds(K8S_DEV_DIR)
+    assert "Secret" not in base and base.count("NetworkPolicy") == 2
+    assert sorted(base + ["Secret"]) == dev
+
+
+def test_network_policies_admit_only_flow_peers_to_2101_and_the_scraper_to_9464(manifests):
+    labels = one(manifests, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(manifests)["ports"]}
+    policies = [doc for (kind, _), doc in manifests.items() if kind == "NetworkPolicy"]
+    admitted: dict[str, list[dict]] = {}
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            for port in rule["ports"]:
+                admitted.setdefault(port["port"], []).extend(rule["from"])
+    assert set(admitted) == set(ports) == {"worker", "metrics"}  # every port, nothing unlisted
+    # 2101 carries pickles: only pods of this flow, in this namespace (no namespace or IP peers).
+    assert admitted["worker"] == [{"podSelector": {"matchLabels": {
+        k: v for k, v in labels.items() if k != "app.kubernetes.io/part-of"}}}]
+    # 9464: one peer that names a namespace AND pods (two peers would admit either).
+    [scraper] = admitted["metrics"]
+    assert scraper["namespaceSelector"]["matchLabels"] and scraper["podSelector"]["matchLabels"]
+    assert "ipBlock" not in scraper
 
 
 def test_statefulset_agrees_with_its_services_settings_and_image(manifests):
@@ -317,6 +375,43 @@ def test_dockerfile_builds_the_project_into_a_non_root_image(manifests):
     exposed = {int(p) for c in commands if c.cmd == "EXPOSE" for p in c.value}
     assert exposed == {int(container_env(manifests)["TALLYFLOW_WORKER_PORT"]["value"]),
                        int(one(manifests, "ConfigMap")["data"]["METRICS_PORT"])}
+
+
+LOCK = REPO_ROOT / "deploy" / "requirements.lock"
+_LOCK_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\-]*)==(\S+?)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$")
+
+
+def locked_requirements() -> dict[str, tuple[str, int]]:
+    """deploy/requirements.lock as ``{normalised name: (version, number of hashes)}``; every
+    entry must be ``name==version`` with sha256 hashes (pip's --require-hashes format)."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    locked = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        entry = _LOCK_ENTRY.match(line.split(" #", 1)[0].strip())
+        assert entry, f"not a hashed pin: {line[:80]!r}"
+        locked[re.sub(r"[-_.]+", "-", entry.group(1).lower())] = (entry.group(2), entry.group(3).count("--hash"))
+    return locked
+
+
+def test_the_image_installs_the_hashed_lock_without_chdb():
+    commands = dockerfile_commands()
+    copies = [c.value for c in commands if c.cmd == "COPY" and "deploy/requirements.lock" in c.value]
+    assert copies, "the image must copy the lock"
+    [install] = [c.value[0] for c in commands if c.cmd == "RUN" and "pip install" in c.value[0]]
+    assert "--require-hashes" in install and "--no-deps" in install and "requirements.lock" in install
+    assert "pyproject" not in install  # the pins come from the lock only
+
+    locked = locked_requirements()
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    for dependency in pyproject["project"]["dependencies"]:
+        name, version = dependency.split("==")
+        assert locked[re.sub(r"[-_.]+", "-", name.lower())][0] == version, dependency
+    assert all(hashes >= 1 for _version, hashes in locked.values())
+    assert "chdb" not in locked and len(locked) > len(pyproject["project"]["dependencies"])  # transitive too
+    assert any(dep.startswith("chdb==") for dep in pyproject["project"]["optional-dependencies"]["embedded"])
+    assert ".[dev,embedded]" in (REPO_ROOT / "Makefile").read_text()  # make install keeps it for dev
 
 
 class _Metrics(BaseHTTPRequestHandler):
