@@ -42,6 +42,7 @@ import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
+from state.packing import pack_entries, unpack_entries
 from state.utc_calendar import date_text, month_start_ms, next_month_start_ms
 from state.utc_calendar import month_of as civil_month_of
 from state.watermark import NO_WATERMARK
@@ -101,14 +102,25 @@ class LiveTotalsParams:
 
 @dataclass(frozen=True)
 class LiveTotalsSnapshot:
-    """One shard's running totals; ``alerted`` holds the identities of fired alerts."""
+    """One shard's running totals; ``alerted`` holds the identities of fired alerts.
+
+    ``totals`` is packed (``state.packing``: a shard holds two totals per customer, code and
+    day, all snapshotted every epoch); snapshots from before packing hold the dict
+    ``{PeriodKey: (count, total_scaled)}``, and both resume. ``total_entries()`` reads either.
+    """
 
     version: int
     shards: int
     watermark: int
-    totals: dict  # PeriodKey -> (count, total_scaled); values are immutable tuples
+    totals: bytes | dict
     alerted: frozenset
     evicted_through_day: int
+
+    def total_entries(self) -> dict:
+        """``{PeriodKey: (count, total_scaled)}``."""
+        if isinstance(self.totals, bytes):
+            return unpack_entries(self.totals, key_width=5, factory=tuple)
+        return dict(self.totals)
 
 
 @lru_cache(maxsize=4096)
@@ -156,7 +168,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
                 f"live totals state was written with {resume.shards} shards, the flow now has "
                 f"{params.shards}; keep TALLYFLOW_SHARDS or start a new recovery store")
         self.watermark = resume.watermark if resume else NO_WATERMARK
-        self.totals: dict = dict(resume.totals) if resume else {}
+        self.totals: dict = resume.total_entries() if resume else {}
         self.alerted: set = set(resume.alerted) if resume else set()
         self.evicted_through_day = resume.evicted_through_day if resume else NO_WATERMARK
         self._resync = resume is not None and bool(self.totals)
@@ -249,5 +261,5 @@ class LiveTotalsLogic(StatefulBatchLogic):
 
     def snapshot(self) -> LiveTotalsSnapshot:
         return LiveTotalsSnapshot(STATE_VERSION, self.params.shards, self.watermark,
-                                  dict(self.totals), frozenset(self.alerted),
-                                  self.evicted_through_day)
+                                  pack_entries(self.totals, key_width=5, big=1),
+                                  frozenset(self.alerted), self.evicted_through_day)

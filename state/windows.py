@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from state.packing import pack_entries, unpack_entries
 from state.records import WindowRow
 from state.window_kinds import WindowKind
 
@@ -23,10 +24,29 @@ END_OF_TIME = 2**63
 
 @dataclass(frozen=True)
 class WindowSnapshot:
-    """Open windows: ``{start: {key: (count, total_scaled, emitted_count)}}``."""
+    """Open windows: ``{start: packed}``, each window's aggregates packed by ``pack_window``.
+
+    (Snapshots written before packing hold ``{start: {key: (count, total, emitted)}}``;
+    a store resumes from either.)
+    """
 
     fingerprint: str
-    windows: dict[int, dict[WindowKey, tuple[int, int, int]]]
+    windows: dict[int, bytes | dict[WindowKey, tuple[int, int, int]]]
+
+
+def pack_window(keys: dict[WindowKey, list[int]]) -> bytes:
+    """One window's ``{key: [count, total_scaled, emitted]}`` as compact bytes (``state.packing``).
+
+        >>> packed = pack_window({("o", "c", "x"): [2, -10**40, 1], ("o", "d", "x"): [1, 5, 0]})
+        >>> unpack_window(packed)
+        {('o', 'c', 'x'): [2, -10000000000000000000000000000000000000000, 1], ('o', 'd', 'x'): [1, 5, 0]}
+    """
+    return pack_entries(keys, key_width=3, big=1)
+
+
+def unpack_window(packed: bytes) -> dict[WindowKey, list[int]]:
+    """The aggregates ``pack_window`` packed, as ``{key: [count, total_scaled, emitted]}``."""
+    return unpack_entries(packed, key_width=3)
 
 
 class WindowStore:
@@ -43,18 +63,23 @@ class WindowStore:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.grain = grain
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
+        self._packed: dict[int, bytes] = {}  # windows unchanged since the last snapshot, packed
+        self._changed: set[int] = set()  # windows changed since the last snapshot
         if resume is not None:
             if resume.fingerprint != windows.fingerprint:
                 raise ValueError(
                     f"window state was built for {resume.fingerprint}, the flow now uses "
                     f"{windows.fingerprint}; start a new recovery store to change windows"
                 )
-            self._open = {
-                start: {key: list(agg) for key, agg in keys.items()}
-                for start, keys in resume.windows.items()
-            }
+            for start, keys in resume.windows.items():
+                if isinstance(keys, bytes):
+                    self._open[start], self._packed[start] = unpack_window(keys), keys
+                else:  # a snapshot from before packing
+                    self._open[start] = {key: list(agg) for key, agg in keys.items()}
+                    self._changed.add(start)
 
     def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
+        self._changed.add(start_ms)
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
@@ -67,6 +92,7 @@ class WindowStore:
 
     def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
         """Add ``count`` events summing to ``total_scaled`` at once (a batch pre-aggregated)."""
+        self._changed.add(start_ms)
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
@@ -90,9 +116,13 @@ class WindowStore:
             if end > closing_ms:
                 break
             keys = self._open[start]
-            rows.extend(self._rows(start, end, keys, self.grain))
+            emitted = self._rows(start, end, keys, self.grain)
+            if emitted:
+                rows.extend(emitted)
+                self._changed.add(start)
             if end + self.allowed_lateness_ms <= watermark_ms:
                 del self._open[start]
+                self._packed.pop(start, None)
         return rows
 
     @staticmethod
@@ -113,10 +143,16 @@ class WindowStore:
         return len(self._open)
 
     def snapshot(self) -> WindowSnapshot:
-        return WindowSnapshot(
-            self.windows.fingerprint,
-            {start: {key: tuple(agg) for key, agg in keys.items()} for start, keys in self._open.items()},
-        )
+        """Every open window, packed; a window unchanged since the last snapshot is not packed
+        again (closed ones are forgotten at once, so the minute windows of a tumbling flow
+        are re-packed only while events still arrive for them)."""
+        packed = self._packed
+        for start in self._changed:
+            keys = self._open.get(start)
+            if keys is not None:
+                packed[start] = pack_window(keys)
+        self._changed = set()
+        return WindowSnapshot(self.windows.fingerprint, dict(packed))
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_live_totals_accumulate_alert_once_and_resume_from_a_snapshot():
     # The snapshot is a copy: changing the live logic afterwards does not change it.
     snapshot = logic.snapshot()
     logic.on_batch([usage(day, c1=(day, 100, 0, day))])
-    assert snapshot.totals[("o", "c1", "api_calls", "day", day)] == (26, 10**18)
+    assert snapshot.total_entries()[("o", "c1", "api_calls", "day", day)] == (26, 10**18)
 
     # Resumed, it re-emits every total once (Redis may have lost them), then goes on.
     resumed = LiveTotalsLogic(params, snapshot)

@@ -65,7 +65,7 @@ def test_live_totals_label_and_evict_any_time(moment):
     # The watermark moves a year on: both periods are evicted (their next month is computed).
     later = timestamp + 366 * DAY_MS
     logic.on_batch([CountedUsage({}, watermark=later)])
-    assert logic.snapshot().totals == {}
+    assert logic.snapshot().total_entries() == {}
 
 
 def window_row(start_ms: int, end_ms: int) -> WindowRow:
