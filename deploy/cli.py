@@ -289,13 +289,14 @@ def dev_clickhouse_command(parser: argparse.ArgumentParser) -> Handler:
 
 @subcommand("reconcile")
 def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
-    """Recompute the aggregates from the raw topic and diff them against ClickHouse."""
+    """Recompute the flow's tables from the raw topic and diff them against ClickHouse.
+
+    The rules (windows, lateness, out-of-orderness, dedup horizon, rollups, catalog) come
+    from the same environment as the flow's, read when the command runs.
+    """
     parser.add_argument("--bootstrap", default=None, help="brokers (default: KAFKA_BOOTSTRAP_SERVERS)")
     parser.add_argument("--topic", default=None, help="input topic (default: USAGE_TOPIC)")
     parser.add_argument("--url", default=None, help="ClickHouse URL (default: CLICKHOUSE_URL)")
-    parser.add_argument("--window-size", type=duration_ms, default=None, help="default: WINDOW_SIZE")
-    parser.add_argument("--max-out-of-orderness", type=duration_ms, default=None,
-                        help="default: MAX_OUT_OF_ORDERNESS")
     parser.add_argument("--offsets", action="append", default=[], metavar="P:FIRST-LAST",
                         help="only these offsets of partition P (repeatable); windows at the "
                              "range edges then differ unless the range covers them whole")
@@ -311,11 +312,7 @@ def reconcile_command(parser: argparse.ArgumentParser) -> Handler:
         settings = Settings.from_env()  # the flow's, read when the command runs
         kafka = replace(settings.kafka, bootstrap_servers=args.bootstrap or settings.kafka.bootstrap_servers)
         return run_reconcile(
-            bootstrap=kafka.connection, topic=args.topic or settings.kafka.usage_topic,
-            url=args.url or settings.clickhouse.url,
-            window_size_ms=args.window_size or settings.windows.size_ms,
-            max_out_of_orderness_ms=(settings.windows.max_out_of_orderness_ms
-                                     if args.max_out_of_orderness is None else args.max_out_of_orderness),
+            settings, bootstrap=kafka.connection, topic=args.topic, url=args.url,
             offset_specs=args.offsets, windows_from_ms=args.windows_from,
             windows_until_ms=args.windows_until, limit=args.limit,
         )

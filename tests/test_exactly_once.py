@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from dataflows.settings import Settings
 from deploy.broker import ensure_topic, free_port
 from deploy.cli import main as tallyflow
 from deploy.dev_clickhouse import DevClickHouseServer
@@ -104,9 +105,8 @@ def test_sigkill_at_random_moments_then_resume(kafka_broker, chdb_url, tmp_path,
     assert_exact(bootstrap, topic, chdb_url)
 
     # The operator's proof: reconcile agrees, and notices a tampered row.
-    settings = dict(bootstrap=bootstrap, topic=topic, url=chdb_url, window_size_ms=60_000,
-                    max_out_of_orderness_ms=10_000)
-    assert run_reconcile(**settings, out=io.StringIO()) == 0
+    settings = Settings.from_env(env)
+    assert run_reconcile(settings, out=io.StringIO()) == 0
     backend = connect(chdb_url)
     try:
         backend.command(
@@ -119,7 +119,7 @@ def test_sigkill_at_random_moments_then_resume(kafka_broker, chdb_url, tmp_path,
     finally:
         backend.close()
     report = io.StringIO()
-    assert run_reconcile(**settings, out=report) == 1
+    assert run_reconcile(settings, out=report) == 1
     assert "1 differ" in report.getvalue()
 
 

@@ -1,0 +1,151 @@
+"""Reconcile's own reading of a raw Kafka value: a valid event, or None.
+
+Written from the README's input contract, not from the flow's decoder, so a bug in
+one is not silently shared by the other. Values are exact ``Decimal``s (JSON numbers
+are parsed from their text, never through a float)::
+
+    >>> event = decode(b'{"transaction_id":"t","organization_id":"o","external_customer_id":"c",'
+    ...                b'"code":"x","timestamp":"2026-01-01T01:00:00.9999+01:00","value":"1.5"}')
+    >>> event.timestamp_ms, event.value
+    (1767225600999, Decimal('1.5'))
+    >>> decode(b'{"transaction_id":""}') is None
+    True
+
+The rules: one JSON object (UTF-8); ``transaction_id``, ``organization_id``,
+``external_customer_id``, ``code`` strings of 1 to 256 characters; ``timestamp`` an
+integer of epoch milliseconds or an RFC 3339 date-time with an offset (``T``, ``t`` or a
+space between date and time, ``Z`` or ``±hh:mm``/``±hhmm``), any sub-millisecond digits
+truncated (toward the past), within years 1970–9999; ``properties`` an object when
+present; ``value`` absent, ``null``, a JSON number or a string in plain ASCII decimal or
+exponent syntax, finite, with at most 18 decimal places once scaled and fitting
+``Decimal(38, 18)``. Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import calendar
+import decimal
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+ID_FIELDS = ("transaction_id", "organization_id", "external_customer_id", "code")
+MAX_ID_CHARACTERS = 256
+SCALE = 18
+_LARGEST_SCALED = 10**38 - 1
+_LAST_MS = calendar.timegm((9999, 12, 31, 23, 59, 59)) * 1000 + 999
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_DATE_TIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):?([0-9]{2}))")
+_WIDE = decimal.Context(prec=200, Emax=10**6, Emin=-(10**6))
+
+
+@dataclass(frozen=True)
+class Event:
+    """A valid usage event as reconcile sees it (``value`` exact, 0 when absent)."""
+
+    transaction_id: str
+    organization_id: str
+    external_customer_id: str
+    code: str
+    timestamp_ms: int
+    value: Decimal
+    properties: dict = field(default_factory=dict, compare=False)
+    value_scaled: int = 0  # the value as a count of 10**-18 (exact: decode checked it fits)
+
+
+def decode(raw: bytes | None) -> Event | None:
+    """The event in ``raw``, or None when it breaks any rule of the input contract."""
+    if not raw:
+        return None
+    try:
+        document = _JSON.decode(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    ids = [document.get(name) for name in ID_FIELDS]
+    if not all(isinstance(v, str) and 1 <= len(v) <= MAX_ID_CHARACTERS for v in ids):
+        return None
+    timestamp_ms = parse_timestamp(document.get("timestamp"))
+    value = parse_value(document.get("value"))
+    properties = document.get("properties", {})
+    if timestamp_ms is None or value is None or not isinstance(properties, dict):
+        return None
+    return Event(*ids, timestamp_ms, value, properties, int(value.scaleb(SCALE, _WIDE)))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def parse_timestamp(raw) -> int | None:
+    """Epoch milliseconds of an integer or an RFC 3339 text; None when unusable.
+
+    >>> parse_timestamp("1970-01-01T00:00:00.0009Z"), parse_timestamp("1969-12-31T23:59:59.9999995Z")
+    (0, None)
+    >>> parse_timestamp(1.5), parse_timestamp(True), parse_timestamp("2026-01-01T00:00:00")
+    (None, None, None)
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        return None
+    millis = raw if isinstance(raw, int) else _rfc3339_ms(raw)
+    if millis is None or not 0 <= millis <= _LAST_MS:
+        return None
+    return millis
+
+
+def _rfc3339_ms(text: str) -> int | None:
+    match = _DATE_TIME.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zulu, sign, offset_h, offset_m = match.groups()[6:]
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year or 1, month)[1]
+            and year >= 1 and hour <= 23 and minute <= 59 and second <= 59):
+        return None
+    offset_minutes = 0
+    if not zulu:
+        if int(offset_h) > 23 or int(offset_m) > 59:
+            return None
+        offset_minutes = (int(offset_h) * 60 + int(offset_m)) * (1 if sign == "+" else -1)
+    seconds = calendar.timegm((year, month, day, hour, minute, second)) - offset_minutes * 60
+    return seconds * 1000 + int((fraction or "0")[:3].ljust(3, "0"))
+
+
+def parse_value(raw) -> Decimal | None:
+    """The exact value (0 when absent or null); None when it breaks the value rules.
+
+    >>> parse_value("1e2"), parse_value(None), parse_value(" 1"), parse_value("0.0000000000000000001")
+    (Decimal('1E+2'), Decimal('0'), None, None)
+    """
+    if raw is None:
+        return Decimal(0)
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        if not _NUMBER_TEXT.fullmatch(raw):
+            return None
+        raw = Decimal(raw)
+    elif isinstance(raw, int):
+        raw = Decimal(raw)
+    elif not isinstance(raw, Decimal):
+        return None
+    return raw if fits_scaled(raw) else None
+
+
+def fits_scaled(value: Decimal) -> bool:
+    """Whether ``value`` is finite, has at most 18 decimal places and fits Decimal(38, 18)."""
+    if not value.is_finite():
+        return False
+    if value.is_zero():
+        return True
+    if value.adjusted() > 40 or value.adjusted() < -SCALE - 1:
+        return False
+    scaled = value.scaleb(SCALE, _WIDE)
+    return scaled == scaled.to_integral_value() and abs(scaled) <= _LARGEST_SCALED
