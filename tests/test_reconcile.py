@@ -40,6 +40,13 @@ def records(*by_partition: list[bytes]) -> list[tuple[int, int, bytes]]:
 
 # --- its own decoding ----------------------------------------------------------
 
+def _nested(levels: int):
+    return [] if levels == 1 else [_nested(levels - 1)]
+
+
+def test_sixty_four_levels_of_nesting_are_accepted():
+    assert decode(raw("t", 1, properties={"deep": _nested(62)})) is not None  # 1 + 1 + 62 levels
+
 @pytest.mark.parametrize("timestamp, expected_ms", [
     (1_500, 1_500),
     ("2026-01-01T00:00:00Z", START_MS),
@@ -49,7 +56,8 @@ def records(*by_partition: list[bytes]) -> list[tuple[int, int, bytes]]:
     ("1969-12-31T23:59:59.9999995Z", None),                  # before 1970 even by a fraction
     ("2026-01-01T00:00:00", None),                           # no offset
     ("2026-02-30T00:00:00Z", None),
-    (1.5, None), (True, None), ("1500", None), (-1, None), (253_402_300_800_000, None),
+    ("2260-12-31T23:59:59.999Z", 9_183_110_399_999), ("2261-01-01T00:00:00Z", None),
+    (1.5, None), (True, None), ("1500", None), (-1, None), (9_183_110_400_000, None),
 ])
 def test_timestamps_follow_the_input_contract(timestamp, expected_ms):
     event = decode(raw("t", timestamp))
@@ -70,6 +78,7 @@ def test_values_are_exact_and_strict(value, expected):
 @pytest.mark.parametrize("value", [
     b"", b"null", b"[]", b"{", b'{"a":NaN}', b"\xff",
     raw("", 1), raw("t" * 257, 1), raw("t", 1, properties=[1]), raw("t", 1).replace(b'"code": "api", ', b""),
+    raw("t", 1, properties={"deep": _nested(63)}),   # 65 levels with the message and properties
 ])
 def test_anything_else_is_invalid(value):
     assert recompute([(0, 0, value)], window_size_ms=MINUTE, max_out_of_orderness_ms=0).invalid == {(0, 0)}

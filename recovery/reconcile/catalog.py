@@ -100,18 +100,37 @@ def _lookup(properties: dict, path: tuple[str, ...]):
 
 
 def _text(value) -> str:
-    """A property as text: strings as they are, anything else as compact sorted JSON."""
+    """A property as text (group keys, ``unique_count``): strings as they are, a number in
+    one canonical form however it was written (``1.50``, ``15e-1`` → ``1.5``), objects and
+    arrays as compact JSON with sorted keys and their numbers as written.
+
+    >>> _text(Decimal("1.50")), _text(Decimal("1E+2")), _text(7), _text({"b": [True, None], "a": Decimal("0.10")})
+    ('1.5', '100', '7', '{"a":0.10,"b":[true,null]}')
+    """
     if value is None:
         return ""
     if isinstance(value, str):
         return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_number)
-
-
-def _json_number(value):
     if isinstance(value, Decimal):
-        return float(value)  # the number a JSON reader would hold
-    raise TypeError(f"not JSON: {value!r}")
+        return _canonical_number(value)
+    return _compact_json(value)
+
+
+def _canonical_number(number: Decimal) -> str:
+    if not -64 <= number.adjusted() <= 64:
+        return str(number)  # tiny or huge: scientific, so the text stays short
+    text = format(number, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _compact_json(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_compact_json(k)}:{_compact_json(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_compact_json(item) for item in value) + "]"
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _scaled(raw) -> int | None:

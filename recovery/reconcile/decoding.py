@@ -15,10 +15,11 @@ The rules: one JSON object (UTF-8); ``transaction_id``, ``organization_id``,
 ``external_customer_id``, ``code`` strings of 1 to 256 characters; ``timestamp`` an
 integer of epoch milliseconds or an RFC 3339 date-time with an offset (``T``, ``t`` or a
 space between date and time, ``Z`` or ``±hh:mm``/``±hhmm``), any sub-millisecond digits
-truncated (toward the past), within years 1970–9999; ``properties`` an object when
-present; ``value`` absent, ``null``, a JSON number or a string in plain ASCII decimal or
-exponent syntax, finite, with at most 18 decimal places once scaled and fitting
-``Decimal(38, 18)``. Unknown fields are ignored.
+truncated (toward the past), from 1970-01-01 to 2260-12-31T23:59:59.999Z; ``properties``
+an object when present; ``value`` absent, ``null``, a JSON number or a string in plain
+ASCII decimal or exponent syntax, finite, with at most 18 decimal places once scaled and
+fitting ``Decimal(38, 18)``; arrays and objects nested at most 64 deep (the message's
+object is level 1). Unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ ID_FIELDS = ("transaction_id", "organization_id", "external_customer_id", "code"
 MAX_ID_CHARACTERS = 256
 SCALE = 18
 _LARGEST_SCALED = 10**38 - 1
-_LAST_MS = calendar.timegm((9999, 12, 31, 23, 59, 59)) * 1000 + 999
+_LAST_MS = calendar.timegm((2260, 12, 31, 23, 59, 59)) * 1000 + 999
+MAX_DEPTH = 64
 _NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _DATE_TIME = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
@@ -64,7 +66,7 @@ def decode(raw: bytes | None) -> Event | None:
         document = _JSON.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(document, dict):
+    if not isinstance(document, dict) or nesting(document) > MAX_DEPTH:
         return None
     ids = [document.get(name) for name in ID_FIELDS]
     if not all(isinstance(v, str) and 1 <= len(v) <= MAX_ID_CHARACTERS for v in ids):
@@ -75,6 +77,23 @@ def decode(raw: bytes | None) -> Event | None:
     if timestamp_ms is None or value is None or not isinstance(properties, dict):
         return None
     return Event(*ids, timestamp_ms, value, properties, int(value.scaleb(SCALE, _WIDE)))
+
+
+def nesting(document) -> int:
+    """How deep arrays and objects nest in a decoded document (a scalar is 0).
+
+    >>> nesting({"a": [1, {"b": []}]}), nesting("x")
+    (4, 0)
+    """
+    deepest, pending = 0, [(document, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _reject_constant(name: str):
