@@ -84,6 +84,14 @@ def test_anything_else_is_invalid(value):
     assert recompute([(0, 0, value)], window_size_ms=MINUTE, max_out_of_orderness_ms=0).invalid == {(0, 0)}
 
 
+def test_an_event_dated_past_the_future_skew_of_its_record_is_invalid_and_moves_no_watermark():
+    stream = [(0, 0, raw("ok", HOUR), HOUR), (0, 1, raw("future", 3 * HOUR), HOUR),
+              (0, 2, raw("still-on-time", HOUR + 1_000), HOUR)]
+    result = recompute(stream, Rules.of(max_out_of_orderness_ms=0, max_future_skew_ms=HOUR))
+    assert result.invalid == {(0, 1)}
+    assert result.aggregates == {("org", "c", "api", HOUR): (2, Decimal(0))}
+
+
 # --- dedup with the horizon, late copies -----------------------------------------
 
 def test_an_id_counts_again_beyond_the_horizon_and_once_within_it():

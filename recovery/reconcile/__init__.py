@@ -87,15 +87,16 @@ def _values(values) -> str:
 
 def read_topic(kafka, topic: str, *, ranges: dict[int, tuple[int, int]] | None = None,
                timeout_s: float = 120.0) -> list[RawRecord]:
-    """Every record of ``topic`` as ``(partition, offset, value)``, read to partition EOF.
+    """Every record of ``topic`` as ``(partition, offset, value, timestamp_ms)``, read to partition EOF.
 
-    ``kafka`` is a ``sinks.kafka_client.KafkaConnection`` or bootstrap servers.
+    ``timestamp_ms`` is the record's Kafka timestamp (None when it has none); ``kafka`` is
+    a ``sinks.kafka_client.KafkaConnection`` or bootstrap servers.
     ``ranges`` limits partitions to ``[first, last)`` offsets. End offsets are
     not trusted (some brokers under-report them); the EOF signal is.
     """
     import time
 
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, KafkaError, TopicPartition
 
     from sinks.kafka_client import as_connection, list_topics
 
@@ -128,7 +129,9 @@ def read_topic(kafka, topic: str, *, ranges: dict[int, tuple[int, int]] | None =
                     pending.discard(partition)
                     continue
                 if partition in pending:
-                    records.append((partition, offset, message.value()))
+                    kind, timestamp_ms = message.timestamp()
+                    records.append((partition, offset, message.value(),
+                                    None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp_ms))
         return records
     finally:
         consumer.close()

@@ -2,7 +2,9 @@
 
 The rules, straight from the README (none of the flow's code is used):
 
-1. Per partition, in offset order, an event's **watermark** is the largest event time
+1. A record is valid when its value passes :mod:`.decoding` and its event time is at most
+   ``MAX_FUTURE_SKEW`` after the record's Kafka timestamp. Per partition, in offset order,
+   a valid event's **watermark** is the largest event time
    of the valid events before it in that partition minus ``MAX_OUT_OF_ORDERNESS``. It
    is **on time** while the last window that can hold it ends (plus
    ``ALLOWED_LATENESS``) after that watermark; otherwise it is **late**.
@@ -39,7 +41,7 @@ from recovery.reconcile.decoding import SCALE, Event, decode
 from recovery.reconcile.rules import Rules
 from recovery.reconcile.windows import GRAIN_MS, Windows
 
-RawRecord = tuple  # (partition, offset, value bytes)
+RawRecord = tuple  # (partition, offset, value bytes[, Kafka record timestamp ms or None])
 AggregateKey = tuple  # (organization_id, external_customer_id, code, window_start_ms)
 MetricKey = tuple  # (metric, organization_id, external_customer_id, group_key, window_start_ms)
 LateKey = tuple  # (source_partition, source_offset, reason)
@@ -99,7 +101,7 @@ def recompute(records: Iterable[RawRecord], rules: Rules | None = None, **settin
     result = Recomputation(rollups={grain: {} for grain in rules.rollups},
                            metrics_recomputed=tuple(m.name for m in rules.metrics),
                            metrics_skipped=rules.metrics_skipped)
-    copies = _classified(records, rules.max_out_of_orderness_ms, result)
+    copies = _classified(records, rules, result)
     counted = _deduplicated(copies, rules, result)
     result.counted = [(c.event, c.watermark) for c in counted]
     _windows_of(counted, rules.windows, rules.allowed_lateness_ms, result.aggregates)
@@ -115,18 +117,23 @@ def recompute(records: Iterable[RawRecord], rules: Rules | None = None, **settin
     return result
 
 
-def _classified(records: Iterable[RawRecord], out_of_orderness_ms: int,
-                result: Recomputation) -> list[Copy]:
-    """Valid records with their partition's watermark; invalid positions go to ``result``."""
-    by_partition: dict[int, list[tuple[int, bytes]]] = {}
-    for partition, offset, value in records:
-        by_partition.setdefault(partition, []).append((offset, value))
+def _classified(records: Iterable[RawRecord], rules: Rules, result: Recomputation) -> list[Copy]:
+    """Valid records with their partition's watermark; invalid positions go to ``result``.
+
+    An event dated more than ``MAX_FUTURE_SKEW`` after its record's Kafka timestamp (when
+    the record carries one) is invalid too, and does not move the watermark.
+    """
+    out_of_orderness_ms, skew_ms = rules.max_out_of_orderness_ms, rules.max_future_skew_ms
+    by_partition: dict[int, list[tuple[int, bytes, int | None]]] = {}
+    for partition, offset, value, *record_ms in records:
+        by_partition.setdefault(partition, []).append((offset, value, record_ms[0] if record_ms else None))
     copies = []
     for partition in sorted(by_partition):
         newest = None
-        for offset, value in sorted(by_partition[partition], key=lambda record: record[0]):
+        for offset, value, record_ms in sorted(by_partition[partition], key=lambda record: record[0]):
             event = decode(value)
-            if event is None:
+            if event is None or (skew_ms is not None and record_ms is not None
+                                 and event.timestamp_ms - record_ms > skew_ms):
                 result.invalid.add((partition, offset))
                 continue
             watermark = None if newest is None else newest - out_of_orderness_ms

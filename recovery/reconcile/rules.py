@@ -7,7 +7,7 @@ Reconcile imports nothing of the flow's logic, so it takes the flow's ``Settings
     >>> flow_settings = SimpleNamespace(window_kind="sliding", window_size_ms=60_000,
     ...     window_slide_ms=20_000, session_gap_ms=None, allowed_lateness_ms=0,
     ...     max_out_of_orderness_ms=10_000, dedup_horizon_ms=86_400_000, rollups=("hour",),
-    ...     metrics_file=None)
+    ...     metrics_file=None, max_future_skew_ms=3_600_000)
     >>> rules = Rules.from_settings(flow_settings)
     >>> rules.window_starts(65_000), rules.last_window_end(65_000)
     ([20000, 40000, 60000], 120000)
@@ -32,6 +32,7 @@ class Rules:
     rollups: tuple[str, ...] = ("hour", "day")
     metrics: tuple[MetricSpec, ...] = ()
     metrics_skipped: tuple[str, ...] = ()  # catalog metrics reconcile cannot recompute
+    max_future_skew_ms: int | None = None  # None: no check
 
     @classmethod
     def from_settings(cls, settings) -> "Rules":
@@ -41,19 +42,20 @@ class Rules:
             Windows(settings.window_kind, settings.window_size_ms, settings.window_slide_ms,
                     settings.session_gap_ms),
             settings.allowed_lateness_ms, settings.max_out_of_orderness_ms,
-            settings.dedup_horizon_ms, tuple(settings.rollups), metrics, skipped)
+            settings.dedup_horizon_ms, tuple(settings.rollups), metrics, skipped,
+            getattr(settings, "max_future_skew_ms", None))
 
     @classmethod
     def of(cls, *, window_size_ms: int = 60_000, max_out_of_orderness_ms: int = 10_000,
            allowed_lateness_ms: int = 0, window_kind: str = "tumbling",
            window_slide_ms: int | None = None, session_gap_ms: int | None = None,
            dedup_horizon_ms: int = DAY_MS, rollups: tuple[str, ...] = ("hour", "day"),
-           catalog_text: str | None = None) -> "Rules":
+           catalog_text: str | None = None, max_future_skew_ms: int | None = None) -> "Rules":
         """Rules from keyword settings (tests and scripts)."""
         metrics, skipped = parse_catalog(catalog_text) if catalog_text else ((), ())
         return cls(Windows(window_kind, window_size_ms, window_slide_ms, session_gap_ms),
                    allowed_lateness_ms, max_out_of_orderness_ms, dedup_horizon_ms, tuple(rollups),
-                   metrics, skipped)
+                   metrics, skipped, max_future_skew_ms)
 
     def window_starts(self, timestamp_ms: int) -> list[int]:
         return self.windows.starts(timestamp_ms)
