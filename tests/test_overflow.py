@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pytest
 
+from dataflows.settings import Settings
 from deploy import cli
 from deploy.broker import ensure_topic
 from deploy.generator import GeneratedRecord, produce
@@ -246,7 +247,8 @@ def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker,
     normal = [event(f"n{i}", start + i * 1_000, "1.25", customer=f"n{i % 3}") for i in range(30)]
     produce(kafka_broker.bootstrap, topic,
             normal + [event("big1", start + 5_000, LARGEST), event("big2", start + 6_000, LARGEST)])
-    run_flow(flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), clickhouse_url, ROLLUPS="day"))
+    env = flow_env(kafka_broker.bootstrap, topic, unique_topic("dlq"), clickhouse_url, ROLLUPS="day")
+    run_flow(env)
 
     backend = connect(clickhouse_url)
     try:
@@ -263,10 +265,10 @@ def test_a_table_not_yet_migrated_refuses_only_the_overflowing_row(kafka_broker,
         ("usage_aggregates_daily", ["o", "c", "storage_gb"], "clickhouse_refused", 2, twice),
     ]
     report = io.StringIO()
-    assert run_reconcile(bootstrap=kafka_broker.bootstrap, topic=topic, url=clickhouse_url,
-                         window_size_ms=60_000, max_out_of_orderness_ms=10_000, out=report) == 1
+    assert run_reconcile(Settings.from_env(env), out=report) == 1
     assert "holds 1 usage_aggregates row(s) ClickHouse refused" in report.getvalue()
-    assert "1 differ" in report.getvalue()
+    assert "  usage_aggregates: 1 differ" in report.getvalue()
+    assert "  usage_aggregates_daily: 1 differ" in report.getvalue()
 
 
 def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_url):

@@ -17,13 +17,14 @@ range with ``windows_from_ms``/``windows_until_ms``.
 
 from __future__ import annotations
 
-from recovery.reconcile.compare import Difference, Window, compare_all, diff, read_aggregates
+from recovery.reconcile.compare import (Difference, Window, compare_all, count_rejected, diff,
+                                        read_aggregates)
 from recovery.reconcile.decoding import Event, decode
 from recovery.reconcile.recompute import LateRow, Recomputation, recompute
 from recovery.reconcile.rules import Rules
 
-__all__ = ["Difference", "Event", "LateRow", "Recomputation", "Rules", "compare_all", "decode",
-           "diff", "parse_offset_ranges", "read_aggregates", "read_topic", "recompute",
+__all__ = ["Difference", "Event", "LateRow", "Recomputation", "Rules", "compare_all", "count_rejected",
+           "decode", "diff", "parse_offset_ranges", "read_aggregates", "read_topic", "recompute",
            "run_reconcile"]
 
 RawRecord = tuple  # (partition, offset, value bytes)
@@ -37,24 +38,28 @@ def run_reconcile(settings, *, bootstrap=None, topic: str | None = None,
 
     ``settings`` is the flow's ``Settings``; ``bootstrap`` (a ``KafkaConnection`` or
     servers), ``topic`` and ``url`` default to its Kafka connection, input topic and
-    ClickHouse URL.
+    ClickHouse URL. Rows ClickHouse refused (``usage_rejected_rows``) are counted too.
     """
     import sys
 
     from sinks.clickhouse_backend import connect
 
     out = out or sys.stdout
-    topic = topic or settings.usage_topic
+    topic = topic or settings.kafka.usage_topic
     rules = Rules.from_settings(settings)
-    records = read_topic(bootstrap or settings.kafka, topic,
+    records = read_topic(bootstrap or settings.kafka.connection, topic,
                          ranges=parse_offset_ranges(list(offset_specs)) or None)
     expected = recompute(records, rules)
-    backend = connect(url or settings.clickhouse_url)
+    backend = connect(url or settings.clickhouse.url)
     try:
         found = compare_all(expected, backend, topic, Window(windows_from_ms, windows_until_ms))
+        rejected = count_rejected(backend)
     finally:
         backend.close()
     _report(out, topic, records, expected, found, limit)
+    if rejected:
+        print(f"usage_rejected_rows holds {rejected} usage_aggregates row(s) ClickHouse refused; "
+              "they show as differences above", file=out)
     return 1 if any(found.values()) else 0
 
 

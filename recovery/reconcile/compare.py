@@ -65,6 +65,21 @@ def read_late(backend, topic: str) -> dict[tuple, LateRow]:
             for r in rows}
 
 
+def count_rejected(backend) -> int:
+    """Rows of ``usage_aggregates`` ClickHouse could not take (``usage_rejected_rows``); 0 when
+    the table does not exist yet."""
+    from sinks.clickhouse_backend import ClickHouseError
+
+    try:
+        _, [(count,)] = backend.query("SELECT count() FROM usage_rejected_rows FINAL "
+                                      "WHERE source_table = 'usage_aggregates'")
+    except ClickHouseError as err:
+        if err.code != 60:  # UNKNOWN_TABLE: a store written before the table existed
+            raise
+        return 0
+    return int(count)
+
+
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 

@@ -1,13 +1,14 @@
 """The settings reconcile recomputes with: the flow's, read from its one Settings object.
 
 Reconcile imports nothing of the flow's logic, so it takes the flow's ``Settings``
-(or any object with the same attributes) and keeps only what decides the totals::
+(``dataflows.settings``, a layer above; any object with its ``windows`` and ``dedup``
+sections will do) and keeps only what decides the totals::
 
     >>> from types import SimpleNamespace
-    >>> flow_settings = SimpleNamespace(window_kind="sliding", window_size_ms=60_000,
-    ...     window_slide_ms=20_000, session_gap_ms=None, allowed_lateness_ms=0,
-    ...     max_out_of_orderness_ms=10_000, dedup_horizon_ms=86_400_000, rollups=("hour",),
-    ...     metrics_file=None, max_future_skew_ms=3_600_000)
+    >>> flow_settings = SimpleNamespace(dedup=SimpleNamespace(horizon_ms=86_400_000),
+    ...     windows=SimpleNamespace(kind="sliding", size_ms=60_000, slide_ms=20_000, gap_ms=None,
+    ...         allowed_lateness_ms=0, max_out_of_orderness_ms=10_000, max_future_skew_ms=3_600_000,
+    ...         rollups=("hour",), metrics_file=None))
     >>> rules = Rules.from_settings(flow_settings)
     >>> rules.window_starts(65_000), rules.last_window_end(65_000)
     ([20000, 40000, 60000], 120000)
@@ -36,14 +37,14 @@ class Rules:
 
     @classmethod
     def from_settings(cls, settings) -> "Rules":
-        """The rules of the flow run with ``settings`` (the flow's ``Settings``)."""
-        metrics, skipped = read_catalog(settings.metrics_file) if settings.metrics_file else ((), ())
+        """The rules of the flow run with ``settings`` (the flow's ``Settings``: its ``windows``
+        and ``dedup`` sections)."""
+        windows = settings.windows
+        metrics, skipped = read_catalog(windows.metrics_file) if windows.metrics_file else ((), ())
         return cls(
-            Windows(settings.window_kind, settings.window_size_ms, settings.window_slide_ms,
-                    settings.session_gap_ms),
-            settings.allowed_lateness_ms, settings.max_out_of_orderness_ms,
-            settings.dedup_horizon_ms, tuple(settings.rollups), metrics, skipped,
-            getattr(settings, "max_future_skew_ms", None))
+            Windows(windows.kind, windows.size_ms, windows.slide_ms, windows.gap_ms),
+            windows.allowed_lateness_ms, windows.max_out_of_orderness_ms, settings.dedup.horizon_ms,
+            tuple(windows.rollups), metrics, skipped, windows.max_future_skew_ms)
 
     @classmethod
     def of(cls, *, window_size_ms: int = 60_000, max_out_of_orderness_ms: int = 10_000,
