@@ -120,6 +120,20 @@ def test_a_transaction_whose_copies_are_all_late_is_reported_once_as_its_earlies
     assert result.duplicates == 2
 
 
+def test_copies_more_than_the_horizon_behind_are_reported_as_they_come():
+    # Horizon 10 min: at watermark 30 min, the copies at 1 min are beyond it (2 + 10 <= 30 min);
+    # the counted copy at 5 min (within the horizon) cannot take them as duplicates, nor can
+    # each other. A late copy at 21 min is not beyond (22 + 10 > 30): a duplicate of none, reported.
+    rules = Rules.of(window_size_ms=MINUTE, max_out_of_orderness_ms=0, dedup_horizon_ms=10 * MINUTE)
+    stream = records([raw("w", 30 * MINUTE), raw("a", MINUTE), raw("a", MINUTE), raw("b", 21 * MINUTE),
+                      raw("b", 21 * MINUTE)], [raw("a", 5 * MINUTE)])
+    result = recompute(stream, rules)
+    assert sorted(result.late_rows) == [(0, 1, "window_closed"), (0, 2, "window_closed"),
+                                        (0, 3, "window_closed")]
+    assert result.aggregates[("org", "c", "api", 5 * MINUTE)] == (1, Decimal(0))
+    assert result.duplicates == 1
+
+
 def test_a_late_copy_of_a_counted_transaction_is_a_duplicate():
     stream = records([raw("a", 1_000), raw("b", 5 * MINUTE)], [raw("b", 5 * MINUTE), raw("a", 1_000)])
     result = recompute(stream, window_size_ms=MINUTE, max_out_of_orderness_ms=0)

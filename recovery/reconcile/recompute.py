@@ -12,8 +12,11 @@ The rules, straight from the README (none of the flow's code is used):
    in order of (event time, partition, offset), a copy counts when no counted copy has
    an event time within ``DEDUP_HORIZON`` before it; the others are duplicates. A late
    copy is a duplicate when a counted copy lies within the horizon of it (either side)
-   or an earlier late copy was already reported; otherwise it goes to
-   ``usage_late_events`` (reason ``window_closed``).
+   or an earlier late copy within the horizon before it was already reported; otherwise
+   it goes to ``usage_late_events`` (reason ``window_closed``). A copy more than the
+   horizon behind (its watermark had passed the end of the window holding its time +
+   the horizon, plus lateness) is reported as it comes, never deduplicated: no state
+   remembers that far.
 3. A counted event adds to each of its windows still open at its watermark (fixed
    windows: ``start + size + lateness > watermark``); sessions are the groups of
    counted events less than ``SESSION_GAP`` apart, per customer and code.
@@ -168,11 +171,13 @@ def _deduplicated(copies: list[Copy], rules: Rules, result: Recomputation) -> li
         reported: list[Copy] = []
         for copy in late:
             ts = copy.event.timestamp_ms
-            if (any(abs(ts - k.event.timestamp_ms) < horizon for k in kept)
-                    or any(ts - r.event.timestamp_ms < horizon for r in reported)):
-                result.duplicates += 1
-                continue
-            reported.append(copy)
+            beyond = rules.windows.last_end(ts + horizon) + rules.allowed_lateness_ms <= copy.watermark
+            if not beyond:
+                if (any(abs(ts - k.event.timestamp_ms) < horizon for k in kept)
+                        or any(ts - r.event.timestamp_ms < horizon for r in reported)):
+                    result.duplicates += 1
+                    continue
+                reported.append(copy)
             result.late_rows[(copy.partition, copy.offset, "window_closed")] = _late_row(copy)
     counted.sort(key=lambda c: c.order)
     return counted
