@@ -66,8 +66,10 @@ def decode(raw: bytes | None) -> Event | None:
         document = _JSON.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(document, dict) or nesting(document) > MAX_DEPTH:
+    if not isinstance(document, dict):
         return None
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and nesting(document) > MAX_DEPTH:
+        return None  # (fewer brackets than that cannot nest that deep)
     ids = [document.get(name) for name in ID_FIELDS]
     if not all(isinstance(v, str) and 1 <= len(v) <= MAX_ID_CHARACTERS for v in ids):
         return None
