@@ -24,14 +24,15 @@ END_OF_TIME = 2**63
 
 @dataclass(frozen=True)
 class WindowSnapshot:
-    """Open windows: ``{start: packed}``, each window's aggregates packed by ``pack_window``.
+    """Open windows: ``{start: segments}``, each a tuple of ``pack_window`` bytes, oldest
+    first; a later segment's aggregate replaces an earlier one's (see ``WindowStore.snapshot``).
 
-    (Snapshots written before packing hold ``{start: {key: (count, total, emitted)}}``;
-    a store resumes from either.)
+    (Earlier snapshots hold one ``bytes`` per window, or before that
+    ``{start: {key: (count, total, emitted)}}``; a store resumes from any of them.)
     """
 
     fingerprint: str
-    windows: dict[int, bytes | dict[WindowKey, tuple[int, int, int]]]
+    windows: dict[int, tuple[bytes, ...] | bytes | dict[WindowKey, tuple[int, int, int]]]
 
 
 def pack_window(keys: dict[WindowKey, list[int]]) -> bytes:
@@ -63,23 +64,38 @@ class WindowStore:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.grain = grain
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
-        self._packed: dict[int, bytes] = {}  # windows unchanged since the last snapshot, packed
-        self._changed: set[int] = set()  # windows changed since the last snapshot
+        self._segments: dict[int, list[bytes]] = {}  # what the snapshots hold, per window
+        self._segment_entries: dict[int, int] = {}  # aggregates in a window's segments
+        self._changed: dict[int, dict[WindowKey, None]] = {}  # since the last snapshot, ordered
         if resume is not None:
             if resume.fingerprint != windows.fingerprint:
                 raise ValueError(
                     f"window state was built for {resume.fingerprint}, the flow now uses "
                     f"{windows.fingerprint}; start a new recovery store to change windows"
                 )
-            for start, keys in resume.windows.items():
-                if isinstance(keys, bytes):
-                    self._open[start], self._packed[start] = unpack_window(keys), keys
-                else:  # a snapshot from before packing
-                    self._open[start] = {key: list(agg) for key, agg in keys.items()}
-                    self._changed.add(start)
+            for start, packed in resume.windows.items():
+                self._resume_window(start, packed)
+
+    def _resume_window(self, start: int, packed) -> None:
+        if isinstance(packed, dict):  # a snapshot from before packing: packed at the next one
+            self._open[start] = {key: list(agg) for key, agg in packed.items()}
+            self._changed[start] = dict.fromkeys(packed)
+            return
+        segments = [packed] if isinstance(packed, bytes) else list(packed)
+        keys: dict[WindowKey, list[int]] = {}
+        entries = 0
+        for segment in segments:
+            aggregates = unpack_window(segment)
+            entries += len(aggregates)
+            keys.update(aggregates)
+        self._open[start], self._segments[start] = keys, segments
+        self._segment_entries[start] = entries
 
     def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
-        self._changed.add(start_ms)
+        changed = self._changed.get(start_ms)
+        if changed is None:
+            changed = self._changed[start_ms] = {}
+        changed[key] = None
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
@@ -92,7 +108,10 @@ class WindowStore:
 
     def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
         """Add ``count`` events summing to ``total_scaled`` at once (a batch pre-aggregated)."""
-        self._changed.add(start_ms)
+        changed = self._changed.get(start_ms)
+        if changed is None:
+            changed = self._changed[start_ms] = {}
+        changed[key] = None
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
@@ -117,12 +136,15 @@ class WindowStore:
                 break
             keys = self._open[start]
             emitted = self._rows(start, end, keys, self.grain)
-            if emitted:
-                rows.extend(emitted)
-                self._changed.add(start)
             if end + self.allowed_lateness_ms <= watermark_ms:
                 del self._open[start]
-                self._packed.pop(start, None)
+                self._segments.pop(start, None)
+                self._segment_entries.pop(start, None)
+                self._changed.pop(start, None)
+            elif emitted:  # their emitted counts changed
+                self._changed.setdefault(start, {}).update(
+                    dict.fromkeys((r.organization_id, r.external_customer_id, r.code) for r in emitted))
+            rows.extend(emitted)
         return rows
 
     @staticmethod
@@ -143,16 +165,38 @@ class WindowStore:
         return len(self._open)
 
     def snapshot(self) -> WindowSnapshot:
-        """Every open window, packed; a window unchanged since the last snapshot is not packed
-        again (closed ones are forgotten at once, so the minute windows of a tumbling flow
-        are re-packed only while events still arrive for them)."""
-        packed = self._packed
-        for start in self._changed:
+        """Every open window as packed segments; only what changed since the last snapshot is
+        packed, as a new segment (incremental). A window whose segments hold more than twice
+        its live aggregates (superseded ones) is packed afresh as one segment, so the work is
+        proportional to the changes, amortised, and the bytes to twice the state at most.
+
+        An hour rollup at one row per event holds every key of the hour: packing it whole at
+        each epoch cost as much as counting the events.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(3_600_000))
+            >>> for i in range(4): store.add(0, ("o", f"c{i}", "x"), 1)
+            >>> [len(unpack_window(s)) for s in store.snapshot().windows[0]]
+            [4]
+            >>> store.add(0, ("o", "c1", "x"), 1)
+            >>> [len(unpack_window(s)) for s in store.snapshot().windows[0]]   # just the change
+            [4, 1]
+        """
+        for start, changed in self._changed.items():
             keys = self._open.get(start)
-            if keys is not None:
-                packed[start] = pack_window(keys)
-        self._changed = set()
-        return WindowSnapshot(self.windows.fingerprint, dict(packed))
+            if keys is None:
+                continue
+            segments = self._segments.setdefault(start, [])
+            entries = self._segment_entries.get(start, 0) + len(changed)
+            if entries > 2 * len(keys):
+                segments[:] = [pack_window(keys)]
+                entries = len(keys)
+            else:
+                segments.append(pack_window({key: keys[key] for key in changed}))
+            self._segment_entries[start] = entries
+        self._changed = {}
+        return WindowSnapshot(self.windows.fingerprint,
+                              {start: tuple(segments) for start, segments in self._segments.items()})
 
 
 @dataclass(frozen=True)

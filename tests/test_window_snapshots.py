@@ -45,16 +45,36 @@ def test_a_window_unpacks_to_exactly_what_was_packed(aggregates):
 
 
 @settings(max_examples=150, deadline=None)
-@given(events, events)
-def test_a_resumed_store_continues_exactly(before, after):
+@given(st.lists(events, min_size=1, max_size=6), events)
+def test_a_resumed_store_continues_exactly(epochs, after):
+    """Snapshots at the end of every epoch (incremental segments), resume from the last."""
     store = WindowStore(TumblingWindows(MINUTE))
-    for minute, key, value in before:
-        store.add(minute * MINUTE, key, value)
-    snapshot = pickle.loads(pickle.dumps(store.snapshot()))  # as Bytewax stores it
+    for epoch in epochs:
+        for minute, key, value in epoch:
+            store.add(minute * MINUTE, key, value)
+        snapshot = store.snapshot()
+    snapshot = pickle.loads(pickle.dumps(snapshot))  # as Bytewax stores it
     resumed = WindowStore(TumblingWindows(MINUTE), snapshot)
     for minute, key, value in after:
         resumed.add(minute * MINUTE, key, value)
+    before = [event for epoch in epochs for event in epoch]
     assert contents(resumed) == expected(before + after)
+
+
+def test_segments_stay_bounded_by_twice_the_live_aggregates():
+    store = WindowStore(TumblingWindows(MINUTE))
+    keys = [("o", f"c{i}", "x") for i in range(100)]
+    for round_ in range(50):
+        for key in keys[:30]:
+            store.add(0, key, round_)
+        store.add(0, keys[30 + round_], 1)
+        segments = store.snapshot().windows[0]
+        packed = sum(len(unpack_window(segment)) for segment in segments)
+        assert packed <= 2 * (31 + round_)
+    merged: dict = {}
+    for segment in segments:
+        merged.update(unpack_window(segment))
+    assert merged[keys[0]] == [50, sum(range(50)), 0] and len(merged) == 80
 
 
 def test_unchanged_windows_are_not_packed_again_and_forgotten_ones_leave():
@@ -64,10 +84,18 @@ def test_unchanged_windows_are_not_packed_again_and_forgotten_ones_leave():
     first = store.snapshot().windows
     store.add(MINUTE, ("o", "d", "x"), 3)
     second = store.snapshot().windows
-    assert second[0] is first[0], "the untouched window keeps its packed bytes"
-    assert second[MINUTE] is not first[MINUTE]
+    assert second[0] == first[0] and second[0][0] is first[0][0], "untouched: not packed again"
+    assert second[MINUTE][0] is first[MINUTE][0] and len(second[MINUTE]) == 2, "only the change"
+    assert unpack_window(second[MINUTE][1]) == {("o", "d", "x"): [1, 3, 0]}
     store.emit_closed(closing_ms=MINUTE, watermark_ms=MINUTE)  # window 0 closes and is forgotten
     assert list(store.snapshot().windows) == [MINUTE]
+
+
+def test_a_snapshot_of_one_packed_window_resumes():
+    packed = pack_window({("o", "c", "x"): [2, 7, 0]})
+    store = WindowStore(TumblingWindows(MINUTE), WindowSnapshot(TumblingWindows(MINUTE).fingerprint, {0: packed}))
+    store.add(0, ("o", "c", "x"), 1)
+    assert contents(store) == {(0, ("o", "c", "x")): (3, 8)}
 
 
 def test_a_snapshot_from_before_packing_resumes():
@@ -76,6 +104,6 @@ def test_a_snapshot_from_before_packing_resumes():
     store = WindowStore(TumblingWindows(MINUTE), old)
     store.add(0, ("o", "c", "x"), 1)
     packed = store.snapshot().windows
-    assert all(isinstance(window, bytes) for window in packed.values())
-    assert unpack_window(packed[MINUTE]) == {("o", "c", "y"): [1, -5, 1]}, "emitted count kept"
+    assert all(isinstance(segment, bytes) for segments in packed.values() for segment in segments)
+    assert unpack_window(packed[MINUTE][0]) == {("o", "c", "y"): [1, -5, 1]}, "emitted count kept"
     assert contents(store) == {(0, ("o", "c", "x")): (3, 10**30 + 1)}  # y was already written
