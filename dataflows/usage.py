@@ -28,21 +28,15 @@ from dataflows.settings import Settings
 from operators.catalog import load_catalog
 from operators.graceful_stop import install_signal_handlers
 from operators.intake import IntakeBatch, IntakeLogic
-from operators.live_totals import (
-    DEFAULT_DAY_HORIZON_MS,
-    LiveTotals,
-    LiveTotalsLogic,
-    LiveTotalsParams,
-)
+from operators.live_totals import DEFAULT_DAY_HORIZON_MS, LiveTotalsParams, live_totals
 from operators.quotas import QuotaRules, load_quotas
 from operators.telemetry.setup import configure_telemetry
-from operators.usage_windows import UsageWindowLogic, UsageWindowParams
+from operators.usage_windows import UsageWindowParams, usage_windows
 from recovery.kafka_source import UsageSource
 from sinks.alerts import AlertsSink
-from sinks.clickhouse_sink import ClickHouseSink, Enrichment, sink_partitions
+from sinks.clickhouse_sink import ClickHouseSink, Enrichment, clickhouse_items, sink_partitions
 from sinks.kafka_output import KafkaOutputSink, dead_letter_record, late_event_record
 from sinks.redis_sink import RedisTotalsSink
-from state.records import CountedUsage, LateRecord
 
 
 def _to_shards(batch: IntakeBatch) -> list[tuple]:
@@ -54,14 +48,6 @@ def _dead_letters(batch: IntakeBatch) -> list[tuple]:
     return [(str(letter.source_partition), dead_letter_record(letter)) for letter in batch.dead_letters]
 
 
-def _is_table_row(key_item: tuple) -> bool:
-    return not isinstance(key_item[1], CountedUsage)
-
-
-def _late_event_records(item) -> list:
-    return [late_event_record(item)] if isinstance(item, LateRecord) else []
-
-
 def _live_totals(settings: Settings, counted) -> None:
     """Redis: running totals per customer, code and UTC day/month, and quota alerts.
 
@@ -70,11 +56,10 @@ def _live_totals(settings: Settings, counted) -> None:
     rules = load_quotas(settings.redis.quotas_file) if settings.redis.quotas_file else QuotaRules()
     horizon_ms = max(DEFAULT_DAY_HORIZON_MS, settings.dedup.horizon_ms)  # covers every window
     params = LiveTotalsParams(settings.shards, rules, horizon_ms)
-    live = op.stateful_batch("live_totals", counted, lambda resume: LiveTotalsLogic(params, resume))
-    split = op.branch("live_outputs", live, lambda key_item: isinstance(key_item[1], LiveTotals))
-    op.output("redis_totals_out", split.trues, RedisTotalsSink(settings.redis.url))
-    if rules:  # the falses are QuotaAlert
-        op.output("alerts_out", split.falses,
+    live = live_totals("live_totals", counted, params)
+    op.output("redis_totals_out", live.totals, RedisTotalsSink(settings.redis.url))
+    if rules:
+        op.output("alerts_out", live.alerts,
                   AlertsSink(settings.kafka.connection, settings.kafka.alerts_topic, settings.redis.url))
 
 
@@ -101,16 +86,13 @@ def build_flow(settings: Settings) -> Dataflow:
     flow = Dataflow("tallyflow_usage")
     intake = op.input("kafka_in", flow, source)
     shard_batches = op.flat_map("to_shards", intake, _to_shards)
-    shard_out = op.stateful_batch(
-        "usage_windows", shard_batches, lambda resume: UsageWindowLogic(params, resume)
-    )
+    shard_out = usage_windows("usage_windows", shard_batches, params)
     dead = op.flat_map("dead_letters", intake, _dead_letters)
     op.output("dlq_out", dead, KafkaOutputSink(settings.kafka.connection, settings.kafka.dlq_topic, setting="DLQ_TOPIC"))
-    rows_or_counted = op.branch("table_rows", shard_out, _is_table_row)  # one pass, two streams
-    table_rows = rows_or_counted.trues
     op.output(
         "clickhouse_out",
-        table_rows,
+        clickhouse_items("clickhouse_items", rows=shard_out.rows, metric_rows=shard_out.metric_rows,
+                         late=shard_out.late, traces=shard_out.traces),
         ClickHouseSink(
             settings.clickhouse.url,
             partitions=sink_partitions(settings.shards),
@@ -121,9 +103,9 @@ def build_flow(settings: Settings) -> Dataflow:
         ),
     )
     if settings.redis.enabled:
-        _live_totals(settings, rows_or_counted.falses)
+        _live_totals(settings, shard_out.counted)
     if settings.kafka.late_topic:
-        late = op.flat_map_value("late_records", table_rows, _late_event_records)
+        late = op.map_value("late_records", shard_out.late, late_event_record)
         op.output("late_topic_out", late, KafkaOutputSink(settings.kafka.connection, settings.kafka.late_topic, setting="LATE_TOPIC"))
     return flow
 

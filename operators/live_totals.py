@@ -38,8 +38,9 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Iterable
 
+import bytewax.operators as op
 import msgspec
-from bytewax.operators import StatefulBatchLogic
+from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
 from state.packing import pack_entries, unpack_entries
@@ -263,3 +264,23 @@ class LiveTotalsLogic(StatefulBatchLogic):
         return LiveTotalsSnapshot(STATE_VERSION, self.params.shards, self.watermark,
                                   pack_entries(self.totals, key_width=5, big=1),
                                   frozenset(self.alerted), self.evicted_through_day)
+
+
+@dataclass(frozen=True)
+class LiveTotalsOut:
+    """The live-totals step's streams, one per type, keyed by shard."""
+
+    totals: KeyedStream[LiveTotals]
+    """Changed running totals per customer, code and UTC day/month (for Redis)."""
+    alerts: KeyedStream[QuotaAlert]
+    """First crossings of a quota threshold."""
+
+
+def live_totals(step_id: str, up: KeyedStream, params: LiveTotalsParams) -> LiveTotalsOut:
+    """The keyed live-totals step on ``up`` (the shard step's counted usage) and its typed
+    output streams, built here only. ``step_id`` names the stateful step (its recovery state)."""
+    out = op.stateful_batch(step_id, up, lambda resume: LiveTotalsLogic(params, resume))
+    return LiveTotalsOut(
+        totals=op.filter_value(f"{step_id}_totals", out, lambda item: type(item) is LiveTotals),
+        alerts=op.filter_value(f"{step_id}_alerts", out, lambda item: type(item) is QuotaAlert),
+    )

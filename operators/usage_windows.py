@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from bytewax.operators import StatefulBatchLogic
+import bytewax.operators as op
+from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.telemetry import metrics, tracing
+from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.dedup import DedupSnapshot, DedupStore
@@ -319,6 +321,40 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             self.duplicates,
             {m.name: m.fingerprint for m in self.params.catalog.metrics},
         )
+
+
+@dataclass(frozen=True)
+class UsageWindowsOut:
+    """What the shard step emits, one stream per type, each keyed by shard (like Bytewax's
+    ``WindowOut``): no step downstream sorts items by type."""
+
+    rows: KeyedStream[WindowRow]
+    """``usage_aggregates`` rows and their hourly and daily rollups (``grain``)."""
+    metric_rows: KeyedStream[MetricRow]
+    """Rows of the catalog's metrics (``metric_aggregates``)."""
+    late: KeyedStream[LateRecord]
+    """Events too late for a window they belong to."""
+    counted: KeyedStream[CountedUsage]
+    """Per batch, what was counted per customer, code and UTC day (for the live totals)."""
+    traces: KeyedStream[SinkTrace]
+    """Sampled events' trace carriers, for the sink's insert spans (tracing on only)."""
+
+
+_STREAM_OF_TYPE = {WindowRow: "rows", MetricRow: "metric_rows", LateRecord: "late",
+                   CountedUsage: "counted", SinkTrace: "traces"}
+
+
+def usage_windows(step_id: str, up: KeyedStream[ShardBatch], params: UsageWindowParams) -> UsageWindowsOut:
+    """The keyed windowing step on ``up`` and its typed output streams, built here only.
+
+    ``step_id`` names the stateful step (its recovery state); the split steps are stateless.
+    """
+    out = op.stateful_batch(step_id, up, lambda resume: UsageWindowLogic(params, resume))
+    streams = {
+        name: op.filter_value(f"{step_id}_{name}", out, lambda item, kind=kind: type(item) is kind)
+        for kind, name in _STREAM_OF_TYPE.items()
+    }
+    return UsageWindowsOut(**streams)
 
 
 def _check_same_outputs(params: UsageWindowParams, resume: UsageShardSnapshot) -> None:

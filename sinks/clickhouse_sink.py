@@ -22,11 +22,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Union
 
+import bytewax.operators as op
+from bytewax.operators import KeyedStream
 from bytewax.outputs import FixedPartitionedSink
 
 from operators.telemetry import metrics, tracing
+from operators.telemetry.tracing import SinkTrace
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
@@ -45,7 +47,6 @@ from state.records import LateRecord, MetricRow, WindowRow
 
 log = logging.getLogger(__name__)
 
-SinkItem = Union[WindowRow, MetricRow, LateRecord]
 
 _ENCODERS = {
     **{table: window_batch for table in ROLLUP_TABLES.values()},
@@ -55,14 +56,23 @@ _ENCODERS = {
 """How a table's rows become an Arrow record batch (``sinks.columnar``)."""
 
 
-def _table_of(item: SinkItem) -> str:
-    if isinstance(item, WindowRow):
-        return ROLLUP_TABLES[item.grain]
-    if isinstance(item, MetricRow):
-        return METRIC_AGGREGATES
-    if isinstance(item, LateRecord):
-        return USAGE_LATE_EVENTS
-    raise TypeError(f"the ClickHouse sink cannot write {type(item).__name__} items")
+TRACES = ""
+"""The "table" of a trace carrier in the sink's stream: none, it only wraps an insert in a span."""
+
+TableItem = tuple
+"""``(table, row)``: a row and the table it goes to, or ``(TRACES, SinkTrace)``."""
+
+
+def clickhouse_items(step_id: str, *, rows: KeyedStream[WindowRow], metric_rows: KeyedStream[MetricRow],
+                     late: KeyedStream[LateRecord], traces: KeyedStream[SinkTrace]) -> KeyedStream[TableItem]:
+    """The ClickHouse sink's one stream, from the shard step's typed streams: each row with its table."""
+    return op.merge(
+        step_id,
+        op.map_value(f"{step_id}_rows", rows, lambda row: (ROLLUP_TABLES[row.grain], row)),
+        op.map_value(f"{step_id}_metric_rows", metric_rows, lambda row: (METRIC_AGGREGATES, row)),
+        op.map_value(f"{step_id}_late", late, lambda record: (USAGE_LATE_EVENTS, record)),
+        op.map_value(f"{step_id}_traces", traces, lambda carrier: (TRACES, carrier)),
+    )
 
 
 class Backoff:
@@ -119,18 +129,19 @@ class Enrichment:
         return CustomerAttributes(self.redis_url, self.fields, self.cache_ttl_ms)
 
 
-class ClickHousePartition(BufferedPartition[SinkItem]):
+class ClickHousePartition(BufferedPartition[TableItem]):
     def __init__(self, backend: ClickHouseBackend, max_rows: int, max_age_s: float,
                  attributes: CustomerAttributes | None = None) -> None:
         super().__init__(max_rows, max_age_s)
         self._backend = backend
         self._attributes = attributes
 
-    def flush_items(self, items: list[SinkItem]) -> None:
-        with tracing.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
-            by_table: dict[str, list] = {}
-            for item in rows_only:
-                by_table.setdefault(_table_of(item), []).append(item)
+    def flush_items(self, items: list[TableItem]) -> None:
+        by_table: dict[str, list] = {}
+        for table, item in items:
+            by_table.setdefault(table, []).append(item)
+        traces = by_table.pop(TRACES, [])
+        with tracing.sink_spans(traces, len(items) - len(traces)):  # no-op unless tracing is on
             for table, rows in by_table.items():
                 self._write(table, rows)
 
@@ -229,7 +240,7 @@ def sink_partitions(shards: int) -> int:
     return max(LEGACY_PARTITIONS, shards)
 
 
-class ClickHouseSink(FixedPartitionedSink[SinkItem, None]):
+class ClickHouseSink(FixedPartitionedSink[TableItem, None]):
     """ClickHouse output, split into ``partitions`` independent writers (``sink_partitions``).
 
     Items arrive keyed by shard (``"0"``, ``"1"``, …); shard ``k`` goes to partition ``"k"``
@@ -251,10 +262,14 @@ class ClickHouseSink(FixedPartitionedSink[SinkItem, None]):
         self.max_age_s = max_age_s
         self.enrichment = enrichment if enrichment and enrichment.fields else None
         # Bytewax indexes part_fn's value into the sorted global list of partitions.
-        self._index = {name: i for i, name in enumerate(sorted(self.list_parts()))}
+        self._index = {name: i for i, name in enumerate(sorted(self._parts()))}
 
     def list_parts(self) -> list[str]:
+        """The partitions; called when the flow starts, so the tables' counters read 0 from then."""
         metrics.declare_tables((*ROLLUP_TABLES.values(), METRIC_AGGREGATES, USAGE_LATE_EVENTS))
+        return self._parts()
+
+    def _parts(self) -> list[str]:
         return [str(i) for i in range(self.partitions)]
 
     def part_fn(self, item_key: str) -> int:

@@ -30,8 +30,16 @@ def test_building_the_flow_in_process_changes_nothing_in_the_process():
     import dataflows.usage as usage
 
     flow = usage.build_flow(Settings.from_env({"REDIS_URL": "", "LATE_TOPIC": "late"}))
-    assert step_names(flow) == ["kafka_in", "to_shards", "usage_windows", "dead_letters", "dlq_out",
-                                "table_rows", "clickhouse_out", "late_records", "late_topic_out"]
+    assert step_names(flow) == [
+        "kafka_in", "to_shards",
+        "usage_windows",  # the stateful step; then its typed streams, split in one place
+        "usage_windows_rows", "usage_windows_metric_rows", "usage_windows_late",
+        "usage_windows_counted", "usage_windows_traces",
+        "dead_letters", "dlq_out",
+        "clickhouse_items_rows", "clickhouse_items_metric_rows", "clickhouse_items_late",
+        "clickhouse_items_traces", "clickhouse_items", "clickhouse_out",
+        "late_records", "late_topic_out",
+    ]
     assert process_state() == before
     assert "flow" not in vars(usage)  # made only when bytewax.run asks for it
 
@@ -40,7 +48,8 @@ def test_the_built_flow_follows_its_settings():
     import dataflows.usage as usage
 
     with_redis = usage.build_flow(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0"}))
-    assert {"live_totals", "redis_totals_out"} <= set(step_names(with_redis))
+    assert {"live_totals", "live_totals_totals", "live_totals_alerts", "redis_totals_out"} \
+        <= set(step_names(with_redis))
     assert "late_topic_out" not in step_names(with_redis)
 
 
