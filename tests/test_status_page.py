@@ -39,10 +39,8 @@ from deploy.cli import main as tallyflow
 from deploy.dev_clickhouse import DevClickHouseServer
 from deploy.generator import generate, produce
 from deploy.runner import REPO_ROOT, bytewax_command, init_recovery_store
-from operators.intake import IntakeLogic
-from operators.validation import Invalid, validate
+from oracle.decode import decode
 from sinks.clickhouse_backend import connect
-from state.window_kinds import TumblingWindows
 from support.clickhouse import before_first_write
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic
@@ -75,25 +73,35 @@ class Run:
     expected: Expected
 
 
+WINDOW_MS, OUT_OF_ORDERNESS_MS, FUTURE_SKEW_MS = 60_000, 10_000, 3_600_000  # the run's settings
+
+
 def expected_from_topic(bootstrap: str, topic: str) -> Expected:
+    """What the run must report, from the topic and the README's rules (``tests/oracle``), not
+    from the flow's code: per partition in offset order, a valid event is late when the
+    partition's watermark (newest event time − MAX_OUT_OF_ORDERNESS) has reached its window's end."""
     by_partition: dict[int, list] = {}
     for message in read_all(bootstrap, topic, timeout=60):
         by_partition.setdefault(message.partition(), []).append(
-            (message.offset(), message.key(), message.value(), message.headers()))
+            (message.offset(), message.value(), message.timestamp()[1]))
     invalid, late, watermarks, seen, duplicates = Counter(), 0, {}, set(), 0
     for partition, records in by_partition.items():
-        records.sort(key=lambda r: r[0])
-        intake = IntakeLogic(topic, partition, PARTITIONS, 8, TumblingWindows(60_000), 10_000)
-        batch = intake.process(records)
-        invalid.update(letter.reason for letter in batch.dead_letters)
-        late += sum(len(items) for items in batch.late_by_shard.values())
-        watermarks[partition] = batch.watermark
-        for _offset, _key, value, _headers in records:
-            event = validate(value)
-            if not isinstance(event, Invalid):
-                identity = (event.organization_id, event.transaction_id)
-                duplicates += identity in seen
-                seen.add(identity)
+        newest = None
+        for _offset, value, record_ms in sorted(records):
+            event = decode(value)
+            if isinstance(event, str):
+                invalid[event] += 1
+                continue
+            if event.timestamp_ms > record_ms + FUTURE_SKEW_MS:
+                invalid["future_timestamp"] += 1
+                continue
+            window_end = event.timestamp_ms - event.timestamp_ms % WINDOW_MS + WINDOW_MS
+            late += newest is not None and newest - OUT_OF_ORDERNESS_MS >= window_end
+            newest = event.timestamp_ms if newest is None else max(newest, event.timestamp_ms)
+            identity = (event.organization_id, event.transaction_id)
+            duplicates += identity in seen
+            seen.add(identity)
+        watermarks[partition] = newest - OUT_OF_ORDERNESS_MS
     return Expected({p: len(r) for p, r in by_partition.items()}, dict(invalid), late, watermarks, duplicates)
 
 
