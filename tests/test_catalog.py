@@ -10,6 +10,7 @@ from deploy.broker import ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import run_flow
 from operators.catalog import CatalogError, load_catalog_text
+from oracle.aggregations import fold as reference_fold
 from recovery.reconcile import recompute
 from sinks.clickhouse_backend import connect
 from state.aggregations import AGGREGATIONS
@@ -42,6 +43,7 @@ def fold(name: str, events: list[tuple[int, object]], window_end: int = 3_600_00
 ])
 def test_aggregations_on_hand_worked_examples(name, events, expected):
     assert fold(name, events) == expected
+    assert reference_fold(name, events, 3_600_000) == expected  # the oracle the next tests use
 
 
 def test_weighted_sum_rounds_half_even_below_the_18th_place():
@@ -61,7 +63,7 @@ def test_merging_sessions_equals_folding_everything(name):
         assert store.add(("k",), ts, value, watermark_before=-1)
     rows = store.emit(closing_ms=10**9, watermark_ms=0)
     assert [(r.start_ms, r.end_ms, r.count) for r in rows] == [(0, 67_000, 7)]
-    assert rows[0].result == fold(name, events, window_end=67_000)
+    assert rows[0].result == reference_fold(name, events, window_end_ms=67_000)
 
 
 @pytest.mark.parametrize("text, message", [
