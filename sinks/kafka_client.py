@@ -183,11 +183,6 @@ class KafkaSecurity:
         shown = ", ".join(f"{key}={value!r}" for key, value in redacted(dict(self.properties)).items())
         return f"KafkaSecurity({shown})".replace("'<redacted>'", "<redacted>")
 
-    @property
-    def protocol(self) -> str:
-        """``security.protocol``: PLAINTEXT unless set."""
-        return dict(self.properties).get("security.protocol", "PLAINTEXT")
-
 
 @dataclass(frozen=True)
 class KafkaConnection:
