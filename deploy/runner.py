@@ -53,25 +53,9 @@ def flow_environment(**settings: str) -> dict[str, str]:
     return env
 
 
-STARTED: list[subprocess.Popen] = []
-"""Every flow process started here, so a test harness can make sure none outlives its test."""
-
-
 def start_flow(env: dict[str, str], **command_options) -> subprocess.Popen:
     """Start the flow in the background; the caller waits or signals it."""
-    process = subprocess.Popen(bytewax_command(**command_options), env=env, cwd=REPO_ROOT)
-    STARTED.append(process)
-    return process
-
-
-def kill_leftover_flows() -> int:
-    """Kill flows still running (a test that failed half-way); returns how many."""
-    leftovers = [p for p in STARTED if p.poll() is None]
-    for process in leftovers:
-        process.kill()
-        process.wait()
-    STARTED.clear()
-    return len(leftovers)
+    return subprocess.Popen(bytewax_command(**command_options), env=env, cwd=REPO_ROOT)
 
 
 def run_flow(env: dict[str, str], *, timeout: float = 600, **command_options) -> None:

@@ -5,14 +5,16 @@ from support.kafka import kafka_broker  # noqa: F401
 
 import pytest
 
-from deploy.runner import kill_leftover_flows
+from support.processes import kill_leftover_flows, running_flow_children
 
 
 @pytest.fixture(autouse=True)
 def no_flow_outlives_its_test():
-    """A test that fails half-way must not leave a dataflow process running."""
+    """A test that fails half-way must not leave a dataflow process running (flows of
+    longer-lived fixtures, already running when the test starts, are theirs to stop)."""
+    before = frozenset(running_flow_children())
     yield
-    kill_leftover_flows()
+    kill_leftover_flows(keep=before)
 
 
 def pytest_addoption(parser):

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,12 +63,17 @@ def samples(url: str) -> dict:
             for family in text_string_to_metric_families(text)}
 
 
+def intake_batch(partition: int, consumed: int, dead: list[str], watermark: int) -> SimpleNamespace:
+    """What ``record_intake`` reads of an ``operators.intake.IntakeBatch``."""
+    return SimpleNamespace(partition=partition, consumed_count=consumed, valid_count=consumed - len(dead),
+                           dead_letters=[SimpleNamespace(reason=reason) for reason in dead],
+                           late_by_shard={}, metric_field_missing=0, watermark=watermark)
+
+
 def record_a_run() -> None:
-    metrics.record_consumed(0, 600)
-    metrics.record_consumed(1, 400)
-    metrics.record_valid(990)
-    metrics.record_invalid("malformed_json", 6)
-    metrics.record_invalid("missing_field", 4)
+    dead = ["malformed_json"] * 6 + ["missing_field"] * 4
+    metrics.record_intake(intake_batch(0, 600, dead, START_MS + 50_000), START_MS + 60_000)
+    metrics.record_intake(intake_batch(1, 400, [], START_MS + 20_000), START_MS + 30_000)
     metrics.record_duplicates(40)
     metrics.record_late(3)
     metrics.record_windows_closed(120)
@@ -75,8 +81,6 @@ def record_a_run() -> None:
     metrics.record_sink_write("usage_late_events", 3, 0.004)
     metrics.record_sink_retry("usage_aggregates")
     metrics.record_snapshot(0.003)
-    metrics.record_watermark(0, START_MS + 50_000, START_MS + 60_000)
-    metrics.record_watermark(1, START_MS + 20_000, START_MS + 30_000)
     metrics.record_consumer_lag(0, 25)
     metrics.record_consumer_lag(1, -7)  # the dev broker under-reports its end offset
 
@@ -94,7 +98,7 @@ class RaisingConsumer:
 def test_every_call_is_a_cheap_no_op_before_configure():
     assert metrics.active() is None
     record_a_run()
-    metrics.record_watermark(0, -(2**63), None)
+    metrics.record_intake(intake_batch(0, 0, [], -(2**63)), None)
     metrics.record_source_snapshot()
     LagProbe("t", 0).maybe_record(RaisingConsumer(), 10)
     assert IntakeTracing("t", 0).begin([(0, None, b"{}", [("traceparent", b"x")])]) is None

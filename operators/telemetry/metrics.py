@@ -71,19 +71,6 @@ def record_consumed(partition: int, n: int) -> None:
         t.consumed(partition, n)
 
 
-def record_valid(n: int) -> None:
-    t = _active
-    if t is not None and n:
-        t.valid(n)
-
-
-def record_invalid(reason: str, n: int = 1) -> None:
-    """``n`` records were dead-lettered for ``reason`` (an ``operators.validation`` reason code)."""
-    t = _active
-    if t is not None and n:
-        t.invalid(reason, n)
-
-
 def record_duplicates(n: int) -> None:
     t = _active
     if t is not None and n:
@@ -193,13 +180,6 @@ def record_live_totals_pending(part: str, n: int) -> None:
     t = _active
     if t is not None:
         t.live_totals_pending[part] = n
-
-
-def record_watermark(partition: int, watermark_ms: int, max_event_ms: int | None) -> None:
-    """``partition``'s event-time watermark and the newest event time it has seen."""
-    t = _active
-    if t is not None and max_event_ms is not None and watermark_ms > _NO_WATERMARK_BELOW:
-        t.watermark(partition, watermark_ms, max_event_ms)
 
 
 def record_consumer_lag(partition: int, lag: int) -> None:
