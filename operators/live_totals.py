@@ -105,23 +105,29 @@ class LiveTotalsParams:
 class LiveTotalsSnapshot:
     """One shard's running totals; ``alerted`` holds the identities of fired alerts.
 
-    ``totals`` is packed (``state.packing``: a shard holds two totals per customer, code and
-    day, all snapshotted every epoch); snapshots from before packing hold the dict
-    ``{PeriodKey: (count, total_scaled)}``, and both resume. ``total_entries()`` reads either.
+    ``totals`` is a tuple of packed segments (``state.packing``; a later segment's total
+    replaces an earlier one's): a shard holds two totals per customer, code and day, and each
+    epoch packs only those changed since the last snapshot (see ``LiveTotalsLogic.snapshot``).
+    Earlier snapshots hold one packed ``bytes``, or the dict ``{PeriodKey: (count, total)}``;
+    all resume. ``total_entries()`` reads any of them.
     """
 
     version: int
     shards: int
     watermark: int
-    totals: bytes | dict
+    totals: tuple | bytes | dict
     alerted: frozenset
     evicted_through_day: int
 
     def total_entries(self) -> dict:
         """``{PeriodKey: (count, total_scaled)}``."""
-        if isinstance(self.totals, bytes):
-            return unpack_entries(self.totals, key_width=5, factory=tuple)
-        return dict(self.totals)
+        if isinstance(self.totals, dict):
+            return dict(self.totals)
+        segments = (self.totals,) if isinstance(self.totals, bytes) else self.totals
+        entries: dict = {}
+        for segment in segments:
+            entries.update(unpack_entries(segment, key_width=5, factory=tuple))
+        return entries
 
 
 @lru_cache(maxsize=4096)
@@ -173,6 +179,10 @@ class LiveTotalsLogic(StatefulBatchLogic):
         self.alerted: set = set(resume.alerted) if resume else set()
         self.evicted_through_day = resume.evicted_through_day if resume else NO_WATERMARK
         self._resync = resume is not None and bool(self.totals)
+        # Incremental snapshots: packed segments, and what changed since the last one.
+        self._segments: list[bytes] = []
+        self._segment_entries = 0
+        self._dirty: dict = dict.fromkeys(self.totals)  # a resumed state is packed afresh
 
     def on_batch(self, values: list) -> tuple[Iterable, bool]:
         totals, changed, months = self.totals, {}, {}
@@ -197,6 +207,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
                             latest_of[key] = latest
             if usage.watermark > self.watermark:
                 self.watermark = usage.watermark
+        self._dirty.update(dict.fromkeys(changed))
         out: list = [self._resync_all() if self._resync else LiveTotals(changed)]
         if latest_of:
             out.extend(self._crossings(latest_of))
@@ -243,8 +254,11 @@ class LiveTotalsLogic(StatefulBatchLogic):
             next_month = next_month_start_ms(start)
             return month_of(start)[2] < oldest_month and next_month <= horizon_day
 
-        for key in [k for k in self.totals if expired(k[3], k[4])]:
+        gone = [k for k in self.totals if expired(k[3], k[4])]
+        for key in gone:
             del self.totals[key]
+        if gone:  # segments cannot say "deleted": the next snapshot packs afresh
+            self._segments = []
         self.alerted = {a for a in self.alerted if not expired(a[3], a[4])}
 
     def _resync_all(self) -> LiveTotals:
@@ -261,9 +275,35 @@ class LiveTotalsLogic(StatefulBatchLogic):
         return _ASAP if self._resync else None
 
     def snapshot(self) -> LiveTotalsSnapshot:
+        """The totals as packed segments: only those changed since the last snapshot are
+        packed, as a new segment; once the segments hold more than twice the live totals
+        (superseded ones, or evicted periods) they are packed afresh as one. So the work per
+        epoch follows the changes (amortised), not the number of live totals.
+
+            >>> logic = LiveTotalsLogic(LiveTotalsParams(shards=1))
+            >>> from state.records import CountedUsage
+            >>> _ = logic.on_batch([CountedUsage({("o", c, "x", 0): (1, 1, 0) for c in "abc"})])
+            >>> _ = logic.snapshot()
+            >>> _ = logic.on_batch([CountedUsage({("o", "a", "x", 0): (1, 1, 0)})])
+            >>> snapshot = logic.snapshot()
+            >>> len(snapshot.totals), snapshot.total_entries()[("o", "a", "x", "day", 0)]
+            (2, (2, 2))
+        """
+        dirty, totals = self._dirty, self.totals
+        if dirty or not self._segments:
+            entries = self._segment_entries + len(dirty)
+            if not self._segments or entries > 2 * len(totals):
+                self._segments = [pack_entries(totals, key_width=5, big=1)]
+                entries = len(totals)
+            else:
+                self._segments.append(
+                    pack_entries({key: totals[key] for key in dirty if key in totals},
+                                 key_width=5, big=1))
+            self._segment_entries = entries
+            self._dirty = {}
         return LiveTotalsSnapshot(STATE_VERSION, self.params.shards, self.watermark,
-                                  pack_entries(self.totals, key_width=5, big=1),
-                                  frozenset(self.alerted), self.evicted_through_day)
+                                  tuple(self._segments), frozenset(self.alerted),
+                                  self.evicted_through_day)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import decimal
 import json
+import pickle
 import random
 import signal
 import time
@@ -395,3 +396,27 @@ def test_redis_outage_keeps_the_flow_going_then_totals_and_alerts_converge(
     assert redis_totals(redis_server.client()) == totals
     assert assert_alerts_exact(bootstrap, alerts_topic, totals, parse_quotas(QUOTAS)) >= 10
     assert_exact(bootstrap, topic, url)
+
+
+def test_incremental_snapshots_resume_exactly_and_forget_evicted_periods():
+    """Snapshot after every batch (segments of changes), evict, resume: the same totals."""
+    params = LiveTotalsParams(shards=1)
+    logic = LiveTotalsLogic(params)
+    jan_31, feb_1 = FEB_1_2026_MS - DAY_MS, FEB_1_2026_MS
+    expected: dict = {}
+    for i in range(30):
+        day = jan_31 if i < 10 else feb_1
+        customer = f"c{i % 7}"
+        logic.on_batch([usage(day, **{customer: (day, 1, i, day)})])
+        for kind, start in (("day", day), ("month", month_of(day)[0])):
+            count, total = expected.get(("o", customer, "api_calls", kind, start), (0, 0))
+            expected[("o", customer, "api_calls", kind, start)] = (count + 1, total + i)
+        snapshot = logic.snapshot()
+        assert snapshot.total_entries() == expected == logic.totals
+    assert 1 < len(snapshot.totals) <= 30
+    logic.on_batch([usage(feb_1 + 2 * DAY_MS)])  # Jan 31 is evicted
+    expected = {k: v for k, v in expected.items() if not (k[3] == "day" and k[4] == jan_31)}
+    snapshot = logic.snapshot()
+    assert snapshot.total_entries() == expected == logic.totals
+    resumed = LiveTotalsLogic(params, pickle.loads(pickle.dumps(snapshot)))
+    assert resumed.totals == expected
