@@ -6,8 +6,9 @@ Attributes live in Redis hashes ``tallyflow:customer:{organization_id}:{external
 share a hash);
 :class:`CustomerAttributes` returns the configured fields of many customers at once. Customers
 cached for less than the TTL cost nothing; the others cost one pipelined round trip per call
-(``HMGET`` + ``EXISTS`` per customer), never one per event: the ClickHouse sink calls it once
-per flush with the distinct customers of the rows it writes.
+(one script per 1,000 customers: ``EXISTS``, then ``HMGET`` of a hash that exists), never one
+per event: the ClickHouse sink calls it once per flush with the distinct customers of the rows
+it writes.
 
 No guarantee of freshness is needed for exactness: attributes are not part of any row key, so
 a row written again with changed attributes replaces its twin with the same totals.
@@ -36,6 +37,18 @@ from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
 log = logging.getLogger(__name__)
 
 CUSTOMER_PREFIX = "tallyflow:customer"
+KEYS_PER_CALL = 1_000
+_READ_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = redis.call('HMGET', key, unpack(ARGV))
+  else
+    out[i] = false
+  end
+end
+return out
+"""  # KEYS: customer hashes; ARGV: the fields. Per key: the values, or nil when there is no hash.
 
 
 Customer = tuple  # (organization_id, external_customer_id)
@@ -68,6 +81,7 @@ class CustomerAttributes:
         self._empty = ("",) * len(self.fields)
         self._cache: OrderedDict[Customer, tuple[float, tuple[str, ...]]] = OrderedDict()
         self._redis = connect(url, timeout_s=timeout_s)
+        self._script = self._redis.register_script(_READ_SCRIPT)
         self._breaker = Breaker(clock=clock)
 
     def lookup(self, customers: Iterable[Customer]) -> dict[Customer, tuple[str, ...]]:
@@ -113,17 +127,20 @@ class CustomerAttributes:
         return out
 
     def _read(self, customers: list[Customer]) -> list[tuple[Customer, tuple[str, ...] | None]]:
+        """One pipelined round trip, one script call per 1,000 customers (a pipeline of an
+        HMGET and an EXISTS per customer cost ~20 us of client CPU each)."""
         pipe = self._redis.pipeline(transaction=False)
-        for customer in customers:
-            key = customer_key(*customer)
-            pipe.hmget(key, self.fields)
-            pipe.exists(key)
-        replies = pipe.execute()
+        for start in range(0, len(customers), KEYS_PER_CALL):
+            keys = [customer_key(*customer) for customer in customers[start:start + KEYS_PER_CALL]]
+            self._script(keys=keys, args=list(self.fields), client=pipe)
+        replies = [reply for chunk in pipe.execute() for reply in chunk]
         results = []
-        for i, customer in enumerate(customers):
-            values, exists = replies[2 * i], replies[2 * i + 1]
-            attributes = tuple("" if v is None else v.decode("utf-8", "replace") for v in values)
-            results.append((customer, attributes if exists else None))
+        for customer, values in zip(customers, replies):
+            if values is None:
+                results.append((customer, None))
+                continue
+            results.append((customer, tuple("" if v is None else v.decode("utf-8", "replace")
+                                            for v in values)))
         return results
 
     def _store(self, fetched, now: float) -> dict[Customer, tuple[str, ...]]:
