@@ -66,8 +66,10 @@ class DevBroker:
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 20.0,
         authentication: bool = False,
+        advertised_port: int | None = None,
     ) -> None:
         self.port = port if port is not None else free_port(self.host)
+        self.advertised_port = advertised_port or self.port  # another port: e.g. a TLS proxy in front
         self.authentication = authentication  # SASL (SCRAM) required; Tansu then knows no user
         self.binary = binary
         self.startup_timeout = startup_timeout
@@ -93,9 +95,10 @@ class DevBroker:
             os.close(fd)
             self.log_path = Path(name)
         url = f"tcp://{self.bootstrap}"
+        advertised = f"tcp://{self.host}:{self.advertised_port}"
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  *(["--authentication"] if self.authentication else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

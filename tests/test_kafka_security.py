@@ -1,15 +1,21 @@
 """Kafka TLS/SASL settings reach every client, and no secret is ever shown.
 
-The dev broker (Tansu) offers a SASL listener (``--authentication``, SCRAM) but no way to create
-a user while it is on, so the end-to-end tests here go the other way round: every client is
-given SASL settings for a user the broker does not know. A client that got the settings fails
-with librdkafka's *SASL authentication error*; one that missed them would speak plaintext and
-fail with a different error (the broker drops it). Either way the password must appear nowhere.
+TLS, positively: Tansu's own TLS options did not give a TLS listener (0.6.0: ``--cert`` and
+``--key`` refuse each other, and a combined PEM still served plaintext), so the dev broker runs
+behind a TLS proxy that it advertises; generate, the flow (source and DLQ producer) and reconcile
+run through it with ``KAFKA_SECURITY_PROTOCOL=SSL``.
+
+SASL, negatively: Tansu offers a SASL listener (``--authentication``, SCRAM) but no way to
+create a user while it is on, so every client is given SASL settings for a user the broker does
+not know. A client that got the settings fails with librdkafka's *SASL authentication error*;
+one that missed them would speak plaintext and fail with a different error (the broker drops
+it). Either way the password must appear nowhere.
 """
 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +26,7 @@ import pytest
 from confluent_kafka import KafkaException
 
 from dataflows.settings import Settings, SettingsError
-from deploy.broker import DevBroker, ensure_topic, topic_partitions
+from deploy.broker import DevBroker, ensure_topic, free_port, topic_partitions
 from deploy.generator import ProduceError, generate, produce
 from deploy.runner import REPO_ROOT, bytewax_command, flow_environment
 from sinks.kafka_client import (
@@ -35,6 +41,7 @@ from recovery.reconcile import read_topic
 from sinks.alerts import AlertsPartition
 from sinks.kafka_output import KafkaOutputSink
 from support.kafka import unique_topic
+from support.tls_proxy import TlsProxy, self_signed_certificate
 
 PASSWORD = "Pw-7f3c9e1d-never-shown"
 PRODUCT_PACKAGES = ("dataflows", "operators", "state", "sinks", "recovery", "deploy")
@@ -207,6 +214,55 @@ def test_the_flow_and_the_cli_fail_on_sasl_and_never_print_the_password(sasl_bro
         assert process.returncode != 0, (name, output[-2000:])
         assert "SASL authentication error" in output, (name, output[-2000:])
         assert PASSWORD not in output, name
+
+
+# ---- end to end over TLS -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    """The dev broker behind a TLS proxy that it advertises: every connection is TLS."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    broker_port, proxy_port = free_port(), free_port()
+    proxy = TlsProxy(proxy_port, ("127.0.0.1", broker_port), cert, key)
+    try:
+        with DevBroker(broker_port, advertised_port=proxy_port):
+            yield f"127.0.0.1:{proxy_port}", cert, proxy
+    finally:
+        proxy.close()
+
+
+def test_generate_the_flow_and_reconcile_work_over_tls(tls_broker, tmp_path):
+    bootstrap, cert, proxy = tls_broker
+    topic, dlq = unique_topic("usage-tls"), unique_topic("dlq-tls")
+    env = flow_environment(KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_SECURITY_PROTOCOL="SSL",
+                           KAFKA_SSL_CA_LOCATION=str(cert), USAGE_TOPIC=topic, DLQ_TOPIC=dlq,
+                           CLICKHOUSE_URL=f"chdb://{tmp_path / 'clickhouse'}", KAFKA_STOP_AT_END="1",
+                           REDIS_URL="", METRICS_PORT="0", LOG_LEVEL="WARNING")
+    kafka = Settings.from_env(env).kafka.connection
+    ensure_topic(kafka, dlq, 1)
+    generated = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "generate", "--topic", topic, "--partitions", "2", "--count", "400",
+         "--malformed", "0.05", "--very-late", "0", "--start", "2026-01-01T00:00:00Z", "--no-progress"],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    malformed = int(generated.stdout.split("malformed=")[1].split()[0])
+    assert malformed > 0
+
+    flow = subprocess.run(bytewax_command(), env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert flow.returncode == 0, flow.stderr[-3000:]
+    assert len(read_topic(kafka, dlq, timeout_s=60)) == malformed  # the DLQ producer spoke TLS too
+    reconciled = subprocess.run([sys.executable, "-m", "deploy.cli", "reconcile"], env=env, cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=120)
+    assert reconciled.returncode == 0, reconciled.stdout[-2000:] + reconciled.stderr[-2000:]
+    assert "0 differ" in reconciled.stdout
+
+    refused_before = proxy.refused_handshakes
+    with pytest.raises(KafkaUnavailableError):  # a plaintext client gets nowhere
+        topic_partitions(bootstrap, topic, timeout=3)
+    assert proxy.refused_handshakes > refused_before
 
 
 # ---- topics checked at start ---------------------------------------------------------------
