@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from dataflows.settings import Settings
 from deploy.broker import ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import REPO_ROOT, bytewax_command, flow_environment
@@ -25,6 +26,15 @@ def run(command: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deploy.cli", *args]
+
+
+def test_settings_show_urls_without_their_passwords():
+    settings = Settings.from_env({"CLICKHOUSE_URL": f"https://metering:{PASSWORD}@ch:8443/billing",
+                                  "REDIS_URL": f"rediss://default:{PASSWORD}@cache:6380/0"})
+    shown = repr(settings)
+    assert PASSWORD not in shown
+    assert "https://metering:***@ch:8443/billing" in shown and "rediss://default:***@cache:6380/0" in shown
+    assert settings.clickhouse.url.endswith(f"{PASSWORD}@ch:8443/billing")  # the value itself is intact
 
 
 def test_a_redis_url_with_an_unexpected_scheme_is_refused_without_its_password(kafka_broker):
