@@ -199,7 +199,8 @@ def ensure_topic(
     """Create ``topic`` with ``partitions`` unless it exists; True if this call created it.
 
     ``retention.ms`` is set at creation because Tansu's DescribeConfigs only answers configs
-    given then. An existing topic with another partition count raises :class:`BrokerError`.
+    given then. An existing topic with another partition count, or a broker that does not
+    answer within ``timeout`` seconds, raises :class:`BrokerError`.
     """
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
@@ -209,6 +210,9 @@ def ensure_topic(
     try:
         future.result(timeout)
         return True
+    except TimeoutError as err:  # the broker did not answer; a bare TimeoutError names nothing
+        raise BrokerError(f"creating topic {topic!r}: the broker did not answer within {timeout:g}s"
+                          ) from err
     except KafkaException as err:
         if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise

@@ -38,6 +38,29 @@ IntakeFactory = Callable[[int, int, Optional[int]], IntakeLogic]
 """Builds the intake for (partition, n_partitions, resumed max event time)."""
 
 
+def readable_headers(message, topic: str, partition: int) -> list | None:
+    """``message.headers()``, or None when they cannot be read, with a warning.
+
+    confluent-kafka turns header names into ``str``; a producer that wrote a name that is
+    not UTF-8 makes ``headers()`` raise, and a raise here would stop the flow and replay into
+    the same record after every restart. Headers are not part of the input contract (the
+    value is), so the record is judged by its value as usual: counted if valid, dead-lettered
+    with its reason (without the headers nobody can read) if not.
+
+    >>> class Message:
+    ...     def offset(self): return 7
+    ...     def headers(self): raise UnicodeDecodeError("utf-8", b"\\xff", 0, 1, "invalid start byte")
+    >>> readable_headers(Message(), "usage", 0) is None
+    True
+    """
+    try:
+        return message.headers()
+    except Exception as err:  # noqa: BLE001 - whatever librdkafka's copy holds, the record goes on
+        log.warning("unreadable Kafka headers dropped", extra={
+            "topic": topic, "partition": partition, "offset": message.offset(), "error": repr(err)[:200]})
+        return None
+
+
 @dataclass(frozen=True)
 class PartitionResume:
     """Where a partition resumes: the next offset to read and the max event time seen."""
@@ -100,7 +123,8 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
                 self._on_error(error)
                 continue
             kind, timestamp_ms = message.timestamp()  # stored in the log: the same on every replay
-            records.append((message.offset(), message.key(), message.value(), message.headers(),
+            records.append((message.offset(), message.key(), message.value(),
+                            readable_headers(message, self._topic, self._partition),
                             None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp_ms))
         if records:
             self._next_offset = records[-1][0] + 1

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -258,6 +259,17 @@ def test_ensure_topic_is_idempotent_and_refuses_another_partition_count(kafka_br
     assert topic_partitions(kafka_broker.bootstrap, topic) == 3
     with pytest.raises(BrokerError, match="already exists with 3 partitions"):
         ensure_topic(kafka_broker.bootstrap, topic, 4)
+
+
+def test_ensure_topic_names_the_topic_when_the_broker_does_not_answer():
+    silent = socket.socket()  # accepts connections, never answers a Kafka request
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        with pytest.raises(BrokerError, match="creating topic 'quiet': the broker did not answer"):
+            ensure_topic(f"127.0.0.1:{silent.getsockname()[1]}", "quiet", 1, timeout=1)
+    finally:
+        silent.close()
 
 
 def test_produce_raises_when_a_record_is_not_delivered(kafka_broker):

@@ -313,3 +313,62 @@ def test_hostile_records_reach_the_dlq_and_the_flow_counts_the_rest(kafka_broker
     assert big.value() == BIG[: len(big.value())] and len(big.value()) > FIT_BYTES - 2_000
     assert dict(big.headers())["tallyflow.original.size"] == str(len(BIG)).encode()
     assert dict(big.headers())["tallyflow.truncated"] == b"value"
+
+
+# --- headers librdkafka cannot hand to Python --------------------------------
+
+from recovery.kafka_source import UsagePartition  # noqa: E402
+
+
+class _Message:
+    """A consumed record; ``headers()`` raises like confluent-kafka's for a name that is not UTF-8."""
+
+    def __init__(self, offset: int, value: bytes, headers_error: bool):
+        self._offset, self._value, self._headers_error = offset, value, headers_error
+
+    def error(self):
+        return None
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return b"k"
+
+    def value(self):
+        return self._value
+
+    def timestamp(self):
+        return 1, START_MS + self._offset
+
+    def headers(self):
+        if self._headers_error:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return [("trace", b"kept")]
+
+
+class _Consumer:
+    def __init__(self, messages):
+        self._messages = messages
+
+    def assign(self, partitions):
+        pass
+
+    def consume(self, count, timeout):
+        messages, self._messages = self._messages, []
+        return messages
+
+    def get_watermark_offsets(self, partition, timeout=None, cached=False):
+        return 0, 3
+
+
+def test_a_record_whose_headers_cannot_be_read_is_judged_by_its_value():
+    messages = [_Message(0, event(txn="a", timestamp=START_MS), headers_error=True),
+                _Message(1, b"{oops", headers_error=True),
+                _Message(2, b"{oops", headers_error=False)]
+    source = UsagePartition(_Consumer(messages), "usage", 0, intake(), None, batch_size=10,
+                            stop_at_end=False)
+    [batch] = source.next_batch()
+    assert [e.transaction_id for e in batch.events_by_shard[0]] == ["a"]
+    assert [(d.source_offset, d.reason, d.headers) for d in batch.dead_letters] == [
+        (1, "malformed_json", []), (2, "malformed_json", [("trace", b"kept")])]
