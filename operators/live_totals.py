@@ -43,7 +43,7 @@ import msgspec
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
-from state.packing import pack_entries, unpack_entries
+from state.packing import pack_columns, pack_entries, unpack_entries
 from state.utc_calendar import date_text, month_start_ms, next_month_start_ms
 from state.utc_calendar import month_of as civil_month_of
 from state.watermark import NO_WATERMARK
@@ -296,9 +296,9 @@ class LiveTotalsLogic(StatefulBatchLogic):
                 self._segments = [pack_entries(totals, key_width=5, big=1)]
                 entries = len(totals)
             else:
-                self._segments.append(
-                    pack_entries({key: totals[key] for key in dirty if key in totals},
-                                 key_width=5, big=1))
+                live = [key for key in dirty if key in totals]
+                self._segments.append(pack_columns(live, [totals[key] for key in live],
+                                                   key_width=5, big=1))
             self._segment_entries = entries
             self._dirty = {}
         return LiveTotalsSnapshot(STATE_VERSION, self.params.shards, self.watermark,

@@ -14,7 +14,7 @@ pickling the bytes is a copy.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -30,17 +30,29 @@ def pack_entries(entries: dict[tuple, Sequence[int]], *, key_width: int, big: in
         >>> unpack_entries(pack_entries({("k",): [1, 2**300]}, key_width=1, big=1), key_width=1)
         {('k',): [1, 2037035976334486086268445688409378161051468393665936250636140449354381299763336706183397376]}
     """
-    values = entries.values()
-    width = len(next(iter(values))) if entries else 0
+    return pack_columns(entries, list(entries.values()), key_width=key_width, big=big)
+
+
+def pack_columns(keys: Iterable[tuple], values: list[Sequence[int]], *, key_width: int,
+                 big: int) -> bytes:
+    """Like ``pack_entries`` for ``dict(zip(keys, values))``, without building that dict (a
+    store packs the entries changed since its last snapshot: their keys, and their values
+    looked up).
+
+        >>> live = {("a",): [1, 5], ("b",): [2, 6]}
+        >>> unpack_entries(pack_columns(["b"], [live[("b",)]], key_width=1, big=1), key_width=1)
+        {('b',): [2, 6]}
+    """
+    width = len(values[0]) if values else 0
     columns: list = [[value[i] for value in values] if i != big else None for i in range(width)]
-    if entries:
+    if values:
         sums = [value[big] for value in values]
         limit = 1 << (8 * _BIG_BYTES - 1)
         if -limit <= min(sums) and max(sums) < limit:
             columns[big] = b"".join([total.to_bytes(_BIG_BYTES, "little", signed=True) for total in sums])
         else:
             columns[big] = [str(total) for total in sums]
-    flat = list(chain.from_iterable(entries)) if key_width > 1 else [key[0] for key in entries]
+    flat = list(chain.from_iterable(keys)) if key_width > 1 else [key[0] for key in keys]
     return _encode((flat, columns))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from state.packing import pack_entries, unpack_entries
+from state.packing import pack_columns, pack_entries, unpack_entries
 from state.records import WindowRow
 from state.window_kinds import WindowKind
 
@@ -192,7 +192,8 @@ class WindowStore:
                 segments[:] = [pack_window(keys)]
                 entries = len(keys)
             else:
-                segments.append(pack_window({key: keys[key] for key in changed}))
+                segments.append(pack_columns(changed, [keys[key] for key in changed],
+                                             key_width=3, big=1))
             self._segment_entries[start] = entries
         self._changed = {}
         return WindowSnapshot(self.windows.fingerprint,
