@@ -183,8 +183,37 @@ class LiveTotalsLogic(StatefulBatchLogic):
         self._segments: list[bytes] = []
         self._segment_entries = 0
         self._dirty: dict = dict.fromkeys(self.totals)  # a resumed state is packed afresh
+        self._shown: set = set()  # keys last written with provisional totals
 
     def on_batch(self, values: list) -> tuple[Iterable, bool]:
+        provisional = [usage for usage in values if usage.provisional]
+        if provisional:
+            values = [usage for usage in values if not usage.provisional]
+        out, keep = self._on_counted(values)
+        if self._shown:  # totals a provisional flush showed: the real ones replace them
+            out.append(LiveTotals({key: self.totals.get(key, (0, 0)) for key in self._shown}))
+            self._shown = set()
+        if provisional:
+            out += self._show_provisional(provisional)
+        return out, keep
+
+    def _show_provisional(self, provisional: list) -> list:
+        """The end of input flushed undecided events: show state + them, keep only the state.
+
+        Alerts for crossings they make are sent (and remembered) like any other.
+        """
+        kept = (self.totals, self.evicted_through_day, self._segments, self._segment_entries,
+                self._dirty)
+        self.totals, self._dirty = dict(self.totals), dict(self._dirty)
+        try:
+            out, _ = self._on_counted(provisional)
+            self._shown = {key for item in out if isinstance(item, LiveTotals) for key in item.totals}
+        finally:
+            (self.totals, self.evicted_through_day, self._segments, self._segment_entries,
+             self._dirty) = kept
+        return out
+
+    def _on_counted(self, values: list) -> tuple[list, bool]:
         totals, changed, months = self.totals, {}, {}
         watched, latest_of = self.params.rules.by_code, {}  # latest event time, watched codes only
         get = totals.get

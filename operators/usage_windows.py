@@ -20,6 +20,7 @@ corrected while within the allowed lateness, then forgotten.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,11 +33,10 @@ from operators.telemetry import metrics, tracing
 from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
-from state.dedup import DedupSnapshot, DedupStore
 from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow
 from state.sessions import SessionStore
-from state.watermark import NO_WATERMARK, FlowWatermark
-from state.window_kinds import SessionWindows, TumblingWindows, WindowKind
+from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
+from state.window_kinds import SessionWindows, SlidingWindows, TumblingWindows, WindowKind
 from state.windows import AggregateWindowStore, WindowStore
 
 ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
@@ -62,23 +62,29 @@ class UsageShardSnapshot:
 
     shards: int
     watermark: FlowWatermark
-    forgotten_before: int
-    dedup: DedupSnapshot
+    decided_through: int
+    counted_at: dict  # digest -> event time of its counted copy (a tuple when reused)
+    reported_late: dict  # digest -> event time of its late copy in usage_late_events
+    pending: dict  # due -> [(event time, partition, offset, ShardEvent)]
     usage: object
     rollups: dict
     metrics: dict
-    pending_late: tuple
+    pending_late: dict  # decision point -> [(event time, partition, offset, digest, LateRecord)]
     duplicates: int
     metric_fingerprints: dict | None = None  # {metric name: MetricDefinition.fingerprint}; None: older state
-
-
-def _source_position(late: tuple) -> tuple[int, int]:
-    record = late[2]
-    return record.source_partition, record.source_offset
+    topic: str = ""
 
 
 class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot]):
     """Dedup by transaction, then aggregate per (org, customer, code, window).
+
+    On-time events wait until every partition's watermark has passed the end of
+    their last window (+ lateness): by then every on-time copy of their
+    transaction that could come before them has arrived, so they are decided in
+    (event time, partition, offset) order and the outcome depends only on the
+    input (the README's rule). Windows close at that same watermark, so rows are
+    not delayed. Late copies wait one dedup horizon more, for every counted copy
+    within the horizon after them.
 
     Emits ``WindowRow`` (usage windows and rollups), ``MetricRow`` (catalog
     metrics), ``LateRecord`` (late events that are not copies of a counted
@@ -95,25 +101,39 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         if resume is not None:
             _check_same_outputs(params, resume)
         lateness = params.allowed_lateness_ms
+        step, end_offset = params.windows.last_end_steps()
+        self._due_step, self._due_offset = step, end_offset + lateness
+        delay = _longest_window(params.windows)
         self.watermark = resume.watermark.resumed() if resume else FlowWatermark()
-        self.forgotten_before = resume.forgotten_before if resume else NO_WATERMARK
-        self.dedup = DedupStore(params.dedup_horizon_ms, resume.dedup if resume else None)
+        self.decided_through = resume.decided_through if resume else NO_WATERMARK
+        self.counted_at: dict = dict(resume.counted_at) if resume else {}
+        self.reported_late: dict = dict(resume.reported_late) if resume else {}
+        self.pending: dict[int, list] = (
+            {due: list(entries) for due, entries in resume.pending.items()} if resume else {})
+        self._dues = list(self.pending)
+        heapq.heapify(self._dues)
+        self.pending_late: dict[int, list] = (
+            {at: list(entries) for at, entries in resume.pending_late.items()} if resume else {})
+        self._late_points = list(self.pending_late)
+        heapq.heapify(self._late_points)
+        self._pruned_at = NO_WATERMARK
+        self.topic = resume.topic if resume else ""
         self.usage = _store(params.windows, Sum(), lateness, resume.usage if resume else None,
-                            fast_usage=True)
+                            fast_usage=True, keep_ms=_settle_extra(params.windows))
         # Rollups count exactly what the usage windows count: they stay open long
         # enough for any event the usage windows can still accept.
-        rollup_lateness = lateness + _longest_window(params.windows)
+        rollup_lateness = lateness + delay
         self.rollups = {
             grain: WindowStore(TumblingWindows(ROLLUP_SIZES_MS[grain]),
                                resume.rollups.get(grain) if resume else None, rollup_lateness, grain)
             for grain in params.rollups
         }
+        # Events reach the metric stores when the usage windows decide them.
         self.metric_stores = [
             _store(m.windows, m.aggregation, lateness, resume.metrics.get(m.name) if resume else None,
-                   recurring=m.recurring)
+                   recurring=m.recurring, keep_ms=delay)
             for m in params.catalog.metrics
         ]
-        self.pending_late: list = list(resume.pending_late) if resume else []
         self.duplicates = resume.duplicates if resume else 0
         self.window_tracing = tracing.WindowTracing()  # sampled events' spans; not snapshotted
 
@@ -124,62 +144,161 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         counted: dict | None = {} if self.params.emit_counted_usage else None
         duplicates_before = self.duplicates
         for batch in values:
-            self._count(batch, out, counted)
-            self.pending_late.extend(batch.late)
+            self._accept(batch, out)
             self.watermark.report(batch.partition, batch.n_partitions, batch.watermark,
                                   batch.at_end, batch.idle)
             if batch.traces:
                 self.window_tracing.add(batch.traces)
-        current, closing = self.watermark.current, self.watermark.closing
-        self.forgotten_before = max(self.forgotten_before, current)
-        closed = self._emit(closing, self.forgotten_before)
+        decided = max(self.decided_through, self.watermark.current)
+        self._decide(decided, out, counted)
+        self.decided_through = decided
+        closed = self._emit(decided, decided)
+        if self.watermark.closing == END_OF_STREAM and (self.pending or self.pending_late):
+            closed += self._provisional_flush(decided, out)
         out.extend(closed)
         if self.window_tracing.pending:
             out.extend(self.window_tracing.closed(closed))
-        if self.pending_late:
-            out.extend(self._release_late(closing))
-        self.dedup.forget_before(current)
         if counted:
-            out.append(CountedUsage(counted, self.forgotten_before))
+            out.append(CountedUsage(counted, self.decided_through))
         metrics.record_duplicates(self.duplicates - duplicates_before)
         metrics.record_windows_closed(len(closed))
         return out, StatefulBatchLogic.RETAIN
 
-    def _count(self, batch: ShardBatch, out: list, counted: dict | None) -> None:
-        events = batch.events
-        if not events:
-            return
-        fresh = self.dedup.keep_first_sightings(events)
-        self.duplicates += len(events) - len(fresh)
-        if isinstance(self.params.windows, TumblingWindows):
-            fresh = self._count_tumbling(batch, fresh, counted, out)
-        for event in fresh:
-            self._count_one(batch, event, out, counted)
+    def _accept(self, batch: ShardBatch, out: list) -> None:
+        """Put the batch's on-time events and late copies where they wait for their decision."""
+        if batch.topic:
+            self.topic = batch.topic
+        partition, decided = batch.partition, self.decided_through
+        step, offset, pending = self._due_step, self._due_offset, self.pending
+        for event in batch.events:
+            timestamp = event.timestamp_ms
+            due = timestamp - timestamp % step + offset
+            if due <= decided:  # only after IDLE_TIMEOUT let the watermark run ahead of a partition
+                out.append(self._late_at_shard(partition, event, "window_closed_idle_partition", decided))
+                metrics.record_late(1)
+                continue
+            entries = pending.get(due)
+            if entries is None:
+                entries = pending[due] = []
+                heapq.heappush(self._dues, due)
+            entries.append((timestamp, partition, event.offset, event))
+        for _due, digest, record in batch.late:
+            point = self._late_point(record.timestamp_ms)
+            if record.watermark_ms >= point:
+                out.append(record)  # more than the horizon late: reported, never deduplicated
+                continue
+            entries = self.pending_late.get(point)
+            if entries is None:
+                entries = self.pending_late[point] = []
+                heapq.heappush(self._late_points, point)
+            entries.append((record.timestamp_ms, record.source_partition, record.source_offset,
+                            digest, record))
 
-    def _count_tumbling(self, batch: ShardBatch, fresh: list, counted: dict | None, out: list) -> list:
-        """The hot path: sum the batch per (window, key) first, then touch the stores once per group.
+    def _late_point(self, timestamp: int) -> int:
+        """When a late copy at ``timestamp`` is decided: every on-time copy within the
+        horizon after it has been decided by then."""
+        later = timestamp + self.params.dedup_horizon_ms
+        return later - later % self._due_step + self._due_offset
+
+    # -- decisions -----------------------------------------------------------
+
+    def _decide(self, watermark: int, out: list, counted: dict | None) -> None:
+        """Decide, in (event time, partition, offset) order, every copy the watermark settled."""
+        dues, ready = self._dues, []
+        while dues and dues[0] <= watermark:
+            ready += self.pending.pop(heapq.heappop(dues))
+        if ready:
+            ready.sort(key=_position)
+            fresh = self._first_copies(ready)
+            if isinstance(self.params.windows, TumblingWindows):
+                self._count_tumbling(fresh, counted, out)
+            else:
+                for _t, partition, _o, event in fresh:
+                    self._count_one(partition, event, out, counted)
+        points, late = self._late_points, []
+        while points and points[0] <= watermark:
+            late += self.pending_late.pop(heapq.heappop(points))
+        if late:
+            late.sort(key=_position)
+            out.extend(self._new_late(late))
+        self._prune(watermark)
+
+    def _first_copies(self, ready: list) -> list:
+        """The copies that count: no counted copy of their id within the horizon before them."""
+        horizon, counted_at = self.params.dedup_horizon_ms, self.counted_at
+        get, fresh = counted_at.get, []
+        for entry in ready:
+            timestamp, digest = entry[0], entry[3].digest
+            last = get(digest)
+            if last is None:
+                counted_at[digest] = timestamp
+            elif timestamp - (last if last.__class__ is int else last[-1]) < horizon:
+                continue
+            else:
+                counted_at[digest] = (last, timestamp) if last.__class__ is int else (*last, timestamp)
+            fresh.append(entry)
+        self.duplicates += len(ready) - len(fresh)
+        return fresh
+
+    def _new_late(self, late: list) -> list[LateRecord]:
+        """Late copies with no counted copy within the horizon (either side) and no reported
+        late copy within the horizon before them."""
+        horizon, released = self.params.dedup_horizon_ms, []
+        for timestamp, _p, _o, digest, record in late:
+            times = self.counted_at.get(digest, ())
+            if times.__class__ is int:
+                times = (times,)
+            reported = self.reported_late.get(digest)
+            if any(abs(timestamp - t) < horizon for t in times) or (
+                    reported is not None and timestamp - reported < horizon):
+                self.duplicates += 1
+                continue
+            self.reported_late[digest] = timestamp
+            released.append(record)
+        return released
+
+    def _prune(self, watermark: int) -> None:
+        """Forget ids no decision can need any more (exact: decisions compare event times)."""
+        horizon = self.params.dedup_horizon_ms
+        if watermark == NO_WATERMARK or watermark - self._pruned_at < max(horizon // 16, 1):
+            return
+        self._pruned_at = watermark
+        # Undecided copies are later than watermark - the longest wait; late ones compare
+        # both ways within the horizon.
+        cutoff = watermark - 2 * horizon - _longest_window(self.params.windows) \
+            - self.params.allowed_lateness_ms
+        counted_at = self.counted_at
+        for digest, times in list(counted_at.items()):
+            if times.__class__ is int:
+                if times <= cutoff:
+                    del counted_at[digest]
+            else:
+                kept = tuple(t for t in times if t > cutoff)
+                if not kept:
+                    del counted_at[digest]
+                else:
+                    counted_at[digest] = kept[0] if len(kept) == 1 else kept
+        for digest, timestamp in list(self.reported_late.items()):
+            if timestamp <= cutoff:
+                del self.reported_late[digest]
+
+    def _count_tumbling(self, fresh: list, counted: dict | None, out: list) -> None:
+        """The hot path: sum the decided copies per (window, key) first, then touch the stores
+        once per group.
 
         Rollups and the counted days are bucketed by the event's own time, not by its
         window's start (a 1-day window's events spread over 24 hourly rows; with 7-minute
         windows an event at 00:01 belongs to its own day). Where a grain is a multiple of
         the window size the window groups already are the grain's groups (epoch-aligned
-        windows nest in hours and days); otherwise the batch is also summed per (grain,
-        key) separately.
+        windows nest in hours and days); otherwise they are also summed per (grain, key).
 
         Intake already sent aside events too late for their window, and rollups stay
-        open longer than the usage windows, so no per-event check is needed — except
-        for events seen before the shard's forgotten horizon (an idle partition came
-        back), which go the per-event way; they are returned.
+        open longer than the usage windows, so no per-event check is needed.
         """
-        size, forgotten = self.params.windows.size_ms, self.forgotten_before
+        size = self.params.windows.size_ms
         groups: dict[tuple, list] = {}
         by_unit: dict[int, dict[tuple, list]] = {unit: {} for unit in self._own_units(counted)}
-        per_event = []
-        for event in fresh:
-            seen = event.watermark_before
-            if seen < forgotten:
-                per_event.append(event)
-                continue
+        for _t, partition, _o, event in fresh:
             timestamp, value = event.timestamp_ms, event.value_scaled
             org, customer, code = event.organization_id, event.external_customer_id, event.code
             group_key = (timestamp - timestamp % size, org, customer, code)
@@ -195,7 +314,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 _add_to_group(unit_groups, (timestamp - timestamp % unit, org, customer, code),
                               value, timestamp)
             if event.metric_values:
-                self._add_metrics(batch, event, seen, out)
+                self._add_metrics(partition, event, event.watermark_before, out)
         usage_add = self.usage.add_group
         for (start, org, customer, code), (count, total, _latest) in groups.items():
             usage_add(start, (org, customer, code), count, total)
@@ -211,7 +330,6 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 old = counted.get(key)
                 counted[key] = (count, total, latest) if old is None else (
                     old[0] + count, old[1] + total, max(old[2], latest))
-        return per_event
 
     def _own_units(self, counted: dict | None) -> list[int]:
         """Grains (ms) the tumbling window groups cannot give: not a multiple of the window size."""
@@ -220,13 +338,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             units.add(_DAY_MS)
         return sorted(unit for unit in units if unit % self.params.windows.size_ms)
 
-    def _count_one(self, batch: ShardBatch, event: ShardEvent, out: list, counted: dict | None) -> None:
+    def _count_one(self, partition: int, event: ShardEvent, out: list, counted: dict | None) -> None:
         timestamp, value, seen = event.timestamp_ms, event.value_scaled, event.watermark_before
-        if seen < self.forgotten_before:
-            seen = self.forgotten_before  # an idle partition came back: its windows may be gone
         key = (event.organization_id, event.external_customer_id, event.code)
         if not self._add_usage(key, timestamp, value, seen):
-            out.append(self._late_at_shard(batch, event, "window_closed_idle_partition", seen))
+            out.append(self._late_at_shard(partition, event, "window_closed_idle_partition", seen))
             metrics.record_late(1)  # intake counted it on time; rollup or metric misses are not late events
             return
         for grain, store in self.rollups.items():
@@ -234,9 +350,9 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             if store.accepts(start, seen):
                 store.add(start, key, value)
             else:
-                out.append(self._late_at_shard(batch, event, f"window_closed:{grain}", seen))
+                out.append(self._late_at_shard(partition, event, f"window_closed:{grain}", seen))
         if event.metric_values:
-            self._add_metrics(batch, event, seen, out)
+            self._add_metrics(partition, event, seen, out)
         if counted is not None:
             day_key = (*key, timestamp - timestamp % _DAY_MS)
             count, total, latest = counted.get(day_key, (0, 0, timestamp))
@@ -253,54 +369,64 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 added = True
         return added
 
-    def _add_metrics(self, batch: ShardBatch, event: ShardEvent, seen: int, out: list) -> None:
+    def _add_metrics(self, partition: int, event: ShardEvent, seen: int, out: list) -> None:
         org, customer, timestamp = event.organization_id, event.external_customer_id, event.timestamp_ms
         for index, group, value in event.metric_values:
             if not self.metric_stores[index].add((org, customer, group), timestamp, value, seen):
                 name = self.params.catalog.metrics[index].name
-                out.append(self._late_at_shard(batch, event, f"window_closed:metric:{name}", seen))
+                out.append(self._late_at_shard(partition, event, f"window_closed:metric:{name}", seen))
 
-    def _late_at_shard(self, batch: ShardBatch, event: ShardEvent, reason: str, seen: int) -> LateRecord:
+    def _late_at_shard(self, partition: int, event: ShardEvent, reason: str, seen: int) -> LateRecord:
         org, customer, code = event.organization_id, event.external_customer_id, event.code
         timestamp, value, offset, txn = event.timestamp_ms, event.value_scaled, event.offset, event.transaction_id
         raw = json.dumps({"transaction_id": txn, "organization_id": org,
                           "external_customer_id": customer, "code": code,
                           "timestamp": timestamp}).encode()
         return LateRecord(org, customer, code, txn, timestamp, value, reason, seen,
-                          batch.topic, batch.partition, offset, raw)
+                          self.topic, partition, offset, raw)
 
     # -- output --------------------------------------------------------------
 
-    def _emit(self, closing: int, watermark: int) -> list:
-        rows: list = []
+    def _emit(self, closing: int, watermark: int, provisional: bool = False) -> list:
+        return [row for metric, rows in self._emitted(closing, watermark, provisional)
+                for row in _as_rows(metric, rows)]
+
+    def _emitted(self, closing: int, watermark: int, provisional: bool) -> list[tuple]:
+        """``(metric or None, the store's rows)`` for every store, in :meth:`_stores` order."""
+        emitted = []
         if isinstance(self.usage, SessionStore):
-            rows += [WindowRow(*r.key, r.start_ms, r.end_ms, r.count, r.result, r.version, r.is_deleted)
-                     for r in self.usage.emit(closing, watermark)]
+            emitted.append((None, self.usage.emit(closing, watermark, provisional)))
         else:
-            rows += self.usage.emit_closed(closing, watermark)
+            emitted.append((None, self.usage.emit_closed(closing, watermark, provisional)))
         for store in self.rollups.values():
-            rows += store.emit_closed(closing, watermark)
+            emitted.append((None, store.emit_closed(closing, watermark, provisional)))
         for metric, store in zip(self.params.catalog.metrics, self.metric_stores):
-            rows += [_metric_row(metric, r) for r in store.emit(closing, watermark)]
-        return rows
+            emitted.append((metric, store.emit(closing, watermark, provisional)))
+        return emitted
 
-    def _release_late(self, closing: int) -> list[LateRecord]:
-        """Late events whose window every partition has passed: new ones out, copies dropped.
+    def _stores(self) -> list:
+        return [self.usage, *self.rollups.values(), *self.metric_stores]
 
-        By then every on-time copy of the transaction has been counted, so the
-        decision is the same on every replay; ties are broken by source position.
+    def _provisional_flush(self, watermark: int, out: list) -> list:
+        """The end of input (``KAFKA_STOP_AT_END``) with copies still undecided: write rows as
+        if the input ended here, without deciding anything.
+
+        A copy of the state decides every waiting copy and emits provisional rows (they
+        outrank real rows of this watermark and lose to any later one); the state itself
+        keeps waiting, so a later run with more input decides by the rule, and writes again
+        (or deletes) every row written here. Late copies decided here go out for good.
         """
-        due = [late for late in self.pending_late if late[0] <= closing]
-        if not due:
-            return []
-        self.pending_late = [late for late in self.pending_late if late[0] > closing]
-        released = []
-        for _due, digest, record in sorted(due, key=_source_position):
-            if self.dedup.first_sighting(digest, record.timestamp_ms):
-                released.append(record)
-            else:
-                self.duplicates += 1
-        return released
+        scratch = UsageWindowLogic(self.params, self._snapshot())
+        counted: dict | None = {} if self.params.emit_counted_usage else None
+        scratch._decide(END_OF_STREAM, out, counted)
+        emitted = scratch._emitted(END_OF_STREAM, watermark, provisional=True)
+        rows = []
+        for real, (metric, store_rows) in zip(self._stores(), emitted):
+            real.owe(store_rows, watermark)
+            rows += _as_rows(metric, store_rows)
+        if counted:
+            out.append(CountedUsage(counted, self.decided_through, provisional=True))
+        return rows
 
     def snapshot(self) -> UsageShardSnapshot:
         started = time.perf_counter()
@@ -312,14 +438,17 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         return UsageShardSnapshot(
             self.params.shards,
             self.watermark.copy(),
-            self.forgotten_before,
-            self.dedup.snapshot(),
+            self.decided_through,
+            dict(self.counted_at),
+            dict(self.reported_late),
+            {due: tuple(entries) for due, entries in self.pending.items()},
             self.usage.snapshot(),
             {grain: store.snapshot() for grain, store in self.rollups.items()},
             {m.name: s.snapshot() for m, s in zip(self.params.catalog.metrics, self.metric_stores)},
-            tuple(self.pending_late),
+            {at: tuple(entries) for at, entries in self.pending_late.items()},
             self.duplicates,
             {m.name: m.fingerprint for m in self.params.catalog.metrics},
+            self.topic,
         )
 
 
@@ -436,6 +565,28 @@ def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
     return grouped
 
 
+def _position(entry: tuple) -> tuple:
+    """(event time, partition, offset): the order the rule takes copies in."""
+    return entry[0], entry[1], entry[2]
+
+
+def _as_rows(metric: MetricDefinition | None, rows: list) -> list:
+    """A store's rows as table rows: ``WindowRow`` as they are, session and metric rows converted."""
+    if metric is not None:
+        return [_metric_row(metric, r) for r in rows]
+    return [r if r.__class__ is WindowRow else
+            WindowRow(*r.key, r.start_ms, r.end_ms, r.count, r.result, r.version, r.is_deleted)
+            for r in rows]
+
+
+def _settle_extra(windows: WindowKind) -> int:
+    """How much longer than its end + lateness a usage window waits for decisions: a
+    sliding window's events are decided when their last window closes."""
+    if isinstance(windows, SlidingWindows):
+        return windows.size_ms - windows.slide_ms
+    return 0
+
+
 def _longest_window(windows: WindowKind) -> int:
     """How far past an event's own time the windows holding it can end."""
     if isinstance(windows, SessionWindows):
@@ -444,12 +595,12 @@ def _longest_window(windows: WindowKind) -> int:
 
 
 def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: bool = False,
-           recurring: bool = False):
+           recurring: bool = False, keep_ms: int = 0):
     if isinstance(windows, SessionWindows):
-        return SessionStore(windows.gap_ms, aggregation, lateness, resume)
+        return SessionStore(windows.gap_ms, aggregation, lateness, resume, keep_ms)
     if fast_usage:
-        return WindowStore(windows, resume, lateness)
-    return AggregateWindowStore(windows, aggregation, lateness, resume, recurring)
+        return WindowStore(windows, resume, lateness, keep_ms=keep_ms)
+    return AggregateWindowStore(windows, aggregation, lateness, resume, recurring, keep_ms)
 
 
 def _metric_row(metric: MetricDefinition, row) -> MetricRow:

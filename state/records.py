@@ -92,12 +92,13 @@ class CountedUsage(msgspec.Struct, frozen=True, gc=False):
     ``deltas`` maps ``(organization_id, external_customer_id, code, day_start_ms)`` to
     ``(count, total_scaled, max_event_ms)``. Emitted only when live totals are enabled; it
     leaves the shard step keyed by the shard, like every other output. ``watermark`` is the
-    shard's ``forgotten_before`` after the batch: no later batch counts an event older than it
+    shard's ``decided_through`` after the batch: no later batch counts an event older than it
     minus the longest window and lateness, so live totals may drop periods well before it.
     """
 
     deltas: dict
     watermark: int = -(2**63)
+    provisional: bool = False  # the end of input flushed undecided events: show, do not keep
 
 
 class LateRecord(msgspec.Struct, frozen=True, gc=False):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from state.aggregations import Aggregation
-from state.windows import StoreRow
+from state.windows import NO_OWED, OWED, StoreRow, row_version
 
 
 @dataclass
@@ -38,17 +38,27 @@ class Session:
 class SessionSnapshot:
     fingerprint: str
     sessions: dict
+    owed_after: int = NO_OWED
+    owed_tombstones: tuple = ()  # (key, start) a provisional flush wrote and no session has
 
 
 class SessionStore:
-    """Sessions per key with merging, allowed lateness and tombstones."""
+    """Sessions per key with merging, allowed lateness and tombstones.
+
+    When sessions merge, the start of every session merged away gets a tombstone, whether
+    or not this run wrote a row for it: a run interrupted by a crash may have, and the
+    replay, deciding the bridging event before ever emitting, would not know.
+    """
 
     def __init__(self, gap_ms: int, aggregation: Aggregation, allowed_lateness_ms: int = 0,
-                 resume: SessionSnapshot | None = None) -> None:
+                 resume: SessionSnapshot | None = None, keep_ms: int = 0) -> None:
         self.gap_ms = gap_ms
         self.aggregation = aggregation
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.keep_ms = keep_ms
         self._sessions: dict[tuple, list[Session]] = {}
+        self.owed_after = resume.owed_after if resume is not None else NO_OWED
+        self._owed_tombstones: set = set(resume.owed_tombstones) if resume is not None else set()
         if resume is not None:
             if resume.fingerprint != self.fingerprint:
                 raise ValueError(f"session state was built for {resume.fingerprint}, the flow "
@@ -76,16 +86,21 @@ class SessionStore:
         self._sessions[key] = kept
         return True
 
-    def emit(self, closing_ms: int, watermark_ms: int) -> list[StoreRow]:
+    def emit(self, closing_ms: int, watermark_ms: int, provisional: bool = False) -> list[StoreRow]:
         """Rows for sessions whose end ``closing_ms`` passed; forget those long settled."""
         rows: list[StoreRow] = []
-        settle = self.allowed_lateness_ms + self.gap_ms
+        version = row_version(watermark_ms, provisional)
+        owed_now = watermark_ms > self.owed_after
+        if owed_now and self._owed_tombstones:
+            rows += self._settle_owed(version)
+        settle = self.allowed_lateness_ms + self.gap_ms + self.keep_ms
         for key in list(self._sessions):
             sessions = self._sessions[key]
             for session in sessions:
                 end = session.last + self.gap_ms
-                if end <= closing_ms and session.count != session.emitted_count:
-                    rows.extend(self._rows(key, session, end))
+                if end <= closing_ms and session.count != session.emitted_count and (
+                        session.emitted_count != OWED or owed_now):
+                    rows.extend(self._rows(key, session, end, version))
             remaining = [s for s in sessions if s.last + self.gap_ms + settle > watermark_ms
                          or s.count != s.emitted_count]
             if remaining:
@@ -94,13 +109,44 @@ class SessionStore:
                 del self._sessions[key]
         return rows
 
-    def _rows(self, key: tuple, session: Session, end: int) -> list[StoreRow]:
-        rows = [StoreRow(key, start, start + self.gap_ms, 0, 0, version + 1, True)
-                for start, version in session.written.items() if start != session.first]
+    def _rows(self, key: tuple, session: Session, end: int, version: int) -> list[StoreRow]:
+        rows = [StoreRow(key, start, start + self.gap_ms, 0, 0, version, True)
+                for start in session.written if start != session.first]
         result = self.aggregation.result(session.state, end, session.first)
-        rows.append(StoreRow(key, session.first, end, session.count, result, session.count))
-        session.written = {session.first: session.count}
+        rows.append(StoreRow(key, session.first, end, session.count, result, version,
+                             session.count == 0))
+        session.written = {session.first: version}
         session.emitted_count = session.count
+        return rows
+
+    def owe(self, rows: list[StoreRow], watermark_ms: int) -> None:
+        """A provisional flush wrote ``rows``: write each again, for real, or delete it, at
+        the first emission after ``watermark_ms``."""
+        self.owed_after = watermark_ms
+        for row in rows:
+            if row.is_deleted:
+                continue
+            session = self._starting_at(row.key, row.start_ms)
+            if session is None:
+                self._owed_tombstones.add((row.key, row.start_ms))
+            else:
+                session.emitted_count = OWED
+
+    def _starting_at(self, key: tuple, start_ms: int) -> Session | None:
+        for session in self._sessions.get(key, ()):
+            if session.first == start_ms:
+                return session
+        return None
+
+    def _settle_owed(self, version: int) -> list[StoreRow]:
+        rows = []
+        for key, start in sorted(self._owed_tombstones):
+            session = self._starting_at(key, start)
+            if session is None:
+                rows.append(StoreRow(key, start, start + self.gap_ms, 0, 0, version, True))
+            else:
+                session.emitted_count = OWED
+        self._owed_tombstones.clear()
         return rows
 
     def open_sessions(self) -> int:
@@ -113,7 +159,7 @@ class SessionStore:
             key: [Session(s.first, s.last, s.count, copy.deepcopy(s.state), s.emitted_count,
                           dict(s.written)) for s in sessions]
             for key, sessions in self._sessions.items()
-        })
+        }, self.owed_after, tuple(sorted(self._owed_tombstones)))
 
 
 def _overlaps(a: Session, b: Session, gap: int) -> bool:
@@ -121,8 +167,7 @@ def _overlaps(a: Session, b: Session, gap: int) -> bool:
 
 
 def _merge(a: Session, b: Session, agg: Aggregation) -> Session:
-    written = dict(a.written)
-    for start, version in b.written.items():
-        written[start] = max(version, written.get(start, 0))
+    """One session of two; both starts may have been written (by this run or an interrupted one)."""
+    written = {**a.written, **b.written, a.first: 0, b.first: 0}
     return Session(min(a.first, b.first), max(a.last, b.last), a.count + b.count,
-                   agg.merge(a.state, b.state), max(a.emitted_count, b.emitted_count), written)
+                   agg.merge(a.state, b.state), -2, written)

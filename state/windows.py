@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
 from state.records import WindowRow
@@ -20,6 +21,26 @@ from state.window_kinds import WindowKind
 
 WindowKey = tuple  # (organization_id, external_customer_id, code)
 END_OF_TIME = 2**63
+NO_OWED = -(2**63)
+
+OWED = -1
+"""``emitted_count`` of a row a provisional flush wrote: re-emit it (or its tombstone) for real."""
+
+
+def row_version(watermark_ms: int, provisional: bool = False) -> int:
+    """The version of a row emitted at the flow watermark ``watermark_ms``.
+
+    What a shard has decided at a watermark depends only on the input (every event whose
+    windows the watermark has passed, in event-time order), so a row emitted at a higher
+    watermark never holds less settled data: versions only grow, across replays too, even
+    where an interrupted run wrote a higher event count. A provisional row (the end of
+    input flushes windows the watermark has not passed) outranks real rows of the same
+    watermark and loses to any later one.
+
+    >>> row_version(1_000) < row_version(1_000, provisional=True) < row_version(1_001)
+    True
+    """
+    return max(watermark_ms, 0) * 4 + (2 if provisional else 1)
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class WindowSnapshot:
 
     fingerprint: str
     windows: dict[int, tuple[bytes, ...] | bytes | dict[WindowKey, tuple[int, int, int]]]
+    owed_after: int = NO_OWED  # see WindowStore.owe
 
 
 def pack_window(keys: dict[WindowKey, list[int]]) -> bytes:
@@ -53,16 +75,18 @@ def unpack_window(packed: bytes) -> dict[WindowKey, list[int]]:
 class WindowStore:
     """Keeps aggregates until the watermark passes a window's end, then emits its rows.
 
-    Each aggregate is ``[count, total_scaled, emitted_count]``. A row is emitted
-    with ``version = count``: counts only grow, so a later emission always
-    replaces an earlier one in ClickHouse.
+    Each aggregate is ``[count, total_scaled, emitted_count]``. A row's version
+    comes from the watermark it is emitted at (:func:`row_version`), so a later
+    emission always replaces an earlier one in ClickHouse, across replays too.
     """
 
     def __init__(self, windows: WindowKind, resume: WindowSnapshot | None = None,
-                 allowed_lateness_ms: int = 0, grain: str = "") -> None:
+                 allowed_lateness_ms: int = 0, grain: str = "", keep_ms: int = 0) -> None:
         self.windows = windows
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.keep_ms = keep_ms  # how much longer than the lateness a window must stay open
         self.grain = grain
+        self.owed_after = resume.owed_after if resume is not None else NO_OWED
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
         self._segments: dict[int, list[bytes]] = {}  # what the snapshots hold, per window
         self._segment_entries: dict[int, int] = {}  # aggregates in a window's segments
@@ -122,21 +146,25 @@ class WindowStore:
             aggregate[0] += count
             aggregate[1] += total_scaled
 
-    def emit_closed(self, closing_ms: int, watermark_ms: int) -> list[WindowRow]:
+    def emit_closed(self, closing_ms: int, watermark_ms: int,
+                    provisional: bool = False) -> list[WindowRow]:
         """Rows of windows ending at or before ``closing_ms``.
 
         Windows the real ``watermark_ms`` has passed by more than the allowed
-        lateness are forgotten; until then (and when only flushed because the input
-        ended) they stay open, so later events correct their rows.
+        lateness (and ``keep_ms``) are forgotten; until then (and when only flushed
+        because the input ended) they stay open, so later events correct their rows.
         """
         rows: list[WindowRow] = []
+        version = row_version(watermark_ms, provisional)
+        owed_now = provisional or max(watermark_ms, 0) > max(self.owed_after, 0)  # as versions do
         for start in sorted(self._open):
             end = self.windows.window_end(start)
             if end > closing_ms:
                 break
             keys = self._open[start]
-            emitted = self._rows(start, end, keys, self.grain)
-            if end + self.allowed_lateness_ms <= watermark_ms:
+            emitted = self._rows(start, end, keys, self.grain, version, owed_now)
+            if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms and not any(
+                    agg[2] == OWED for agg in keys.values()):  # no provisional row still waits
                 del self._open[start]
                 self._segments.pop(start, None)
                 self._segment_entries.pop(start, None)
@@ -148,14 +176,30 @@ class WindowStore:
         return rows
 
     @staticmethod
-    def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str) -> list[WindowRow]:
+    def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str,
+              version: int, owed_now: bool) -> list[WindowRow]:
         rows = []
         for (org, customer, code), aggregate in keys.items():
             count, total, emitted = aggregate
-            if count != emitted:
-                rows.append(WindowRow(org, customer, code, start, end, count, total, count, False, grain))
+            if count != emitted and (emitted != OWED or owed_now):
+                rows.append(WindowRow(org, customer, code, start, end, count, total, version,
+                                      count == 0, grain))
                 aggregate[2] = count
         return rows
+
+    def owe(self, rows: Iterable, watermark_ms: int) -> None:
+        """A provisional flush wrote ``rows``: write each again, for real (or delete it), at
+        the first emission after ``watermark_ms``."""
+        self.owed_after = watermark_ms
+        for row in rows:
+            start, key = row.window_start_ms, (row.organization_id, row.external_customer_id, row.code)
+            self._changed.setdefault(start, {})[key] = None
+            keys = self._open.setdefault(start, {})
+            aggregate = keys.get(key)
+            if aggregate is None:
+                keys[key] = [0, 0, OWED]
+            else:
+                aggregate[2] = OWED
 
     def accepts(self, start_ms: int, watermark_before: int) -> bool:
         """Whether an event seen at ``watermark_before`` still counts in this window."""
@@ -197,7 +241,8 @@ class WindowStore:
             self._segment_entries[start] = entries
         self._changed = {}
         return WindowSnapshot(self.windows.fingerprint,
-                              {start: tuple(segments) for start, segments in self._segments.items()})
+                              {start: tuple(segments) for start, segments in self._segments.items()},
+                              self.owed_after)
 
 
 @dataclass(frozen=True)
@@ -218,6 +263,7 @@ class AggregateSnapshot:
     fingerprint: str
     windows: dict
     carried: dict = field(default_factory=dict)  # recurring: key → [state, events so far, from]
+    owed_after: int = NO_OWED
 
 
 class AggregateWindowStore:
@@ -229,29 +275,32 @@ class AggregateWindowStore:
     >>> store.add(("org", "cust", ()), 1_000, 5, watermark_before=0), store.add(("org", "cust", ()), 2_000, 9, 0)
     (True, True)
     >>> [(r.count, r.result, r.version) for r in store.emit(closing_ms=60_000, watermark_ms=60_000)]
-    [(2, 9, 2)]
+    [(2, 9, 240001)]
 
     With ``recurring``, a window's row folds in the state carried from every earlier
     window of its key, and once the watermark passes a window's end a key whose
     carried state still bills something gets a row there even without an event. A
-    row's version is the number of events behind it (the key's events so far), so a
-    correction of an earlier window re-emits the later ones with a higher version::
+    row is written again whenever the number of events behind it (the key's events so
+    far) changed, so a correction of an earlier window re-emits the later ones::
 
         >>> from state.aggregations import Sum
         >>> running = AggregateWindowStore(TumblingWindows(60_000), Sum(), recurring=True)
         >>> running.add(("o", "c", ()), 1_000, 5, watermark_before=0)
         True
-        >>> [(r.start_ms, r.count, r.result, r.version) for r in running.emit(180_000, 180_000)]
-        [(0, 1, 5, 1), (60000, 0, 5, 1), (120000, 0, 5, 1)]
+        >>> [(r.start_ms, r.count, r.result) for r in running.emit(180_000, 180_000)]
+        [(0, 1, 5), (60000, 0, 5), (120000, 0, 5)]
     """
 
     def __init__(self, windows: WindowKind, aggregation, allowed_lateness_ms: int = 0,
-                 resume: AggregateSnapshot | None = None, recurring: bool = False) -> None:
+                 resume: AggregateSnapshot | None = None, recurring: bool = False,
+                 keep_ms: int = 0) -> None:
         if recurring and not aggregation.RECURS:
             raise ValueError(f"aggregation {aggregation.name!r} cannot be recurring")
         self.windows = windows
         self.aggregation = aggregation
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.keep_ms = keep_ms
+        self.owed_after = resume.owed_after if resume is not None else NO_OWED
         self.recurring = recurring
         self._open: dict[int, dict[tuple, list]] = {}  # start → key → [state, count, emitted version]
         self._carried: dict[tuple, list] = {}  # key → [state at ``from``, events before ``from``, from]
@@ -285,12 +334,15 @@ class AggregateWindowStore:
             added = True
         return added
 
-    def emit(self, closing_ms: int, watermark_ms: int) -> list[StoreRow]:
+    def emit(self, closing_ms: int, watermark_ms: int, provisional: bool = False) -> list[StoreRow]:
         """Rows of the windows ending at or before ``closing_ms`` that changed since last emitted.
 
         Windows the real ``watermark_ms`` has passed by more than the allowed
-        lateness are forgotten (a recurring key keeps what it carries out of them).
+        lateness (and ``keep_ms``) are forgotten (a recurring key keeps what it carries
+        out of them). Versions come from the watermark (:func:`row_version`).
         """
+        version = row_version(watermark_ms, provisional)
+        owed_now = watermark_ms > self.owed_after
         starts = sorted(self._open)
         if self.recurring and watermark_ms >= self._carry_due:
             self._open_carried_windows(watermark_ms, starts)
@@ -300,15 +352,16 @@ class AggregateWindowStore:
         while index < len(starts) and (end := self.windows.window_end(start := starts[index])) <= closing_ms:
             keys = self._open[start]
             if self.recurring:
-                self._emit_recurring(start, end, keys, running, rows, watermark_ms, starts)
+                self._emit_recurring(start, end, keys, running, rows, watermark_ms, starts,
+                                     version, owed_now)
             else:
                 result = self.aggregation.result
                 for key, entry in keys.items():
-                    if entry[1] != entry[2]:
+                    if entry[1] != entry[2] and (entry[2] != OWED or owed_now):
                         rows.append(StoreRow(key, start, end, entry[1], result(entry[0], end, start),
-                                             entry[1]))
+                                             version, entry[1] == 0))
                         entry[2] = entry[1]
-            if end + self.allowed_lateness_ms <= watermark_ms:
+            if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms:
                 del self._open[start]
                 for key in keys if self.recurring else ():
                     self._carried[key] = [*running[key], end]
@@ -317,28 +370,30 @@ class AggregateWindowStore:
         return rows
 
     def _emit_recurring(self, start: int, end: int, keys: dict, running: dict, rows: list,
-                        watermark_ms: int, starts: list[int]) -> None:
+                        watermark_ms: int, starts: list[int], version: int, owed_now: bool) -> None:
         """Rows of one window of a recurring metric; keys still billing open the next window."""
         opens_next = self.windows.window_end(end) <= watermark_ms
         for key, entry in keys.items():
-            row = self._recurring_row(key, start, end, entry, running)
+            row = self._recurring_row(key, start, end, entry, running, version, owed_now)
             if row is not None:
                 rows.append(row)
             if opens_next:
                 self._open_successor(key, end, running[key][0], starts)
 
     def _recurring_row(self, key: tuple, start: int, end: int, entry: list,
-                       running: dict) -> StoreRow | None:
+                       running: dict, version: int, owed_now: bool) -> StoreRow | None:
         """The window's row if it or an earlier window changed since it was written (and it
         bills something); notes in ``running`` what the key carries into its next window."""
         agg = self.aggregation
         before, events_before = running.get(key) or self._carried.get(key, [agg.create(), 0])[:2]
-        state, version = agg.merge(before, entry[0]), events_before + entry[1]
-        running[key] = (agg.carry(state, end), version)
-        if version == entry[2] or (entry[2] == 0 and entry[1] == 0 and agg.is_empty(state)):
+        state, events = agg.merge(before, entry[0]), events_before + entry[1]
+        running[key] = (agg.carry(state, end), events)
+        if events == entry[2] or (entry[2] == 0 and entry[1] == 0 and agg.is_empty(state)) or (
+                entry[2] == OWED and not owed_now):
             return None  # unchanged, or carried into a window where nothing is billed any more
-        entry[2] = version
-        return StoreRow(key, start, end, entry[1], agg.result(state, end, start), version)
+        deleted = entry[2] == OWED and entry[1] == 0 and agg.is_empty(state)
+        entry[2] = events
+        return StoreRow(key, start, end, entry[1], agg.result(state, end, start), version, deleted)
 
     def _open_successor(self, key: tuple, start: int, carried, starts: list[int]) -> None:
         """A recurring key still billing something gets an entry in the next window."""
@@ -365,8 +420,18 @@ class AggregateWindowStore:
                 due = min(due, end)
         self._carry_due = due
 
+    def owe(self, rows: Iterable[StoreRow], watermark_ms: int) -> None:
+        """As :meth:`WindowStore.owe`."""
+        self.owed_after = watermark_ms
+        for row in rows:
+            entry = self._open.setdefault(row.start_ms, {}).get(row.key)
+            if entry is None:
+                self._open[row.start_ms][row.key] = [self.aggregation.create(), 0, OWED]
+            else:
+                entry[2] = OWED
+
     def snapshot(self) -> AggregateSnapshot:
         import copy
 
         return AggregateSnapshot(self.fingerprint, copy.deepcopy(self._open),
-                                 copy.deepcopy(self._carried))
+                                 copy.deepcopy(self._carried), self.owed_after)

@@ -61,7 +61,7 @@ def test_merging_sessions_equals_folding_everything(name):
     store = SessionStore(gap_ms=15_000, aggregation=AGGREGATIONS[name]())
     for ts, value in events:
         assert store.add(("k",), ts, value, watermark_before=-1)
-    rows = store.emit(closing_ms=10**9, watermark_ms=0)
+    rows = [r for r in store.emit(closing_ms=10**9, watermark_ms=0) if not r.is_deleted]
     assert [(r.start_ms, r.end_ms, r.count) for r in rows] == [(0, 67_000, 7)]
     assert rows[0].result == reference_fold(name, events, window_end_ms=67_000)
 

@@ -12,6 +12,7 @@ from state.records import ShardBatch, ShardEvent
 from state.watermark import (END_OF_STREAM, NO_WATERMARK, FlowWatermark, PartitionWatermark,
                                  WatermarkRegression)
 from state.window_kinds import SessionWindows, SlidingWindows, TumblingWindows
+from state.windows import row_version
 
 MINUTE = 60_000
 SCALE = 10**18
@@ -118,7 +119,7 @@ def test_window_closes_only_when_every_partition_passed_its_end():
     assert list(rows) == []  # partition 1 still before the end
     rows, _ = logic.on_batch([ShardBatch(1, 2, MINUTE, False, [])])
     assert [(r.window_start_ms, r.window_end_ms, r.event_count, r.total_scaled, r.version) for r in rows] == [
-        (0, MINUTE, 2, 5 * SCALE, 2)
+        (0, MINUTE, 2, 5 * SCALE, row_version(MINUTE))
     ]
     assert logic.usage.open_windows() == 0
 
@@ -127,7 +128,7 @@ def test_duplicates_across_partitions_count_once():
     logic = make_logic()
     logic.on_batch([ShardBatch(0, 2, 0, False, [event("a", 1_000, 7)])])
     logic.on_batch([ShardBatch(1, 2, 0, False, [event("a", 1_000, 7), event("b", 2_000, 1)])])
-    rows, _ = logic.on_batch([ShardBatch(0, 2, END_OF_STREAM, True, []), ShardBatch(1, 2, 0, True, [])])
+    rows, _ = logic.on_batch([ShardBatch(0, 2, MINUTE, True, []), ShardBatch(1, 2, MINUTE, True, [])])
     assert [(r.event_count, r.total_scaled) for r in rows] == [(2, 8 * SCALE)]
     assert logic.duplicates == 1
 
@@ -135,10 +136,11 @@ def test_duplicates_across_partitions_count_once():
 def test_end_of_input_flushes_but_keeps_window_correctable():
     logic = make_logic()
     rows, _ = logic.on_batch([ShardBatch(0, 1, 5_000, True, [event("a", 10_000, 1)])])
-    assert [(r.event_count, r.version) for r in rows] == [(1, 1)]
+    assert [(r.event_count, r.version) for r in rows] == [(1, row_version(5_000, provisional=True))]
     # Restarted later with more input for the same window: the row is corrected.
     rows, _ = logic.on_batch([ShardBatch(0, 1, 70_000, False, [event("b", 20_000, 1)])])
-    assert [(r.event_count, r.total_scaled, r.version) for r in rows] == [(2, 2 * SCALE, 2)]
+    assert [(r.event_count, r.total_scaled, r.version) for r in rows] == [
+        (2, 2 * SCALE, row_version(70_000))]
     rows, _ = logic.on_batch([ShardBatch(0, 1, 80_000, True, [])])
     assert list(rows) == []  # nothing new to say about a closed window
 
@@ -177,26 +179,26 @@ def late_item(txn: str, ts: int, partition: int, offset: int) -> tuple:
 
 
 def test_late_events_wait_for_every_partition_then_skip_counted_copies():
-    logic = make_logic()
+    logic = make_logic(horizon=2 * MINUTE)  # a late copy waits for its window's end + the horizon
     # Partition 0 is ahead: its copy of "a" is late there, and "z" is late and new.
     out, _ = logic.on_batch([ShardBatch(0, 2, 3 * MINUTE, False, [],
                                         [late_item("a", 10_000, 0, 5), late_item("z", 11_000, 0, 6)])])
     assert list(out) == []  # partition 1 has not passed the window yet
-    # Partition 1 still counts its on-time copy of "a", then passes the window.
-    out, _ = logic.on_batch([ShardBatch(1, 2, 2 * MINUTE, False, [event("a", 10_000)])])
+    # Partition 1 still counts its on-time copy of "a", then passes the window + horizon.
+    out, _ = logic.on_batch([ShardBatch(1, 2, 3 * MINUTE, False, [event("a", 10_000)])])
     late = [r for r in out if r.__class__.__name__ == "LateRecord"]
     rows = [r for r in out if r.__class__.__name__ == "WindowRow"]
     assert [r.transaction_id for r in late] == ["z"]
     assert [(r.event_count, r.total_scaled) for r in rows] == [(1, SCALE)]
     assert logic.duplicates == 1
-    assert logic.pending_late == []
+    assert logic.pending_late == {}
 
 
 def test_pending_late_events_survive_a_snapshot():
-    logic = make_logic()
+    logic = make_logic(horizon=2 * MINUTE)
     logic.on_batch([ShardBatch(0, 2, 3 * MINUTE, False, [], [late_item("z", 11_000, 0, 6)])])
-    resumed = make_logic(resume=pickle.loads(pickle.dumps(logic.snapshot())))
-    out, _ = resumed.on_batch([ShardBatch(1, 2, 2 * MINUTE, False, [])])
+    resumed = make_logic(horizon=2 * MINUTE, resume=pickle.loads(pickle.dumps(logic.snapshot())))
+    out, _ = resumed.on_batch([ShardBatch(1, 2, 3 * MINUTE, False, [])])
     assert [r.transaction_id for r in out] == ["z"]
 
 
@@ -204,12 +206,12 @@ def test_a_resumed_run_does_not_inherit_the_last_runs_end_of_input():
     # Run 1 ended (every partition at its end). In run 2, partition 0 finishes first
     # while partition 1 has not re-read its new input yet: nothing may close early,
     # or the late copy of "a" would be released before partition 1's on-time original.
-    logic = make_logic()
+    logic = make_logic(horizon=2 * MINUTE)
     logic.on_batch([ShardBatch(0, 2, MINUTE, True, []), ShardBatch(1, 2, MINUTE, True, [])])
-    resumed = make_logic(resume=pickle.loads(pickle.dumps(logic.snapshot())))
+    resumed = make_logic(horizon=2 * MINUTE, resume=pickle.loads(pickle.dumps(logic.snapshot())))
     out, _ = resumed.on_batch([ShardBatch(0, 2, 5 * MINUTE, True, [], [late_item("a", 2 * MINUTE, 0, 9)])])
     assert list(out) == []
-    out, _ = resumed.on_batch([ShardBatch(1, 2, 3 * MINUTE, True, [event("a", 2 * MINUTE)])])
+    out, _ = resumed.on_batch([ShardBatch(1, 2, 5 * MINUTE, True, [event("a", 2 * MINUTE)])])
     assert [(r.__class__.__name__, r.event_count) for r in out] == [("WindowRow", 1)]
     assert resumed.duplicates == 1
 

@@ -12,6 +12,7 @@ from deploy.generator import generate, produce
 from deploy.runner import init_recovery_store, run_flow
 from recovery.reconcile import diff, recompute
 from sinks.clickhouse_backend import connect
+from state.windows import row_version
 from support.clickhouse import before_first_write
 from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
@@ -137,8 +138,10 @@ def test_allowed_lateness_corrects_the_row_and_beyond_it_goes_late(kafka_broker,
               event("too-late", 40_000)]                       # beyond the lateness
     (rows1, final1, _), (rows2, final2, late2) = two_runs(
         kafka_broker, chdb_url, tmp_path, first, second, ALLOWED_LATENESS="30s", LATE_TOPIC=late_topic)
-    assert ("c1", 0, 2, "2", 2, 0) in rows1
-    assert ("c1", 0, 3, "4.5", 3, 0) in rows2            # the correction, a higher version
+    # The end of the first run flushes [0,60s) provisionally (its watermark 85s is within the
+    # lateness); the second run decides it for real, at watermark 190s, with a higher version.
+    assert ("c1", 0, 2, "2", row_version(85_000, provisional=True), 0) in rows1
+    assert ("c1", 0, 3, "4.5", row_version(190_000), 0) in rows2
     assert ("c1", 0, 3, "4.5") in final2 and ("c1", 0, 2, "2") not in final2
     assert late2 == [("too-late", "window_closed")]
     [late_message] = read_all(kafka_broker.bootstrap, late_topic)
@@ -186,4 +189,4 @@ def test_a_bridging_event_merges_sessions_and_removes_the_old_rows(kafka_broker,
         WINDOW_KIND="session", SESSION_GAP="15s", ALLOWED_LATENESS="1m")
     assert [r for r in final1 if r[0] == "c1"] == [("c1", 0, 1, "1"), ("c1", 20_000, 1, "1")]
     assert [r for r in final2 if r[0] == "c1"] == [("c1", 0, 3, "3")]
-    assert ("c1", 20_000, 0, "0", 2, 1) in rows2  # the tombstone of the merged-away session
+    assert ("c1", 20_000, 0, "0", row_version(50_000, provisional=True), 1) in rows2  # its tombstone
