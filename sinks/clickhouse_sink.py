@@ -1,7 +1,7 @@
 """Write window rows and late events to ClickHouse, idempotently.
 
 Guarantee: exactly-once effect. Rows are upserts into ReplacingMergeTree
-tables (aggregates keyed by window, versioned by event count; late events
+tables (aggregates keyed by window, versioned by the watermark they were emitted at; late events
 keyed by source offset), and every buffered row is written before the epoch
 that produced it commits. A replay after a crash rewrites identical rows.
 With ``Enrichment``, rows of ``usage_aggregates`` also get customer attributes
