@@ -198,6 +198,14 @@ def generate_command(parser: argparse.ArgumentParser) -> Handler:
     add("--malformed", type=share, default=0.01, help="share of invalid records (default 0.01)")
     add("--very-late", type=share, default=0.001, help="share of very late events (default 0.001)")
     add("--very-late-by", type=duration_ms, default="2d", help="how late a very late event is")
+    add("--conflicting", type=share, default=0.0,
+        help="share of re-stamped (and maybe revalued) copies of recent transactions, on any "
+             "partition (default 0)")
+    add("--conflict-shift", type=duration_ms, default="90s",
+        help="how far a conflicting copy is re-stamped, ± (default 90s)")
+    add("--reused", type=share, default=0.0,
+        help="share of new events reusing an id from the stream's start (default 0); they count "
+             "again once the stream is longer than DEDUP_HORIZON")
     add("--jitter", type=duration_ms, default="5s", help="event-time disorder, ± (default 5s)")
     add("--start", type=epoch_ms, default="now", help="event time of the first record: RFC 3339 or now")
     add("--span", type=duration_ms, default="10m", help="event time the stream covers (default 10m)")
@@ -220,6 +228,8 @@ def generate_command(parser: argparse.ArgumentParser) -> Handler:
             customers_per_org=args.customers_per_org, start_ms=args.start, span_ms=args.span,
             jitter_ms=args.jitter, duplicate_share=args.duplicates, malformed_share=args.malformed,
             very_late_share=args.very_late, very_late_by_ms=args.very_late_by,
+            conflicting_share=args.conflicting, conflict_shift_ms=args.conflict_shift,
+            reused_share=args.reused,
         )
         started = time.monotonic()
         counts = produce(kafka, args.topic, records, rate=args.rate,

@@ -8,7 +8,12 @@ Besides valid events it mixes in the three things the pipeline must survive:
 - ``malformed``: bytes that are not a valid event (broken JSON, bad UTF-8, wrong types, bad
   timestamps or values...), which must reach the DLQ;
 - ``very_late``: a valid event ``very_late_by_ms`` older than the stream position, which must
-  reach the late table.
+  reach the late table;
+- ``conflicting`` (off by default): a copy of a recent event with the same transaction id but
+  re-stamped by up to ``±conflict_shift_ms`` and half the time another value, on a random
+  partition: a retry that changed on the way. The README's dedup rule says which copy counts;
+- ``reused`` (off by default): a new event that reuses the transaction id of one of the first
+  events of the stream; once the stream has run longer than ``DEDUP_HORIZON`` it counts again.
 
 Every record carries an explicit partition (a stable hash of its key, see :func:`partition_for`),
 so a duplicate sent elsewhere really lands on another partition than its original.
@@ -38,7 +43,7 @@ from confluent_kafka import KafkaException, Producer
 
 from sinks.kafka_client import KafkaConnection, as_connection
 
-KINDS = ("event", "duplicate", "malformed", "very_late")
+KINDS = ("event", "duplicate", "malformed", "very_late", "conflicting", "reused")
 DEFAULT_CODES = ("api_calls", "storage_gb", "compute_seconds", "egress_bytes")
 
 # How far back a duplicate may reach: the original is one of the last N events.
@@ -68,7 +73,7 @@ _encode = msgspec.json.Encoder().encode
 class GeneratedRecord:
     """One Kafka record to produce, and why it is in the stream."""
 
-    kind: str  # "event" | "duplicate" | "malformed" | "very_late"
+    kind: str  # one of KINDS
     partition: int | None  # explicit partition, or None = by key
     key: bytes | None
     value: bytes  # the exact bytes to produce
@@ -94,6 +99,9 @@ def generate(
     malformed_share: float = 0.01,
     very_late_share: float = 0.001,
     very_late_by_ms: int = 2 * 86_400_000,
+    conflicting_share: float = 0.0,
+    conflict_shift_ms: int = 90_000,
+    reused_share: float = 0.0,
 ) -> Iterator[GeneratedRecord]:
     """Yield ``count`` records (all kinds together), deterministically for a given ``seed``.
 
@@ -102,13 +110,18 @@ def generate(
     event's time is exactly ``position - very_late_by_ms``.
     """
     _check_arguments(count, partitions, organizations, customers_per_org, codes, span_ms, jitter_ms,
-                     (duplicate_share, malformed_share, very_late_share))
+                     (duplicate_share, malformed_share, very_late_share, conflicting_share,
+                      reused_share))
     rng = random.Random(seed)
     traffic = _Traffic(rng, partitions, organizations, customers_per_org, codes)
     malformed_until = malformed_share
     very_late_until = malformed_until + very_late_share
     duplicate_until = very_late_until + duplicate_share
+    conflicting_until = duplicate_until + conflicting_share
+    reused_until = conflicting_until + reused_share
     recent: deque[GeneratedRecord] = deque(maxlen=_DUPLICATE_REACH)
+    recent_ms: deque[int] = deque(maxlen=_DUPLICATE_REACH)
+    first: list[GeneratedRecord] = []  # the ids ``reused`` takes
     for i in range(count):
         position = start_ms + span_ms * i // count
         draw = rng.random()
@@ -118,15 +131,24 @@ def generate(
             yield traffic.event(position - very_late_by_ms, kind="very_late")
         elif draw < duplicate_until and recent:
             yield traffic.duplicate(rng.choice(recent))
+        elif draw < conflicting_until and recent:
+            at = traffic.below(len(recent))
+            yield traffic.conflicting(recent[at], recent_ms[at], conflict_shift_ms)
+        elif draw < reused_until and first:
+            yield traffic.reused(first[traffic.below(len(first))], position)
         else:
-            record = traffic.event(position + traffic.below(2 * jitter_ms + 1) - jitter_ms)
+            timestamp = position + traffic.below(2 * jitter_ms + 1) - jitter_ms
+            record = traffic.event(timestamp)
             recent.append(record)
+            recent_ms.append(timestamp)
+            if len(first) < _DUPLICATE_REACH:
+                first.append(record)
             yield record
 
 
 def _check_arguments(count: int, partitions: int, organizations: int, customers_per_org: int,
                      codes: tuple[str, ...], span_ms: int, jitter_ms: int,
-                     shares: tuple[float, float, float]) -> None:
+                     shares: tuple[float, ...]) -> None:
     for name, value in (("count", count), ("span_ms", span_ms), ("jitter_ms", jitter_ms)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -208,6 +230,24 @@ class _Traffic:
         if self.partitions > 1 and self.rng.random() < 0.5:
             partition = (partition + self.rng.randrange(1, self.partitions)) % self.partitions
         return GeneratedRecord("duplicate", partition, original.key, original.value)
+
+    def conflicting(self, original: GeneratedRecord, original_ms: int,
+                    shift_ms: int) -> GeneratedRecord:
+        """The original's transaction re-stamped (and maybe revalued), on a random partition."""
+        event = msgspec.json.decode(original.value)
+        event["timestamp"] = self.timestamp(max(0, original_ms + self.below(2 * shift_ms + 1) - shift_ms))
+        if self.rng.random() < 0.5:
+            event["value"] = self.decimal_text(*_PROFILES.get(event["code"], _DEFAULT_PROFILE))
+        return GeneratedRecord("conflicting", self.rng.randrange(self.partitions), original.key,
+                               _encode(event))
+
+    def reused(self, original: GeneratedRecord, position_ms: int) -> GeneratedRecord:
+        """A new event at ``position_ms`` of the original's customer, reusing its transaction id."""
+        old = msgspec.json.decode(original.value)
+        event, _key, _partition = self.fields(position_ms)
+        for name in ("transaction_id", "organization_id", "external_customer_id"):
+            event[name] = old[name]
+        return GeneratedRecord("reused", original.partition, original.key, _encode(event))
 
     def malformed(self, position_ms: int) -> GeneratedRecord:
         event, key, partition = self.fields(position_ms)

@@ -23,16 +23,20 @@ from __future__ import annotations
 import heapq
 import json
 import time
+from itertools import compress
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import bytewax.operators as op
+import numpy as np
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.telemetry import metrics, tracing
 from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
+from state.counted import CountedCopies, CountedSnapshot
 from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow
 from state.sessions import SessionStore
 from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
@@ -63,9 +67,9 @@ class UsageShardSnapshot:
     shards: int
     watermark: FlowWatermark
     decided_through: int
-    counted_at: dict  # digest -> event time of its counted copy (a tuple when reused)
+    counted: CountedSnapshot  # digest -> event time of its counted copy
     reported_late: dict  # digest -> event time of its late copy in usage_late_events
-    pending: dict  # due -> [(event time, partition, offset, ShardEvent)]
+    pending: dict  # due -> [(event time, partition, offset, digest, ShardEvent)]
     usage: object
     rollups: dict
     metrics: dict
@@ -106,7 +110,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         delay = _longest_window(params.windows)
         self.watermark = resume.watermark.resumed() if resume else FlowWatermark()
         self.decided_through = resume.decided_through if resume else NO_WATERMARK
-        self.counted_at: dict = dict(resume.counted_at) if resume else {}
+        self.counted = CountedCopies(params.dedup_horizon_ms, resume.counted if resume else None)
         self.reported_late: dict = dict(resume.reported_late) if resume else {}
         self.pending: dict[int, list] = (
             {due: list(entries) for due, entries in resume.pending.items()} if resume else {})
@@ -119,7 +123,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         self._pruned_at = NO_WATERMARK
         self.topic = resume.topic if resume else ""
         self.usage = _store(params.windows, Sum(), lateness, resume.usage if resume else None,
-                            fast_usage=True, keep_ms=_settle_extra(params.windows))
+                            fast_usage=True, keep_ms=_settle_extra(params.windows),
+                            decided_after=delay + lateness)
         # Rollups count exactly what the usage windows count: they stay open long
         # enough for any event the usage windows can still accept.
         rollup_lateness = lateness + delay
@@ -131,7 +136,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         # Events reach the metric stores when the usage windows decide them.
         self.metric_stores = [
             _store(m.windows, m.aggregation, lateness, resume.metrics.get(m.name) if resume else None,
-                   recurring=m.recurring, keep_ms=delay)
+                   recurring=m.recurring, keep_ms=delay, decided_after=delay + lateness)
             for m in params.catalog.metrics
         ]
         self.duplicates = resume.duplicates if resume else 0
@@ -170,18 +175,22 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             self.topic = batch.topic
         partition, decided = batch.partition, self.decided_through
         step, offset, pending = self._due_step, self._due_offset, self.pending
+        last_due, entries = None, None  # a batch's events mostly share a few windows
         for event in batch.events:
             timestamp = event.timestamp_ms
             due = timestamp - timestamp % step + offset
-            if due <= decided:  # only after IDLE_TIMEOUT let the watermark run ahead of a partition
-                out.append(self._late_at_shard(partition, event, "window_closed_idle_partition", decided))
-                metrics.record_late(1)
-                continue
-            entries = pending.get(due)
-            if entries is None:
-                entries = pending[due] = []
-                heapq.heappush(self._dues, due)
-            entries.append((timestamp, partition, event.offset, event))
+            if due != last_due:
+                if due <= decided:  # only after IDLE_TIMEOUT let the watermark run ahead of a partition
+                    out.append(self._late_at_shard(partition, event, "window_closed_idle_partition",
+                                                   decided))
+                    metrics.record_late(1)
+                    continue
+                entries = pending.get(due)
+                if entries is None:
+                    entries = pending[due] = []
+                    heapq.heappush(self._dues, due)
+                last_due = due
+            entries.append((timestamp, partition, event.offset, event.digest, event))
         for _due, digest, record in batch.late:
             point = self._late_point(record.timestamp_ms)
             if record.watermark_ms >= point:
@@ -208,36 +217,29 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         while dues and dues[0] <= watermark:
             ready += self.pending.pop(heapq.heappop(dues))
         if ready:
-            ready.sort(key=_position)
+            ready.sort()  # (event time, partition, offset) are unique: events are never compared
             fresh = self._first_copies(ready)
             if isinstance(self.params.windows, TumblingWindows):
                 self._count_tumbling(fresh, counted, out)
             else:
-                for _t, partition, _o, event in fresh:
+                for _t, partition, _o, _d, event in fresh:
                     self._count_one(partition, event, out, counted)
         points, late = self._late_points, []
         while points and points[0] <= watermark:
             late += self.pending_late.pop(heapq.heappop(points))
         if late:
-            late.sort(key=_position)
+            late.sort()
             out.extend(self._new_late(late))
         self._prune(watermark)
 
     def _first_copies(self, ready: list) -> list:
         """The copies that count: no counted copy of their id within the horizon before them."""
-        horizon, counted_at = self.params.dedup_horizon_ms, self.counted_at
-        get, fresh = counted_at.get, []
-        for entry in ready:
-            timestamp, digest = entry[0], entry[3].digest
-            last = get(digest)
-            if last is None:
-                counted_at[digest] = timestamp
-            elif timestamp - (last if last.__class__ is int else last[-1]) < horizon:
-                continue
-            else:
-                counted_at[digest] = (last, timestamp) if last.__class__ is int else (*last, timestamp)
-            fresh.append(entry)
-        self.duplicates += len(ready) - len(fresh)
+        n = len(ready)
+        digests = np.fromiter(map(_DIGEST, ready), dtype=np.int64, count=n)
+        times = np.fromiter(map(itemgetter(0), ready), dtype=np.int64, count=n)
+        counts = self.counted.count(digests, times)
+        fresh = ready if counts.all() else list(compress(ready, counts.tolist()))
+        self.duplicates += n - len(fresh)
         return fresh
 
     def _new_late(self, late: list) -> list[LateRecord]:
@@ -245,11 +247,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         late copy within the horizon before them."""
         horizon, released = self.params.dedup_horizon_ms, []
         for timestamp, _p, _o, digest, record in late:
-            times = self.counted_at.get(digest, ())
-            if times.__class__ is int:
-                times = (times,)
             reported = self.reported_late.get(digest)
-            if any(abs(timestamp - t) < horizon for t in times) or (
+            if self.counted.near(digest, timestamp) or (
                     reported is not None and timestamp - reported < horizon):
                 self.duplicates += 1
                 continue
@@ -267,17 +266,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         # both ways within the horizon.
         cutoff = watermark - 2 * horizon - _longest_window(self.params.windows) \
             - self.params.allowed_lateness_ms
-        counted_at = self.counted_at
-        for digest, times in list(counted_at.items()):
-            if times.__class__ is int:
-                if times <= cutoff:
-                    del counted_at[digest]
-            else:
-                kept = tuple(t for t in times if t > cutoff)
-                if not kept:
-                    del counted_at[digest]
-                else:
-                    counted_at[digest] = kept[0] if len(kept) == 1 else kept
+        self.counted.forget_through(cutoff)
         for digest, timestamp in list(self.reported_late.items()):
             if timestamp <= cutoff:
                 del self.reported_late[digest]
@@ -298,7 +287,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         size = self.params.windows.size_ms
         groups: dict[tuple, list] = {}
         by_unit: dict[int, dict[tuple, list]] = {unit: {} for unit in self._own_units(counted)}
-        for _t, partition, _o, event in fresh:
+        for _t, partition, _o, _d, event in fresh:
             timestamp, value = event.timestamp_ms, event.value_scaled
             org, customer, code = event.organization_id, event.external_customer_id, event.code
             group_key = (timestamp - timestamp % size, org, customer, code)
@@ -439,7 +428,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             self.params.shards,
             self.watermark.copy(),
             self.decided_through,
-            dict(self.counted_at),
+            self.counted.snapshot(),
             dict(self.reported_late),
             {due: tuple(entries) for due, entries in self.pending.items()},
             self.usage.snapshot(),
@@ -565,9 +554,7 @@ def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
     return grouped
 
 
-def _position(entry: tuple) -> tuple:
-    """(event time, partition, offset): the order the rule takes copies in."""
-    return entry[0], entry[1], entry[2]
+_DIGEST = itemgetter(3)
 
 
 def _as_rows(metric: MetricDefinition | None, rows: list) -> list:
@@ -595,9 +582,11 @@ def _longest_window(windows: WindowKind) -> int:
 
 
 def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: bool = False,
-           recurring: bool = False, keep_ms: int = 0):
+           recurring: bool = False, keep_ms: int = 0, decided_after: int = 0):
+    """The store for ``windows``; ``decided_after``: how long after its time the shard
+    decides an event at the latest (sessions wait for it before they are emitted)."""
     if isinstance(windows, SessionWindows):
-        return SessionStore(windows.gap_ms, aggregation, lateness, resume, keep_ms)
+        return SessionStore(windows.gap_ms, aggregation, lateness, resume, keep_ms, decided_after)
     if fast_usage:
         return WindowStore(windows, resume, lateness, keep_ms=keep_ms)
     return AggregateWindowStore(windows, aggregation, lateness, resume, recurring, keep_ms)

@@ -51,8 +51,12 @@ class SessionStore:
     """
 
     def __init__(self, gap_ms: int, aggregation: Aggregation, allowed_lateness_ms: int = 0,
-                 resume: SessionSnapshot | None = None, keep_ms: int = 0) -> None:
+                 resume: SessionSnapshot | None = None, keep_ms: int = 0,
+                 emit_after_ms: int = 0) -> None:
         self.gap_ms = gap_ms
+        # Events reach the store this long after their time at the latest (the shard decides
+        # them then): a session is emitted once no event still to come can extend it.
+        self.emit_after_ms = emit_after_ms
         self.aggregation = aggregation
         self.allowed_lateness_ms = allowed_lateness_ms
         self.keep_ms = keep_ms
@@ -90,15 +94,16 @@ class SessionStore:
         """Rows for sessions whose end ``closing_ms`` passed; forget those long settled."""
         rows: list[StoreRow] = []
         version = row_version(watermark_ms, provisional)
-        owed_now = watermark_ms > self.owed_after
+        owed_now = provisional or max(watermark_ms, 0) > max(self.owed_after, 0)  # as versions do
         if owed_now and self._owed_tombstones:
             rows += self._settle_owed(version)
         settle = self.allowed_lateness_ms + self.gap_ms + self.keep_ms
+        complete = closing_ms - self.emit_after_ms
         for key in list(self._sessions):
             sessions = self._sessions[key]
             for session in sessions:
                 end = session.last + self.gap_ms
-                if end <= closing_ms and session.count != session.emitted_count and (
+                if end <= complete and session.count != session.emitted_count and (
                         session.emitted_count != OWED or owed_now):
                     rows.extend(self._rows(key, session, end, version))
             remaining = [s for s in sessions if s.last + self.gap_ms + settle > watermark_ms
@@ -166,8 +171,11 @@ def _overlaps(a: Session, b: Session, gap: int) -> bool:
     return a.first < b.last + gap and b.first < a.last + gap
 
 
-def _merge(a: Session, b: Session, agg: Aggregation) -> Session:
-    """One session of two; both starts may have been written (by this run or an interrupted one)."""
-    written = {**a.written, **b.written, a.first: 0, b.first: 0}
+def _merge(joined: Session, existing: Session, agg: Aggregation) -> Session:
+    """``existing`` taken into the session an event is ``joined`` to: the existing session's
+    start may have been written (by this run or by one a crash interrupted), the new event's
+    never was (it joins as soon as it is decided)."""
+    a, b = joined, existing
+    written = {**a.written, **b.written, b.first: 0}
     return Session(min(a.first, b.first), max(a.last, b.last), a.count + b.count,
                    agg.merge(a.state, b.state), -2, written)

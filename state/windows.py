@@ -342,7 +342,7 @@ class AggregateWindowStore:
         out of them). Versions come from the watermark (:func:`row_version`).
         """
         version = row_version(watermark_ms, provisional)
-        owed_now = watermark_ms > self.owed_after
+        owed_now = provisional or max(watermark_ms, 0) > max(self.owed_after, 0)  # as versions do
         starts = sorted(self._open)
         if self.recurring and watermark_ms >= self._carry_due:
             self._open_carried_windows(watermark_ms, starts)

@@ -31,6 +31,7 @@ from operators.live_totals import (
     month_of,
 )
 from operators.quotas import QuotaFileError, QuotaRules, load_quotas, parse_quotas
+from operators.validation import Invalid, validate
 from recovery.reconcile import read_aggregates, recompute
 from sinks.alerts import PENDING, AlertsPartition, fence_key
 from sinks.clickhouse_backend import connect
@@ -230,18 +231,36 @@ def test_alert_fence_sends_once_across_replays(kafka_broker, redis_server):
 # ----------------------------------------------------------------------------- end to end
 
 
-def expected_live_totals(bootstrap: str, topic: str) -> dict[str, tuple[int, Decimal]]:
-    """Day and month totals per customer and code, from the raw topic (counted events only)."""
+def expected_live_totals(bootstrap: str, topic: str,
+                         settled_only: bool = False) -> dict[str, tuple[int, Decimal]]:
+    """Day and month totals per customer and code, from the raw topic (counted events only).
+
+    ``settled_only``: only the windows every partition's watermark has passed (a running flow
+    decides, and counts, an event once the watermark has passed its window).
+    """
     raw = [(m.partition(), m.offset(), m.value()) for m in read_all(bootstrap, topic, timeout=60)]
     windows = recompute(raw, window_size_ms=60_000, max_out_of_orderness_ms=10_000).aggregates
+    settled = _flow_watermark(raw, 10_000) if settled_only else None
     totals: dict[str, tuple[int, Decimal]] = {}
     for (org, customer, code, start), (count, total) in windows.items():
+        if settled is not None and start + 60_000 > settled:
+            continue
         day = start - start % DAY_MS
         for period in (day_label(day), month_of(day)[1]):
             key = f"tallyflow:usage:{org}:{customer}:{code}:{period}"
             had_count, had_total = totals.get(key, (0, Decimal(0)))
             totals[key] = (had_count + count, _CONTEXT.add(had_total, total))
     return totals
+
+
+def _flow_watermark(raw: list, out_of_orderness_ms: int) -> int:
+    """The minimum over partitions of (latest valid event time - out-of-orderness)."""
+    latest: dict[int, int] = {}
+    for partition, _offset, value in raw:
+        event = validate(value)
+        if not isinstance(event, Invalid):
+            latest[partition] = max(latest.get(partition, event.timestamp_ms), event.timestamp_ms)
+    return min(latest.values()) - out_of_orderness_ms
 
 
 def redis_totals(client) -> dict[str, tuple[int, Decimal]]:
@@ -381,8 +400,8 @@ def test_redis_outage_keeps_the_flow_going_then_totals_and_alerts_converge(
 
         redis_server.start()  # empty: every total must be written again
         client = redis_server.client()
-        # Live totals do not wait for windows to close: every counted event is in them already.
-        expected = expected_live_totals(bootstrap, topic)
+        # Live totals hold the events the watermark has decided: every window it passed.
+        expected = expected_live_totals(bootstrap, topic, settled_only=True)
         wait_until(lambda: redis_totals(client) == expected, 60, "Redis totals to converge")
         flow.send_signal(signal.SIGTERM)
         assert wait_exit(flow, 60) == 0

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from deploy.bench.settings import PARTITIONS, START_MS, WINDOW_MS
-from deploy.bench.values import SCALE, event_time_ms, scaled_value
+from deploy.bench.values import event_time_ms, scaled_value
 
 
 def _baseline_child(bootstrap: str, topic: str, out: str) -> int:
@@ -77,43 +77,45 @@ def _rss_bytes() -> int:
 
 
 def _dedup_child(ids: str, out: str) -> int:
-    """RSS growth per id of a DedupStore holding ``ids`` digests; tracemalloc as a cross-check.
+    """RSS growth per id of the shard's counted copies (``state.counted.CountedCopies``) holding
+    ``ids`` digests; tracemalloc as a cross-check.
 
-    The store is filled the way the flow fills it: keep_first_sightings on
-    batches of 5,000 ShardEvents.
+    The store is filled the way the flow fills it: decisions on batches of 5,000 copies.
     """
     import gc
     import random
     import tracemalloc
 
-    from state.dedup import DedupStore, transaction_digest
-    from state.records import ShardEvent
+    import numpy as np
+
+    from state.counted import CountedCopies
+    from state.dedup import transaction_digest
 
     n = int(ids)
     rng = random.Random(1)
     batch = 5_000
 
-    def fill(store: DedupStore) -> None:
+    def fill(store: CountedCopies) -> None:
         for start in range(0, n, batch):
-            events = []
-            for i in range(start, min(n, start + batch)):
-                txn = f"{rng.getrandbits(128):032x}"
-                events.append(ShardEvent(transaction_digest("org_001", txn), "org_001", "cust_001",
-                                         "api_calls", START_MS + i * 600_000 // n, SCALE, 0, i, txn, None))
-            store.keep_first_sightings(events)
+            stop = min(n, start + batch)
+            digests = np.array([transaction_digest("org_001", f"{rng.getrandbits(128):032x}")
+                                for _ in range(start, stop)], dtype=np.int64)
+            times = np.array([START_MS + i * 600_000 // n for i in range(start, stop)], dtype=np.int64)
+            store.count(digests, times)
 
     gc.collect()
     before = _rss_bytes()
-    store = DedupStore(horizon_ms=86_400_000)
+    store = CountedCopies(horizon_ms=86_400_000)
     fill(store)
     gc.collect()
     rss_growth = _rss_bytes() - before
     remembered = len(store)
-    snapshot_bytes = sum(len(b) for b in store.snapshot().buckets.values())
-    del store
+    snapshot = store.snapshot()
+    snapshot_bytes = len(snapshot.digests) + len(snapshot.times)
+    del store, snapshot
     gc.collect()
     tracemalloc.start()
-    store = DedupStore(horizon_ms=86_400_000)
+    store = CountedCopies(horizon_ms=86_400_000)
     fill(store)
     traced, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
