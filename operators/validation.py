@@ -81,7 +81,25 @@ class UsageEvent(msgspec.Struct, gc=False, rename={"timestamp_ms": "timestamp", 
     value_scaled: msgspec.Raw = None  # read as written: see _raw_value_scaled
 
 
-_decoder = msgspec.json.Decoder(UsageEvent, float_hook=Decimal)
+def _exact_number(text: str) -> Decimal:
+    """A JSON number with a fraction or exponent, as the exact Decimal it writes.
+
+    An exponent beyond what ``Decimal`` can hold (19 digits or more) cannot be read exactly:
+    the decoder turns the ValueError into a validation error naming the field.
+
+    >>> _exact_number("12345678.123456789")
+    Decimal('12345678.123456789')
+    >>> _exact_number("1e" + "9" * 20)
+    Traceback (most recent call last):
+    ValueError: number out of range: 1e99999999999999999999
+    """
+    try:
+        return Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError(f"number out of range: {text[:64]}") from None
+
+
+_decoder = msgspec.json.Decoder(UsageEvent, float_hook=_exact_number)
 
 
 class Invalid(msgspec.Struct, frozen=True, gc=False):
@@ -91,7 +109,7 @@ class Invalid(msgspec.Struct, frozen=True, gc=False):
     detail: str
 
 
-_FIELD_AT = re.compile(r"at `\$\.(\w+)`")
+_FIELD_AT = re.compile(r"at `\$\.(\w+)")  # the field, also when the error lies deeper in it
 _MISSING = re.compile(r"missing required field `(\w+)`")
 
 
@@ -319,7 +337,12 @@ def _raw_value_scaled(raw: bytes) -> int | Invalid:
             text = msgspec.json.decode(raw).encode("utf-8", "surrogatepass")
         if not _STRICT_DECIMAL.fullmatch(text):
             return Invalid("invalid_value", f"not a decimal number: {raw[:64].decode(errors='replace')}")
-    return scale_decimal(Decimal(text.decode()))
+    try:
+        number = Decimal(text.decode())
+    except decimal.InvalidOperation:  # an exponent of 19 digits or more: no Decimal holds it
+        return Invalid("invalid_value", f"value does not fit Decimal(38, {VALUE_SCALE}): "
+                                        f"{raw[:64].decode(errors='replace')}")
+    return scale_decimal(number)
 
 
 def strict_decimal(text: str) -> Decimal | None:

@@ -141,6 +141,31 @@ def test_property_numeric_strings_follow_the_strict_syntax_too():
     batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
     assert batch.events_by_shard[0][0].metric_values == [] and batch.metric_field_missing == 1
 
+# A number whose exponent has 19 digits or more is valid JSON that no Decimal can hold (Python's
+# decimal raises InvalidOperation); one in `value` or `properties` used to raise out of validate.
+HUGE_EXPONENT = "1e" + "9" * 20
+
+
+@pytest.mark.parametrize("where, written, reason", [
+    ("value", HUGE_EXPONENT, "invalid_value"),
+    ("value", f'"{HUGE_EXPONENT}"', "invalid_value"),
+    ("value", "-" + HUGE_EXPONENT.replace("e", "e-"), "invalid_value"),
+    ("properties", f'{{"gb": {HUGE_EXPONENT}}}', "invalid_properties"),
+    ("properties", f'{{"tier": [1, {{"x": -{HUGE_EXPONENT}}}]}}', "invalid_properties"),
+    ("properties", '{"gb": 1' + "0" * 4_400 + "}", "invalid_properties"),  # past msgspec's int range
+    ("timestamp", HUGE_EXPONENT, "invalid_timestamp"),
+    ("junk", HUGE_EXPONENT, None),  # unknown fields are ignored, whatever they hold
+    ("junk", "9" * 5_000, None),
+], ids=["value", "value-text", "value-negative", "property", "property-deep", "property-int-4401-digits",
+        "timestamp", "unknown", "unknown-int-5000-digits"])
+def test_numbers_no_decimal_can_hold_are_dead_lettered_not_raised(where, written, reason):
+    raw = event(txn="huge")[:-1] + f', "{where}": {written}}}'.encode()
+    batch = intake(catalog=SUMMED).process([(0, None, raw, None)])
+    if reason is None:
+        assert [e.transaction_id for e in batch.events_by_shard[0]] == ["huge"]
+    else:
+        assert [d.reason for d in batch.dead_letters] == [reason]
+
 
 # --- timestamps: truncated to the millisecond, accepted 1970..2260 ------------
 
@@ -372,3 +397,37 @@ def test_a_record_whose_headers_cannot_be_read_is_judged_by_its_value():
     assert [e.transaction_id for e in batch.events_by_shard[0]] == ["a"]
     assert [(d.source_offset, d.reason, d.headers) for d in batch.dead_letters] == [
         (1, "malformed_json", []), (2, "malformed_json", [("trace", b"kept")])]
+
+
+# --- the flow, reconcile and the README agree on hostile messages -------------
+
+from oracle.decode import decode as readme_decode  # noqa: E402
+from recovery.reconcile.decoding import decode as reconcile_decode  # noqa: E402
+
+HOSTILE = {  # name -> what is spliced into a valid event (before its closing brace)
+    "lone surrogate in an id": b', "organization_id": "\\ud800"',
+    "lone surrogate in an unknown field": b', "junk": "a\\udc00"',
+    "lone surrogate in a key": b', "\\ud800": 1',
+    "lone surrogate in properties": b', "properties": {"tier": "\\ud800"}',
+    "an escaped surrogate pair": b', "organization_id": "\\ud83d\\ude00"',
+    "an escaped backslash before u": b', "organization_id": "\\\\ud800"',
+    "a huge exponent in value": b', "value": 1e99999999999999999999',
+    "a huge exponent in a value string": b', "value": "-1e99999999999999999999"',
+    "a huge exponent in properties": b', "properties": {"gb": [1e99999999999999999999]}',
+    "a huge exponent in an unknown field": b', "junk": 1e99999999999999999999',
+    "an int of 4,301 digits in properties": b', "properties": {"gb": ' + b"9" * 4_301 + b"}",
+    "an int of 4,301 digits in an unknown field": b', "junk": ' + b"9" * 4_301,
+    "an int of 4,300 digits in properties": b', "properties": {"gb": ' + b"9" * 4_300 + b"}",
+    "null properties": b', "properties": null',
+    "NaN in an unknown field": b', "junk": NaN',
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_the_flow_reconcile_and_the_readme_oracle_read_hostile_messages_alike(name):
+    raw = event(txn=name)[:-1] + HOSTILE[name] + b"}"
+    flow = validate(raw)
+    readme = readme_decode(raw)
+    flow_reason = flow.reason if isinstance(flow, Invalid) else "valid"
+    assert flow_reason == (readme if isinstance(readme, str) else "valid")
+    assert (reconcile_decode(raw) is not None) == (flow_reason == "valid")

@@ -71,7 +71,8 @@ ODD_TIMESTAMPS = [
     2**63, -(2**63), 2**64, 1.5, 1e20, True, None, [], {},
 ]
 ODD_VALUES = ["1_000", " 1 ", "١٢", "1e5 ", "+5", ".5", "1.", "-0", "NaN", "-Infinity", "1e400",
-              "1e-19", "9" * 21, "9" * 5000, "0." + "0" * 17 + "1", "99999999999999999999.999999999999999999",
+              "1e-19", "1e99999999999999999999", "9" * 21, "9" * 5000, "0." + "0" * 17 + "1",
+              "99999999999999999999.999999999999999999",
               "\u0031", "", "e", 10**30, -(10**19), 2**64, 1e308, -1e-300, 0.1, True, None, [1], {"v": 1}]
 
 
@@ -131,13 +132,16 @@ def mutate(rng: random.Random, event: dict, previous: bytes) -> bytes:
         return (text[:-1] + f', "{target}": {inner}}}').encode()
     elif kind == 6:  # huge numbers as JSON numbers
         big = rng.choice(("9" * rng.randrange(20, 6000), "1e999999999", "-1e-999999999",
+                          "1e99999999999999999999", "-1E-99999999999999999999",  # beyond any Decimal
                           "1" + "0" * 400 + ".5", "123456789012345678901234567890.123"))
         text = json.dumps(event)
         return (text[:-1] + f', "{rng.choice(("value", "timestamp", "properties"))}": '
                 f'{big if rng.random() < 0.7 else "{" + chr(34) + "n" + chr(34) + ":" + big + "}"}}}').encode()
-    elif kind == 7:  # JSON escapes: lone surrogates, escaped digits, NUL
+    elif kind == 7:  # JSON escapes (lone surrogates, escaped digits, NUL) in a key or an id
         text = json.dumps(event)
-        return text.replace('"t', rng.choice(('"\\ud800t', '"\\u0000t', '"\\udc00\\ud800t', '"\\u0661t')), 1).encode()
+        before = rng.choice(('"t', ': "t'))  # the first key, or the transaction id's value
+        escape = rng.choice(('\\ud800', '\\u0000', '\\udc00\\ud800', '\\u0661'))
+        return text.replace(before, before[:-1] + escape + "t", 1).encode()
     raw = json.dumps(event, ensure_ascii=rng.random() < 0.5).encode()
     if kind == 8:  # byte flips
         data = bytearray(raw)

@@ -19,7 +19,9 @@ truncated (toward the past), from 1970-01-01 to 2260-12-31T23:59:59.999Z; ``prop
 an object when present; ``value`` absent, ``null``, a JSON number or a string in plain
 ASCII decimal or exponent syntax, finite, with at most 18 decimal places once scaled and
 fitting ``Decimal(38, 18)``; arrays and objects nested at most 64 deep (the message's
-object is level 1). Unknown fields are ignored.
+object is level 1); no ``\\u`` escape of a lone UTF-16 surrogate anywhere; no number in
+``properties`` that cannot be read exactly (an exponent of 19 digits or more, an integer of
+more than 4,300 digits). Unknown fields are ignored, whatever numbers they hold.
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def decode(raw: bytes | None) -> Event | None:
     if not raw:
         return None
     try:
-        document = _JSON.decode(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = raw.decode("utf-8")
+        document, tolerant = _read_json(text)
+        if "\\u" in text:  # an escaped lone surrogate is no character: refused, as the flow does
+            json.dumps(document, ensure_ascii=False, default=str).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError):
         return None
     if not isinstance(document, dict):
         return None
@@ -77,6 +82,8 @@ def decode(raw: bytes | None) -> Event | None:
     value = parse_value(document.get("value"))
     properties = document.get("properties", {})
     if timestamp_ms is None or value is None or not isinstance(properties, dict):
+        return None
+    if tolerant and _holds_unreadable(properties):
         return None
     return Event(*ids, timestamp_ms, value, properties, int(value.scaleb(SCALE, _WIDE)))
 
@@ -102,7 +109,65 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+class _Unreadable:
+    """A JSON number no ``Decimal`` or ``int`` holds exactly: refused where numbers are read."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+def _exact_number(text: str) -> Decimal | _Unreadable:
+    """A JSON number with a fraction or exponent, exactly; ``_UNREADABLE`` when too large to hold.
+
+    >>> _exact_number("1.50"), _exact_number("1e" + "9" * 20) is _UNREADABLE
+    (Decimal('1.50'), True)
+    """
+    try:
+        return Decimal(text)
+    except decimal.InvalidOperation:
+        return _UNREADABLE
+
+
+def _exact_integer(text: str) -> int | _Unreadable:
+    """A JSON integer; ``_UNREADABLE`` past Python's 4,300-digit limit."""
+    try:
+        return int(text)
+    except ValueError:
+        return _UNREADABLE
+
+
+def _holds_unreadable(node) -> bool:
+    """Whether an unreadable number lies anywhere in ``node`` (at most 64 levels: checked)."""
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        if node is _UNREADABLE:
+            return True
+        if isinstance(node, dict):
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
+
+
 _JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
+_TOLERANT_JSON = json.JSONDecoder(parse_float=_exact_number, parse_int=_exact_integer,
+                                  parse_constant=_reject_constant)
+
+
+def _read_json(text: str) -> tuple[object, bool]:
+    """The document, and whether it holds numbers too large to read (then read tolerantly).
+
+    The plain decoder first (fast); a number it cannot hold (``decimal.InvalidOperation``, or
+    ``ValueError`` past 4,300 digits) sends the message through the tolerant one, which marks
+    such numbers ``_UNREADABLE`` instead of raising, so one in an unknown field is ignored.
+    """
+    try:
+        return _JSON.decode(text), False
+    except json.JSONDecodeError:  # malformed: the tolerant reading would fail the same way
+        raise
+    except (decimal.InvalidOperation, ValueError):  # a number too large (or NaN: raises again)
+        return _TOLERANT_JSON.decode(text), True
 
 
 def parse_timestamp(raw) -> int | None:
@@ -152,7 +217,10 @@ def parse_value(raw) -> Decimal | None:
     if isinstance(raw, str):
         if not _NUMBER_TEXT.fullmatch(raw):
             return None
-        raw = Decimal(raw)
+        try:
+            raw = Decimal(raw)
+        except decimal.InvalidOperation:  # an exponent of 19 digits or more
+            return None
     elif isinstance(raw, int):
         raw = Decimal(raw)
     elif not isinstance(raw, Decimal):

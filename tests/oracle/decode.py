@@ -50,8 +50,9 @@ def decode(value: bytes | None) -> Decoded | str:
     except UnicodeDecodeError:
         return "invalid_utf8"
     try:
-        message = json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
+        message = json.loads(text, parse_float=_number, parse_int=_integer, parse_constant=_no_constant)
+        json.dumps(message, ensure_ascii=False, default=repr).encode("utf-8")  # no lone surrogate
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return "malformed_json"
     if not isinstance(message, dict):
         return "not_an_object"
@@ -60,6 +61,31 @@ def decode(value: bytes | None) -> Decoded | str:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+class _TooLarge:
+    """A JSON number no Decimal or int can hold (exponent of 19+ digits, int over 4,300 digits)."""
+
+
+def _number(text: str):
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return _TooLarge()
+
+
+def _integer(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return _TooLarge()
+
+
+def _holds_too_large(node) -> bool:
+    if isinstance(node, _TooLarge):
+        return True
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return any(_holds_too_large(child) for child in children)
 
 
 def _depth(raw: bytes) -> int:
@@ -92,8 +118,8 @@ def _event(message: dict) -> Decoded | str:
     timestamp = _timestamp_ms(message["timestamp"])
     if timestamp is None:
         return "invalid_timestamp"
-    properties = message.get("properties")
-    if properties is not None and not isinstance(properties, dict):
+    if "properties" in message and (not isinstance(message["properties"], dict)
+                                    or _holds_too_large(message["properties"])):
         return "invalid_properties"
     amount = _value(message.get("value"))
     if amount is None:
