@@ -119,11 +119,15 @@ def format_scaling(results: dict) -> str:
     parts = [f"scaling mode: {results['cores']} cores available here; clusters of one-worker "
              f"processes; ClickHouse writes discarded (discard://), Redis off, recovery on"]
     for name, section in results["profiles"].items():
-        rows = [("plain consumer, 1 process", f"{section['baseline']['events_per_s']:,}", "", "1.00x")]
+        baseline = section["baseline"]
+        rows = [("plain consumer, 1 process", f"{baseline['events_per_s']:,}", "", "1.00x",
+                 f"{baseline.get('cpu_seconds', 0):.1f}")]
         rows += [(f"tallyflow, {r['processes']} process(es)", f"{r['events_per_s']:,}",
-                  f"{r['factor_over_one']:.2f}x", f"{r['ratio_vs_baseline']:.2f}x")
+                  f"{r['factor_over_one']:.2f}x", f"{r['ratio_vs_baseline']:.2f}x",
+                  f"{r.get('cpu_seconds', 0):.1f}")
                  for r in section["runs"]]
         parts.append(f"== {name}-cardinality profile\n" + format_table(
-            ["run", "events/s", "factor over 1 process", "vs plain consumer"], rows))
+            ["run", "events/s", "factor over 1 process", "vs plain consumer", "CPU s (all processes)"],
+            rows))
     parts.append(f"results: {results.get('json_path', '(not written)')}")
     return "\n\n".join(parts)
