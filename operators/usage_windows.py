@@ -588,7 +588,7 @@ def _store(windows: WindowKind, aggregation, lateness: int, resume, fast_usage: 
     if isinstance(windows, SessionWindows):
         return SessionStore(windows.gap_ms, aggregation, lateness, resume, keep_ms, decided_after)
     if fast_usage:
-        return WindowStore(windows, resume, lateness, keep_ms=keep_ms)
+        return WindowStore(windows, resume, lateness, keep_ms=keep_ms, emit_after_ms=keep_ms)
     return AggregateWindowStore(windows, aggregation, lateness, resume, recurring, keep_ms)
 
 

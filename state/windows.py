@@ -81,10 +81,14 @@ class WindowStore:
     """
 
     def __init__(self, windows: WindowKind, resume: WindowSnapshot | None = None,
-                 allowed_lateness_ms: int = 0, grain: str = "", keep_ms: int = 0) -> None:
+                 allowed_lateness_ms: int = 0, grain: str = "", keep_ms: int = 0,
+                 emit_after_ms: int = 0) -> None:
         self.windows = windows
         self.allowed_lateness_ms = allowed_lateness_ms
         self.keep_ms = keep_ms  # how much longer than the lateness a window must stay open
+        # How long after a window's end its last events are decided (sliding windows): its
+        # row is written then, whole, rather than once per slide.
+        self.emit_after_ms = emit_after_ms
         self.grain = grain
         self.owed_after = resume.owed_after if resume is not None else NO_OWED
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
@@ -157,9 +161,10 @@ class WindowStore:
         rows: list[WindowRow] = []
         version = row_version(watermark_ms, provisional)
         owed_now = provisional or max(watermark_ms, 0) > max(self.owed_after, 0)  # as versions do
+        complete = closing_ms - self.emit_after_ms
         for start in sorted(self._open):
             end = self.windows.window_end(start)
-            if end > closing_ms:
+            if end > complete:
                 break
             keys = self._open[start]
             emitted = self._rows(start, end, keys, self.grain, version, owed_now)
