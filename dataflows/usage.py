@@ -31,10 +31,10 @@ from operators.intake import IntakeBatch, IntakeLogic
 from operators.live_totals import DEFAULT_DAY_HORIZON_MS, LiveTotalsParams, live_totals
 from operators.quotas import QuotaRules, load_quotas
 from operators.telemetry.setup import configure_telemetry
-from operators.usage_windows import UsageWindowParams, usage_windows
+from operators.usage_windows import UsageWindowParams, UsageWindowsOut, usage_windows
 from recovery.kafka_source import UsageSource
 from sinks.alerts import AlertsSink
-from sinks.clickhouse_sink import ClickHouseSink, Enrichment, clickhouse_items, sink_partitions
+from sinks.clickhouse_sink import ClickHouseSink, Enrichment, late_table, metric_table, sink_partitions
 from sinks.kafka_output import KafkaOutputSink, dead_letter_record, late_event_record
 from sinks.redis_sink import RedisTotalsSink
 
@@ -46,6 +46,23 @@ def _to_shards(batch: IntakeBatch) -> list[tuple]:
 
 def _dead_letters(batch: IntakeBatch) -> list[tuple]:
     return [(str(letter.source_partition), dead_letter_record(letter)) for letter in batch.dead_letters]
+
+
+def _clickhouse(settings: Settings, shard_out: UsageWindowsOut) -> None:
+    """One ClickHouse output per table stream; the sampled events' trace carriers go with the
+    rows they trace (the sink opens the insert spans under them)."""
+
+    def sink(**options) -> ClickHouseSink:
+        return ClickHouseSink(settings.clickhouse.url, partitions=sink_partitions(settings.shards),
+                              max_rows=settings.clickhouse.batch_rows,
+                              max_age_s=settings.clickhouse.flush_interval_ms / 1000, **options)
+
+    enrichment = Enrichment(settings.redis.url, settings.redis.enrich_fields,
+                            settings.redis.enrich_cache_ttl_ms) if settings.redis.enabled else None
+    rows = op.merge("rows_and_traces", shard_out.rows, shard_out.traces)
+    op.output("clickhouse_out", rows, sink(enrichment=enrichment))
+    op.output("clickhouse_metrics_out", shard_out.metric_rows, sink(table_of=metric_table))
+    op.output("clickhouse_late_out", shard_out.late, sink(table_of=late_table))
 
 
 def _live_totals(settings: Settings, counted) -> None:
@@ -89,19 +106,7 @@ def build_flow(settings: Settings) -> Dataflow:
     shard_out = usage_windows("usage_windows", shard_batches, params)
     dead = op.flat_map("dead_letters", intake, _dead_letters)
     op.output("dlq_out", dead, KafkaOutputSink(settings.kafka.connection, settings.kafka.dlq_topic, setting="DLQ_TOPIC"))
-    op.output(
-        "clickhouse_out",
-        clickhouse_items("clickhouse_items", rows=shard_out.rows, metric_rows=shard_out.metric_rows,
-                         late=shard_out.late, traces=shard_out.traces),
-        ClickHouseSink(
-            settings.clickhouse.url,
-            partitions=sink_partitions(settings.shards),
-            max_rows=settings.clickhouse.batch_rows,
-            max_age_s=settings.clickhouse.flush_interval_ms / 1000,
-            enrichment=Enrichment(settings.redis.url, settings.redis.enrich_fields,
-                                  settings.redis.enrich_cache_ttl_ms) if settings.redis.enabled else None,
-        ),
-    )
+    _clickhouse(settings, shard_out)
     if settings.redis.enabled:
         _live_totals(settings, shard_out.counted)
     if settings.kafka.late_topic:

@@ -458,21 +458,24 @@ class UsageWindowsOut:
     """Sampled events' trace carriers, for the sink's insert spans (tracing on only)."""
 
 
-_STREAM_OF_TYPE = {WindowRow: "rows", MetricRow: "metric_rows", LateRecord: "late",
-                   CountedUsage: "counted", SinkTrace: "traces"}
+_RARER_STREAMS = {MetricRow: "metric_rows", LateRecord: "late", CountedUsage: "counted",
+                  SinkTrace: "traces"}
 
 
 def usage_windows(step_id: str, up: KeyedStream[ShardBatch], params: UsageWindowParams) -> UsageWindowsOut:
     """The keyed windowing step on ``up`` and its typed output streams, built here only.
 
     ``step_id`` names the stateful step (its recovery state); the split steps are stateless.
+    Rows, most of the output, leave after one step; the rarer kinds are split among the rest
+    (each extra step costs every item passing it about 0.4 µs).
     """
     out = op.stateful_batch(step_id, up, lambda resume: UsageWindowLogic(params, resume))
+    rows_or_rest = op.branch(f"{step_id}_rows", out, lambda key_item: type(key_item[1]) is WindowRow)
     streams = {
-        name: op.filter_value(f"{step_id}_{name}", out, lambda item, kind=kind: type(item) is kind)
-        for kind, name in _STREAM_OF_TYPE.items()
+        name: op.filter_value(f"{step_id}_{name}", rows_or_rest.falses, lambda item, kind=kind: type(item) is kind)
+        for kind, name in _RARER_STREAMS.items()
     }
-    return UsageWindowsOut(**streams)
+    return UsageWindowsOut(rows=rows_or_rest.trues, **streams)
 
 
 def _check_same_outputs(params: UsageWindowParams, resume: UsageShardSnapshot) -> None:

@@ -23,12 +23,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import bytewax.operators as op
-from bytewax.operators import KeyedStream
+from typing import Callable
+
 from bytewax.outputs import FixedPartitionedSink
 
 from operators.telemetry import metrics, tracing
-from operators.telemetry.tracing import SinkTrace
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
@@ -56,23 +55,20 @@ _ENCODERS = {
 """How a table's rows become an Arrow record batch (``sinks.columnar``)."""
 
 
-TRACES = ""
-"""The "table" of a trace carrier in the sink's stream: none, it only wraps an insert in a span."""
-
-TableItem = tuple
-"""``(table, row)``: a row and the table it goes to, or ``(TRACES, SinkTrace)``."""
+Row = WindowRow | MetricRow | LateRecord
 
 
-def clickhouse_items(step_id: str, *, rows: KeyedStream[WindowRow], metric_rows: KeyedStream[MetricRow],
-                     late: KeyedStream[LateRecord], traces: KeyedStream[SinkTrace]) -> KeyedStream[TableItem]:
-    """The ClickHouse sink's one stream, from the shard step's typed streams: each row with its table."""
-    return op.merge(
-        step_id,
-        op.map_value(f"{step_id}_rows", rows, lambda row: (ROLLUP_TABLES[row.grain], row)),
-        op.map_value(f"{step_id}_metric_rows", metric_rows, lambda row: (METRIC_AGGREGATES, row)),
-        op.map_value(f"{step_id}_late", late, lambda record: (USAGE_LATE_EVENTS, record)),
-        op.map_value(f"{step_id}_traces", traces, lambda carrier: (TRACES, carrier)),
-    )
+def window_table(row: WindowRow) -> str:
+    """``usage_aggregates`` or the rollup table of the row's ``grain``."""
+    return ROLLUP_TABLES[row.grain]
+
+
+def metric_table(_row: MetricRow) -> str:
+    return METRIC_AGGREGATES
+
+
+def late_table(_record: LateRecord) -> str:
+    return USAGE_LATE_EVENTS
 
 
 class Backoff:
@@ -129,19 +125,21 @@ class Enrichment:
         return CustomerAttributes(self.redis_url, self.fields, self.cache_ttl_ms)
 
 
-class ClickHousePartition(BufferedPartition[TableItem]):
+class ClickHousePartition(BufferedPartition[Row]):
     def __init__(self, backend: ClickHouseBackend, max_rows: int, max_age_s: float,
-                 attributes: CustomerAttributes | None = None) -> None:
+                 attributes: CustomerAttributes | None = None,
+                 table_of: Callable[[Row], str] = window_table) -> None:
         super().__init__(max_rows, max_age_s)
         self._backend = backend
         self._attributes = attributes
+        self._table_of = table_of
 
-    def flush_items(self, items: list[TableItem]) -> None:
-        by_table: dict[str, list] = {}
-        for table, item in items:
-            by_table.setdefault(table, []).append(item)
-        traces = by_table.pop(TRACES, [])
-        with tracing.sink_spans(traces, len(items) - len(traces)):  # no-op unless tracing is on
+    def flush_items(self, items: list[Row]) -> None:
+        with tracing.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
+            by_table: dict[str, list] = {}
+            table_of = self._table_of
+            for row in rows_only:
+                by_table.setdefault(table_of(row), []).append(row)
             for table, rows in by_table.items():
                 self._write(table, rows)
 
@@ -240,8 +238,10 @@ def sink_partitions(shards: int) -> int:
     return max(LEGACY_PARTITIONS, shards)
 
 
-class ClickHouseSink(FixedPartitionedSink[TableItem, None]):
-    """ClickHouse output, split into ``partitions`` independent writers (``sink_partitions``).
+class ClickHouseSink(FixedPartitionedSink[Row, None]):
+    """ClickHouse output of one typed stream, split into ``partitions`` independent writers
+    (``sink_partitions``); ``table_of`` says where a row goes (:func:`window_table`, the
+    default, :func:`metric_table`, :func:`late_table`).
 
     Items arrive keyed by shard (``"0"``, ``"1"``, …); shard ``k`` goes to partition ``"k"``
     when it exists, so each writer takes whole shards and none is hashed onto another's:
@@ -253,7 +253,8 @@ class ClickHouseSink(FixedPartitionedSink[TableItem, None]):
     """
 
     def __init__(self, url: str, *, partitions: int = LEGACY_PARTITIONS, max_rows: int = 50_000,
-                 max_age_s: float = 2.0, enrichment: Enrichment | None = None) -> None:
+                 max_age_s: float = 2.0, enrichment: Enrichment | None = None,
+                 table_of: Callable[[Row], str] = window_table) -> None:
         if partitions < 1:
             raise ValueError(f"ClickHouseSink partitions must be >= 1, got {partitions}")
         self.url = url
@@ -261,6 +262,7 @@ class ClickHouseSink(FixedPartitionedSink[TableItem, None]):
         self.max_rows = max_rows
         self.max_age_s = max_age_s
         self.enrichment = enrichment if enrichment and enrichment.fields else None
+        self.table_of = table_of
         # Bytewax indexes part_fn's value into the sorted global list of partitions.
         self._index = {name: i for i, name in enumerate(sorted(self._parts()))}
 
@@ -283,4 +285,4 @@ class ClickHouseSink(FixedPartitionedSink[TableItem, None]):
         fields = self.enrichment.fields if self.enrichment else ()
         with_retries(lambda: ensure_schema(backend, fields), "create tables")
         attributes = self.enrichment.client() if self.enrichment else None
-        return ClickHousePartition(backend, self.max_rows, self.max_age_s, attributes)
+        return ClickHousePartition(backend, self.max_rows, self.max_age_s, attributes, self.table_of)

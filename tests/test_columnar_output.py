@@ -140,8 +140,9 @@ def backend(clickhouse_url: str) -> Iterator[ClickHouseBackend]:
 
 
 def write_both(backend: ClickHouseBackend, table: str, items: list, oracle_rows: list[dict]) -> None:
-    partition = ClickHousePartition(backend, max_rows=1_000_000, max_age_s=3600.0)
-    partition.write_batch([(table, item) for item in items])
+    partition = ClickHousePartition(backend, max_rows=1_000_000, max_age_s=3600.0,
+                                    table_of=lambda _row: table)  # one typed stream, one table
+    partition.write_batch(items)
     partition.flush()
     columns = list(oracle_rows[0])
     backend.insert_json_each_row(f"oracle.{table}", columns, json_each_row(oracle_rows))

@@ -33,11 +33,11 @@ def test_building_the_flow_in_process_changes_nothing_in_the_process():
     assert step_names(flow) == [
         "kafka_in", "to_shards",
         "usage_windows",  # the stateful step; then its typed streams, split in one place
+        # ("usage_windows_rows" is the branch whose other side the rarer kinds are split from)
         "usage_windows_rows", "usage_windows_metric_rows", "usage_windows_late",
         "usage_windows_counted", "usage_windows_traces",
         "dead_letters", "dlq_out",
-        "clickhouse_items_rows", "clickhouse_items_metric_rows", "clickhouse_items_late",
-        "clickhouse_items_traces", "clickhouse_items", "clickhouse_out",
+        "rows_and_traces", "clickhouse_out", "clickhouse_metrics_out", "clickhouse_late_out",
         "late_records", "late_topic_out",
     ]
     assert process_state() == before

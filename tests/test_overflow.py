@@ -282,8 +282,8 @@ def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_ur
         ensure_schema(backend)
         part = ClickHousePartition(backend, max_rows=1_000, max_age_s=60)
         beyond = 10**76  # the first scaled total Decimal(76, 18) cannot hold
-        part.write_batch([("usage_aggregates", WindowRow("o", "big", "x", 0, 60_000, 1, beyond, 1)),
-                          ("usage_aggregates", WindowRow("o", "ok", "x", 0, 60_000, 1, beyond - 1, 1))])
+        part.write_batch([WindowRow("o", "big", "x", 0, 60_000, 1, beyond, 1),
+                          WindowRow("o", "ok", "x", 0, 60_000, 1, beyond - 1, 1)])
         part.flush()
         _, rows = backend.query("SELECT external_customer_id, total_value FROM usage_aggregates FINAL")
         assert rows == [("ok", Decimal("9" * 58 + "." + "9" * 18))]
@@ -292,7 +292,7 @@ def test_a_sum_beyond_decimal_76_is_kept_out_and_other_errors_still_stop(chdb_ur
         assert row["total_scaled"] == f"1{'0' * 58}.{'0' * 18}"
 
         backend.command("DROP TABLE usage_aggregates")  # a setup problem, not a row: it stops
-        part.write_batch([("usage_aggregates", WindowRow("o", "ok", "x", 60_000, 120_000, 1, 1, 1))])
+        part.write_batch([WindowRow("o", "ok", "x", 60_000, 120_000, 1, 1, 1)])
         with pytest.raises(ClickHouseError) as refused:
             part.flush()
         assert refused.value.code == 60

@@ -27,10 +27,10 @@ SHARDS = 16
 MINUTE_MS = 60_000
 
 
-def keyed_rows(first_minute: int, minutes: int) -> list[tuple[str, tuple[str, WindowRow]]]:
+def keyed_rows(first_minute: int, minutes: int) -> list[tuple[str, WindowRow]]:
     """One row per shard and minute, keyed by its shard as the shard step keys them."""
-    return [(str(shard), ("usage_aggregates", WindowRow(f"org{shard}", "c", "x", m * MINUTE_MS,
-                                                        (m + 1) * MINUTE_MS, 1, shard * 10**18, 1)))
+    return [(str(shard), WindowRow(f"org{shard}", "c", "x", m * MINUTE_MS, (m + 1) * MINUTE_MS,
+                                   1, shard * 10**18, 1))
             for m in range(first_minute, first_minute + minutes) for shard in range(SHARDS)]
 
 
@@ -71,5 +71,5 @@ def test_a_store_written_with_four_partitions_resumes_with_one_per_shard(dev_cli
     run_main(sink_flow(dev_clickhouse.url, sink_partitions(SHARDS), first + later),
              recovery_config=recovery)
     expected = sorted((row.organization_id, row.window_start_ms, f"{row.total_scaled // 10**18}")
-                      for _, (_table, row) in first + later)
+                      for _, row in first + later)
     assert [(org, int(start), total) for org, start, total in rows_in(dev_clickhouse.url)] == expected

@@ -28,7 +28,7 @@ from operators.telemetry.board import StatusBoard
 from operators.telemetry.lag import LagProbe
 from operators.telemetry.settings import TelemetryError
 from operators.telemetry.setup import configure_telemetry, shutdown_telemetry
-from operators.telemetry.tracing import MAX_TRACED_PER_BATCH, IntakeTracing, WindowTracing, sink_spans
+from operators.telemetry.tracing import MAX_TRACED_PER_BATCH, IntakeTracing, WindowTracing, trace_sink
 from operators.usage_windows import UsageWindowLogic, UsageWindowParams
 from state.records import ShardBatch
 from state.window_kinds import TumblingWindows
@@ -102,8 +102,9 @@ def test_every_call_is_a_cheap_no_op_before_configure():
     metrics.record_source_snapshot()
     LagProbe("t", 0).maybe_record(RaisingConsumer(), 10)
     assert IntakeTracing("t", 0).begin([(0, None, b"{}", [("traceparent", b"x")])]) is None
-    with sink_spans([object()], 1) as inside:  # tracing off: nothing opened
-        assert inside is None
+    items = [object()]
+    with trace_sink(items) as flushed:
+        assert flushed is items
     assert WindowTracing().closed([object()]) == []
 
     calls = 200_000
@@ -362,8 +363,8 @@ def test_a_sampled_event_is_traced_decode_window_sink():
     rows, _ = logic.on_batch([shard_batch])
     carriers = window_tracing.closed(rows)
     assert len(carriers) == 1 and carriers[0].table == "usage_aggregates"
-    with sink_spans(carriers, len(rows)):  # carriers come on the shard step's own stream
-        pass
+    with trace_sink(list(rows) + carriers) as flushed:  # the traces stream merged into the rows'
+        assert flushed == list(rows)  # the sink never sees the carriers
 
     decoded = {s.attributes["messaging.kafka.offset"]: s for s in spans.get_finished_spans()
                if s.name == "decode usage"}

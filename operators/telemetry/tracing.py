@@ -3,9 +3,10 @@
 Intake picks records (a ``traceparent`` Kafka header with the sampled flag always, others at
 ``TRACE_SAMPLE_RATIO``), opens a span per picked record and, for a valid on-time one, puts a
 :data:`TraceCarry` on the batch's side list ``traces_by_shard``; the shard opens a window span
-under it and, when the window closes, emits a :class:`SinkTrace` on the shard step's own
-``traces`` stream; the sink's ``with sink_spans(traces, rows):`` opens a span under each around
-the insert. With tracing off, :meth:`IntakeTracing.begin` returns ``None`` and nothing
+under it and, when the window closes, sends a :class:`SinkTrace` item down the sink stream
+on the shard step's ``traces`` stream, which joins the rows' stream to their sink; the sink's
+``with trace_sink(items) as items:`` strips those carriers and opens
+a span under each. With tracing off, :meth:`IntakeTracing.begin` returns ``None`` and nothing
 else runs.
 """
 
@@ -264,27 +265,31 @@ class WindowTracing:
         return out
 
 
-def sink_spans(traces: list[SinkTrace], rows: int) -> contextlib.AbstractContextManager:
-    """Wrap a sink flush of ``rows`` rows: ``with sink_spans(traces, rows):`` opens an insert
-    span under each carrier of the shard step's ``traces`` stream, covering the block.
+def trace_sink(items: list) -> contextlib.AbstractContextManager:
+    """Wrap a sink flush: ``with trace_sink(items) as items:`` gives the items without the
+    :class:`SinkTrace` carriers, and a span per carrier covers the block.
     """
     tracing = _tracing()
-    if tracing is None or not traces:
-        return contextlib.nullcontext()
-    return _sink_spans(tracing, traces, rows)
+    if tracing is None:
+        return contextlib.nullcontext(items)
+    traced = [item for item in items if type(item) is SinkTrace]
+    if not traced:
+        return contextlib.nullcontext(items)
+    rows = [item for item in items if type(item) is not SinkTrace]
+    return _sink_spans(tracing, traced, rows)
 
 
 @contextlib.contextmanager
-def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: int) -> Iterator[None]:
+def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: list) -> Iterator[list]:
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
     spans = [tracing.tracer.start_span(
         f"insert {item.table}", context=_context_of(item.traceparent), kind=SpanKind.CLIENT,
         attributes={"db.system.name": "clickhouse", "db.operation.name": "INSERT", TABLE: item.table,
-                    "tallyflow.row": item.row, "tallyflow.flush_rows": rows},
+                    "tallyflow.row": item.row, "tallyflow.flush_rows": len(rows)},
     ) for item in traced]
     try:
-        yield
+        yield rows
     except BaseException as err:
         for span in spans:
             span.record_exception(err)
