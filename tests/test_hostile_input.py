@@ -420,6 +420,15 @@ HOSTILE = {  # name -> what is spliced into a valid event (before its closing br
     "an int of 4,300 digits in properties": b', "properties": {"gb": ' + b"9" * 4_300 + b"}",
     "null properties": b', "properties": null',
     "NaN in an unknown field": b', "junk": NaN',
+    # A field named twice: the last value counts, but every occurrence must have the field's type.
+    "a float timestamp given before an integer one": b', "timestamp": 1.5, "timestamp": 1000000',
+    "an escaped name repeating timestamp": b', "time\\u0073tamp": 1.5, "timestamp": 1000000',
+    "an id given first as a number": b', "organization_id": 7, "organization_id": "org"',
+    "an id given first empty": b', "code": "", "code": "api_calls"',
+    "properties given first as a list": b', "properties": [], "properties": {}',
+    "properties given first with a huge number": b', "properties": {"a": 1e99999999999999999999}, "properties": {}',
+    "a value given first as text": b', "value": "x", "value": 1',
+    "a timestamp given first out of range": b', "timestamp": "2999-01-01T00:00:00Z", "timestamp": 1000000',
 }
 
 

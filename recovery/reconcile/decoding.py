@@ -21,7 +21,10 @@ ASCII decimal or exponent syntax, finite, with at most 18 decimal places once sc
 fitting ``Decimal(38, 18)``; arrays and objects nested at most 64 deep (the message's
 object is level 1); no ``\\u`` escape of a lone UTF-16 surrogate anywhere; no number in
 ``properties`` that cannot be read exactly (an exponent of 19 digits or more, an integer of
-more than 4,300 digits). Unknown fields are ignored, whatever numbers they hold.
+more than 4,300 digits). Unknown fields are ignored, whatever numbers they hold. A field
+named twice counts its last value, but every occurrence must have the field's type (a string
+of 1 to 256 characters for an id, an integer or a string for ``timestamp``, an object for
+``properties``).
 """
 
 from __future__ import annotations
@@ -67,7 +70,13 @@ def decode(raw: bytes | None) -> Event | None:
     try:
         text = raw.decode("utf-8")
         document, tolerant = _read_json(text)
-        if "\\u" in text:  # an escaped lone surrogate is no character: refused, as the flow does
+        escaped = "\\u" in text
+        if _may_repeat_a_field(raw, escaped):  # read again, keeping every occurrence of each field
+            document = _PAIRS_JSON.decode(text)
+            if not _every_occurrence_typed(document):
+                return None
+            tolerant = True
+        if escaped:  # an escaped lone surrogate is no character: refused, as the flow does
             json.dumps(document, ensure_ascii=False, default=str).encode("utf-8")
     except (UnicodeError, ValueError, RecursionError):
         return None
@@ -153,6 +162,54 @@ def _holds_unreadable(node) -> bool:
 _JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 _TOLERANT_JSON = json.JSONDecoder(parse_float=_exact_number, parse_int=_exact_integer,
                                   parse_constant=_reject_constant)
+
+
+class _Pairs(dict):
+    """A JSON object that also keeps its ``pairs`` as written, repeated names included."""
+
+    pairs: list
+
+    @classmethod
+    def of(cls, pairs: list) -> "_Pairs":
+        made = cls(pairs)
+        made.pairs = pairs
+        return made
+
+
+_PAIRS_JSON = json.JSONDecoder(parse_float=_exact_number, parse_int=_exact_integer,
+                               parse_constant=_reject_constant, object_pairs_hook=_Pairs.of)
+def _may_repeat_a_field(raw: bytes, escaped: bool) -> bool:
+    """Whether ``raw`` might name a known field twice (``escaped``: a ``\\u`` escape could spell one).
+
+    >>> _may_repeat_a_field(b'{"code": "a", "code": "b"}', False)
+    True
+    """
+    return (escaped or raw.count(b'"transaction_id"') > 1 or raw.count(b'"organization_id"') > 1
+            or raw.count(b'"external_customer_id"') > 1 or raw.count(b'"code"') > 1
+            or raw.count(b'"timestamp"') > 1 or raw.count(b'"properties"') > 1)
+
+
+def _every_occurrence_typed(document) -> bool:
+    """Whether every occurrence of a known field in ``document`` has that field's type.
+
+    >>> _every_occurrence_typed(_PAIRS_JSON.decode('{"timestamp": 1.5, "timestamp": 5}'))
+    False
+    >>> _every_occurrence_typed(_PAIRS_JSON.decode('{"code": "a", "code": "b", "value": [], "value": 1}'))
+    True
+    """
+    if not isinstance(document, _Pairs):
+        return True  # not an object: refused later
+    for name, value in document.pairs:
+        if name in ID_FIELDS:
+            if not (isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARACTERS):
+                return False
+        elif name == "timestamp":
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                return False
+        elif name == "properties":
+            if not isinstance(value, dict) or _holds_unreadable(value):
+                return False
+    return True
 
 
 def _read_json(text: str) -> tuple[object, bool]:

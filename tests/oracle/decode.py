@@ -50,13 +50,22 @@ def decode(value: bytes | None) -> Decoded | str:
     except UnicodeDecodeError:
         return "invalid_utf8"
     try:
-        message = json.loads(text, parse_float=_number, parse_int=_integer, parse_constant=_no_constant)
+        message = json.loads(text, parse_float=_number, parse_int=_integer, parse_constant=_no_constant,
+                             object_pairs_hook=_Object)
         json.dumps(message, ensure_ascii=False, default=repr).encode("utf-8")  # no lone surrogate
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return "malformed_json"
     if not isinstance(message, dict):
         return "not_an_object"
     return _event(message)
+
+
+class _Object(dict):
+    """A JSON object; ``pairs`` keeps every name as written, a name given twice included."""
+
+    def __init__(self, pairs: list) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
 
 
 def _no_constant(name: str):
@@ -105,6 +114,16 @@ def _depth(raw: bytes) -> int:
 
 
 def _event(message: dict) -> Decoded | str:
+    # A field named twice counts its last value, but each occurrence must have the field's type.
+    for name, given in message.pairs:
+        if name in IDS and not (isinstance(given, str) and given):
+            return "wrong_type" if not isinstance(given, str) else "empty_field"
+        if name in IDS and len(given) > MAX_ID_CHARACTERS:
+            return "field_too_long"
+        if name == "timestamp" and (isinstance(given, bool) or not isinstance(given, (int, str))):
+            return "invalid_timestamp"
+        if name == "properties" and (not isinstance(given, dict) or _holds_too_large(given)):
+            return "invalid_properties"
     for name in IDS + ("timestamp",):
         if name not in message:
             return "missing_field"
