@@ -104,6 +104,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             )
         if resume is not None:
             _check_same_outputs(params, resume)
+            if not hasattr(resume, "decided_through"):
+                raise ValueError(
+                    "recovery state written by a tallyflow that deduplicated in arrival order (before "
+                    "the dedup rule of the README); its state cannot be carried over. Let that version "
+                    "finish, or start a new recovery store")
         lateness = params.allowed_lateness_ms
         step, end_offset = params.windows.last_end_steps()
         self._due_step, self._due_offset = step, end_offset + lateness

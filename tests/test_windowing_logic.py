@@ -275,3 +275,14 @@ def test_the_intakes_inlined_window_end_is_last_end_for(kind):
     rng = random.Random(3)
     for timestamp in [0, 1, 59_999, 60_000] + [rng.randrange(0, 2**42) for _ in range(2_000)]:
         assert timestamp - timestamp % step + offset == kind.last_end_for(timestamp)
+
+
+def test_state_from_before_the_dedup_rule_is_refused_by_name():
+    # A snapshot of the older shard logic: no decided_through, a DedupStore's snapshot.
+    old = UsageShardSnapshot.__new__(UsageShardSnapshot)
+    object.__setattr__(old, "__dict__", {
+        "shards": 1, "watermark": FlowWatermark(), "forgotten_before": NO_WATERMARK,
+        "dedup": None, "usage": None, "rollups": {}, "metrics": {}, "pending_late": (),
+        "duplicates": 0, "metric_fingerprints": {}})
+    with pytest.raises(ValueError, match="new recovery store"):
+        make_logic(resume=pickle.loads(pickle.dumps(old)))
