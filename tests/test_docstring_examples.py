@@ -6,14 +6,14 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("dataflows", "operators", "state", "sinks", "recovery", "deploy")
+PACKAGES = ("dataflows", "operators", "state", "sinks", "recovery", "deploy", "oracle")  # + the test oracles
 
 
 def modules() -> list[str]:
     names = []
     for package in PACKAGES:
         module = importlib.import_module(package)
-        names += [info.name for info in pkgutil.walk_packages(module.__path__, f"{package}.")
+        names += [info.name for info in pkgutil.walk_packages(list(module.__path__), f"{package}.")
                   if not info.name.endswith(".__main__")]  # sub-packages too (deploy.bench)
     return sorted(set(names))  # every module imports without side effects, dataflows.usage too
 
