@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
 from dataflows.settings import ClickHouseSettings, KafkaSettings, RedisSettings, Settings
+from operators.telemetry.settings import TelemetrySettings
 from state.durations import DurationError, parse_duration_ms
 
 Handler = Callable[[argparse.Namespace], int]
@@ -397,7 +398,7 @@ def lag_command(parser: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from operators.telemetry.lag import fetch_status, format_lag, merge_status
 
-        port = os.environ.get("METRICS_PORT", "").strip() or "9464"
+        port = TelemetrySettings.from_env(os.environ).metrics_port  # the flow's, read now
         urls = args.url or [f"http://127.0.0.1:{port}"]
 
         def table() -> str:
