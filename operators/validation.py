@@ -23,6 +23,8 @@ from typing import Annotated, Union
 
 import msgspec
 
+from state.utc_calendar import days_from_civil
+
 VALUE_SCALE = 18
 """Decimal places kept: totals are integers scaled by 10**18 (ClickHouse ``Decimal(38, 18)``)."""
 _SCALE_FACTOR = 10**VALUE_SCALE
@@ -280,25 +282,11 @@ def _date_days(date: str) -> int | None:
     leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     days = None
     if 1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month] + leap:
-        days = _days_from_civil(year, month, day)
+        days = days_from_civil(year, month, day)
     if len(_days_of_date) >= 4096:
         _days_of_date.clear()
     _days_of_date[date] = days
     return days
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
-
-    >>> _days_from_civil(1970, 1, 1), _days_from_civil(2000, 3, 1), _days_from_civil(1969, 12, 31)
-    (0, 11017, -1)
-    """
-    year -= month <= 2
-    era = year // 400
-    year_of_era = year - era * 400
-    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
-    return era * 146_097 + day_of_era - 719_468
 
 
 _PLAIN_DECIMAL = re.compile(rb"([+-]?)([0-9]{1,20})(?:\.([0-9]{0,18}))?")

@@ -26,6 +26,8 @@ def days_from_civil(year: int, month: int, day: int) -> int:
 
     >>> days_from_civil(2026, 1, 31), days_from_civil(2000, 3, 1)
     (20484, 11017)
+    >>> days_from_civil(1970, 1, 1), days_from_civil(1969, 12, 31)
+    (0, -1)
     """
     if not 1 <= month <= 12:
         raise ValueError(f"month must be 1..12, got {month}")
