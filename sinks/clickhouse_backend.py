@@ -393,24 +393,23 @@ class ChdbBackend:
     def insert_json_each_row(self, table: str, columns: Sequence[str], payload: bytes,
                              settings: Mapping[str, str] | None = None) -> None:
         """Insert JSONEachRow ``payload``; optional per-insert ClickHouse ``settings``."""
-        if not payload.strip():
-            return
-        head = f"INSERT INTO {table} ({', '.join(quote_identifier(c) for c in columns)})"
-        if settings:
-            head += f" SETTINGS {settings_sql(settings)}"
-        with self._lease.locked(settings=_CHDB_INSERT_SETTINGS) as conn:
-            _chdb_call(lambda: stream_insert(conn, head, "JSONEachRow", payload))
+        if payload.strip():
+            self._insert(table, columns, "JSONEachRow", payload, settings)
 
     def insert_arrow(self, table: str, columns: Sequence[str], payload: bytes,
                      settings: Mapping[str, str] | None = None) -> None:
         """Insert an Arrow IPC stream ``payload``; optional per-insert ClickHouse ``settings``."""
-        if not payload:
-            return
+        if payload:
+            self._insert(table, columns, "ArrowStream", payload, settings)
+
+    def _insert(self, table: str, columns: Sequence[str], fmt: str, payload: bytes,
+                settings: Mapping[str, str] | None) -> None:
+        """Stream ``payload`` in format ``fmt`` into ``table (columns)`` under one engine lock."""
         head = f"INSERT INTO {table} ({', '.join(quote_identifier(c) for c in columns)})"
         if settings:
             head += f" SETTINGS {settings_sql(settings)}"
         with self._lease.locked(settings=_CHDB_INSERT_SETTINGS) as conn:
-            _chdb_call(lambda: stream_insert(conn, head, "ArrowStream", payload))
+            _chdb_call(lambda: stream_insert(conn, head, fmt, payload))
 
     def close(self) -> None:
         self._lease.release()
