@@ -22,6 +22,7 @@ from deploy.generator import generate, produce
 from deploy.runner import init_recovery_store, start_flow
 from recovery.reconcile import diff, recompute, run_reconcile
 from sinks.clickhouse_backend import connect
+from support.crashes import run_with_sigkills, wait_exit
 from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
 
@@ -57,15 +58,6 @@ def assert_exact(bootstrap: str, topic: str, url: str) -> None:
     assert {(org, txn) for org, txn, _p, _o in output.late} == expected.late
 
 
-def wait_exit(process: subprocess.Popen, timeout: float = 180) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-
-
 def test_sigkill_at_random_moments_then_resume(kafka_broker, chdb_url, tmp_path, request):
     kills_wanted = request.config.getoption("--kills")
     bootstrap = kafka_broker.bootstrap
@@ -77,30 +69,8 @@ def test_sigkill_at_random_moments_then_resume(kafka_broker, chdb_url, tmp_path,
     init_recovery_store(recovery)
     env = flow_env(bootstrap, topic, dlq, chdb_url, **FAST_FLOW)
 
-    kills = clean_exits = 0
-    while pending:
-        produce(bootstrap, topic, pending.pop(0))
-        flow = start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)
-        if pending:
-            time.sleep(rng.uniform(0.5, 2.5))
-            if flow.poll() is None:
-                flow.send_signal(signal.SIGKILL)
-                flow.wait()
-                kills += 1
-                continue
-        assert wait_exit(flow) == 0
-        clean_exits += 1
-    while kills < kills_wanted:  # runs were quicker than the kills: keep killing resumes
-        flow = start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)
-        time.sleep(rng.uniform(0.2, 1.0))
-        if flow.poll() is None:
-            flow.send_signal(signal.SIGKILL)
-            flow.wait()
-            kills += 1
-        else:
-            assert flow.returncode == 0
-    assert wait_exit(start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)) == 0
-
+    kills = run_with_sigkills(env, recovery, pending, lambda chunk: produce(bootstrap, topic, chunk),
+                              kills_wanted, rng, resume_wait_s=(0.2, 1.0))
     assert kills == kills_wanted
     assert_exact(bootstrap, topic, chdb_url)
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import decimal
 import json
 import random
-import signal
-import time
 from decimal import Decimal
 
 from confluent_kafka import Producer
 
 from deploy.broker import ensure_topic
-from deploy.runner import init_recovery_store, start_flow
+from deploy.runner import init_recovery_store
 from sinks.clickhouse_backend import connect
+from support.crashes import run_with_sigkills
 from support.flow import flow_env
 from support.kafka import read_all, unique_topic
 from support.redis import redis_server  # noqa: F401
-from test_exactly_once import FAST_FLOW, wait_exit
+from test_exactly_once import FAST_FLOW
 from test_redis_keys import gateway_key
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -152,34 +151,6 @@ def stored_windows(url: str) -> dict[tuple, tuple[int, Decimal]]:
     return {(r[0], r[1], r[2], int(r[3])): (int(r[4]), Decimal(r[5])) for r in rows}
 
 
-def run_with_kills(env: dict, recovery, bootstrap: str, topic: str, stream: Stream, kills_wanted: int,
-                   rng: random.Random) -> int:
-    kills = 0
-    pending = list(stream.chunks)
-    while pending:
-        produce_chunk(bootstrap, topic, pending.pop(0))
-        flow = start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)
-        if pending:
-            time.sleep(rng.uniform(0.5, 2.5))
-            if flow.poll() is None:
-                flow.send_signal(signal.SIGKILL)
-                flow.wait()
-                kills += 1
-                continue
-        assert wait_exit(flow) == 0, "the flow must finish, poison or not"
-    while kills < kills_wanted:  # runs were quicker than the kills: kill resumes too
-        flow = start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)
-        time.sleep(rng.uniform(0.2, 1.5))
-        if flow.poll() is None:
-            flow.send_signal(signal.SIGKILL)
-            flow.wait()
-            kills += 1
-        else:
-            assert flow.returncode == 0
-    assert wait_exit(start_flow(env, recovery_dir=recovery, snapshot_s=1, backup_s=10)) == 0
-    return kills
-
-
 def test_poison_inputs_among_normal_traffic_under_sigkills(kafka_broker, chdb_url, redis_server,
                                                            tmp_path, request):
     kills_wanted = request.config.getoption("--kills")
@@ -193,8 +164,9 @@ def test_poison_inputs_among_normal_traffic_under_sigkills(kafka_broker, chdb_ur
     env = flow_env(bootstrap, topic, dlq, chdb_url, **FAST_FLOW, REDIS_URL=redis_server.url,
                    ROLLUPS="hour,day")
 
-    kills = run_with_kills(env, recovery, bootstrap, topic, stream, kills_wanted,
-                           random.Random(kills_wanted))
+    kills = run_with_sigkills(env, recovery, stream.chunks,
+                              lambda chunk: produce_chunk(bootstrap, topic, chunk), kills_wanted,
+                              random.Random(kills_wanted), resume_wait_s=(0.2, 1.5))
     assert kills == kills_wanted
 
     # Normal totals, exact, the overflow pair included.
