@@ -23,8 +23,6 @@ from __future__ import annotations
 import heapq
 import json
 import time
-from itertools import compress
-from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -37,6 +35,7 @@ from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
+from state.held import HeldEvents, HeldSnapshot, Ready
 from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow
 from state.sessions import SessionStore
 from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
@@ -69,7 +68,7 @@ class UsageShardSnapshot:
     decided_through: int
     counted: CountedSnapshot  # digest -> event time of its counted copy
     reported_late: dict  # digest -> event time of its late copy in usage_late_events
-    pending: dict  # due -> [(event time, partition, offset, digest, ShardEvent)]
+    pending: HeldSnapshot  # the on-time events waiting for their decision, by due point
     usage: object
     rollups: dict
     metrics: dict
@@ -117,10 +116,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         self.decided_through = resume.decided_through if resume else NO_WATERMARK
         self.counted = CountedCopies(params.dedup_horizon_ms, resume.counted if resume else None)
         self.reported_late: dict = dict(resume.reported_late) if resume else {}
-        self.pending: dict[int, list] = (
-            {due: list(entries) for due, entries in resume.pending.items()} if resume else {})
-        self._dues = list(self.pending)
-        heapq.heapify(self._dues)
+        self.held = _held(params.windows, self._due_step, self._due_offset,
+                          resume.pending if resume else None)
         self.pending_late: dict[int, list] = (
             {at: list(entries) for at, entries in resume.pending_late.items()} if resume else {})
         self._late_points = list(self.pending_late)
@@ -163,7 +160,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         self._decide(decided, out, counted)
         self.decided_through = decided
         closed = self._emit(decided, decided)
-        if self.watermark.closing == END_OF_STREAM and (self.pending or self.pending_late):
+        if self.watermark.closing == END_OF_STREAM and (self.held or self.pending_late):
             closed += self._provisional_flush(decided, out)
         out.extend(closed)
         if self.window_tracing.pending:
@@ -179,7 +176,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         if batch.topic:
             self.topic = batch.topic
         partition, decided = batch.partition, self.decided_through
-        step, offset, pending = self._due_step, self._due_offset, self.pending
+        step, offset, by_bucket = self._due_step, self._due_offset, {}
+        granule = self.held.granule  # a bucket holds every due point in a granule
         last_due, entries = None, None  # a batch's events mostly share a few windows
         for event in batch.events:
             timestamp = event.timestamp_ms
@@ -190,12 +188,13 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                                                    decided))
                     metrics.record_late(1)
                     continue
-                entries = pending.get(due)
+                entries = by_bucket.get(due // granule)
                 if entries is None:
-                    entries = pending[due] = []
-                    heapq.heappush(self._dues, due)
+                    entries = by_bucket[due // granule] = []
                 last_due = due
-            entries.append((timestamp, partition, event.offset, event.digest, event))
+            entries.append(event)
+        for key, events in by_bucket.items():
+            self.held.add(key, partition, events)
         for _due, digest, record in batch.late:
             point = self._late_point(record.timestamp_ms)
             if record.watermark_ms >= point:
@@ -218,17 +217,15 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
 
     def _decide(self, watermark: int, out: list, counted: dict | None) -> None:
         """Decide, in (event time, partition, offset) order, every copy the watermark settled."""
-        dues, ready = self._dues, []
-        while dues and dues[0] <= watermark:
-            ready += self.pending.pop(heapq.heappop(dues))
-        if ready:
-            ready.sort()  # (event time, partition, offset) are unique: events are never compared
+        ready = self.held.take_through(watermark)
+        if ready is not None:  # in (event time, partition, offset) order
             fresh = self._first_copies(ready)
             if isinstance(self.params.windows, TumblingWindows):
-                self._count_tumbling(fresh, counted, out)
+                self._count_tumbling(ready, fresh, counted, out)
             else:
-                for _t, partition, _o, _d, event in fresh:
-                    self._count_one(partition, event, out, counted)
+                partitions = ready.partitions.tolist()
+                for position in fresh.tolist():
+                    self._count_one(partitions[position], ready.event(position), out, counted)
         points, late = self._late_points, []
         while points and points[0] <= watermark:
             late += self.pending_late.pop(heapq.heappop(points))
@@ -237,14 +234,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             out.extend(self._new_late(late))
         self._prune(watermark)
 
-    def _first_copies(self, ready: list) -> list:
-        """The copies that count: no counted copy of their id within the horizon before them."""
-        n = len(ready)
-        digests = np.fromiter(map(_DIGEST, ready), dtype=np.int64, count=n)
-        times = np.fromiter(map(itemgetter(0), ready), dtype=np.int64, count=n)
-        counts = self.counted.count(digests, times)
-        fresh = ready if counts.all() else list(compress(ready, counts.tolist()))
-        self.duplicates += n - len(fresh)
+    def _first_copies(self, ready: Ready) -> np.ndarray:
+        """The positions of the copies that count: no counted copy of their id within the
+        horizon before them."""
+        fresh = np.flatnonzero(self.counted.count(ready.digests, ready.times))
+        self.duplicates += len(ready) - len(fresh)
         return fresh
 
     def _new_late(self, late: list) -> list[LateRecord]:
@@ -276,7 +270,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             if timestamp <= cutoff:
                 del self.reported_late[digest]
 
-    def _count_tumbling(self, fresh: list, counted: dict | None, out: list) -> None:
+    def _count_tumbling(self, ready: Ready, fresh: np.ndarray, counted: dict | None,
+                        out: list) -> None:
         """The hot path: sum the decided copies per (window, key) first, then touch the stores
         once per group.
 
@@ -290,25 +285,17 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         open longer than the usage windows, so no per-event check is needed.
         """
         size = self.params.windows.size_ms
-        groups: dict[tuple, list] = {}
-        by_unit: dict[int, dict[tuple, list]] = {unit: {} for unit in self._own_units(counted)}
-        for _t, partition, _o, _d, event in fresh:
-            timestamp, value = event.timestamp_ms, event.value_scaled
-            org, customer, code = event.organization_id, event.external_customer_id, event.code
-            group_key = (timestamp - timestamp % size, org, customer, code)
-            group = groups.get(group_key)  # _add_to_group, inlined on the hot path
-            if group is None:
-                groups[group_key] = [1, value, timestamp]
-            else:
-                group[0] += 1
-                group[1] += value
-                if timestamp > group[2]:
-                    group[2] = timestamp
-            for unit, unit_groups in by_unit.items():
-                _add_to_group(unit_groups, (timestamp - timestamp % unit, org, customer, code),
-                              value, timestamp)
-            if event.metric_values:
-                self._add_metrics(partition, event, event.watermark_before, out)
+        times, key_ids = ready.times[fresh], ready.key_ids[fresh]
+        groups = _summed(ready, fresh, times, key_ids, size)
+        by_unit = {unit: _summed(ready, fresh, times, key_ids, unit)
+                   for unit in self._own_units(counted)}
+        if ready.events:  # events with catalog metric values, in decision order
+            counts = np.zeros(len(ready), dtype=bool)
+            counts[fresh] = True
+            partitions = ready.partitions
+            for position, event in ready.events.items():
+                if counts[position]:
+                    self._add_metrics(int(partitions[position]), event, event.watermark_before, out)
         usage_add = self.usage.add_group
         for (start, org, customer, code), (count, total, _latest) in groups.items():
             usage_add(start, (org, customer, code), count, total)
@@ -435,7 +422,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             self.decided_through,
             self.counted.snapshot(),
             dict(self.reported_late),
-            {due: tuple(entries) for due, entries in self.pending.items()},
+            self.held.snapshot(),
             self.usage.snapshot(),
             {grain: store.snapshot() for grain, store in self.rollups.items()},
             {m.name: s.snapshot() for m, s in zip(self.params.catalog.metrics, self.metric_stores)},
@@ -523,16 +510,31 @@ def _listed(grains: tuple[str, ...]) -> str:
     return ", ".join(grains) if grains else "off"
 
 
-def _add_to_group(groups: dict[tuple, list], key: tuple, value: int, timestamp: int) -> None:
-    """Add one event to its group ``[count, total_scaled, latest_event_ms]``."""
-    group = groups.get(key)
-    if group is None:
-        groups[key] = [1, value, timestamp]
-    else:
-        group[0] += 1
-        group[1] += value
-        if timestamp > group[2]:
-            group[2] = timestamp
+def _summed(ready: Ready, fresh: np.ndarray, times: np.ndarray, key_ids: np.ndarray,
+            unit_ms: int) -> dict[tuple, list]:
+    """The counted events (positions ``fresh`` of ``ready``, their ``times`` and ``key_ids``)
+    as groups ``{(start, org, customer, code): [count, total_scaled, latest_event_ms]}`` per
+    period of ``unit_ms``, in the order of their first event."""
+    if not len(fresh):
+        return {}
+    starts, start_index = np.unique(times - times % unit_ms, return_inverse=True)
+    n_keys = max(len(ready.keys), 1)
+    codes = start_index.astype(np.int64) * n_keys + key_ids
+    unique_codes, first, group_of = np.unique(codes, return_index=True, return_inverse=True)
+    n_groups = len(unique_codes)
+    counts = np.bincount(group_of, minlength=n_groups).tolist()
+    latest = np.full(n_groups, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(latest, group_of, times)
+    latest_list = latest.tolist()
+    totals = ready.sums(fresh, group_of, n_groups)
+    group_starts = starts[unique_codes // n_keys].tolist()
+    group_keys = (unique_codes % n_keys).tolist()
+    keys, groups = ready.keys, {}
+    for group in np.argsort(first, kind="stable").tolist():
+        org, customer, code = keys[group_keys[group]]
+        groups[(group_starts[group], org, customer, code)] = \
+            [counts[group], totals[group], latest_list[group]]
+    return groups
 
 
 def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
@@ -562,9 +564,6 @@ def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
     return grouped
 
 
-_DIGEST = itemgetter(3)
-
-
 def _as_rows(metric: MetricDefinition | None, rows: list) -> list:
     """A store's rows as table rows: ``WindowRow`` as they are, session and metric rows converted."""
     if metric is not None:
@@ -580,6 +579,20 @@ def _settle_extra(windows: WindowKind) -> int:
     if isinstance(windows, SlidingWindows):
         return windows.size_ms - windows.slide_ms
     return 0
+
+
+def _held(windows: WindowKind, step: int, offset: int,
+          resume: HeldSnapshot | dict | None) -> HeldEvents:
+    """The held events, resumed; a snapshot from before the columns (``{due: [(time, partition,
+    offset, digest, ShardEvent)]}``) is carried over."""
+    per_event = not isinstance(windows, TumblingWindows)
+    if not isinstance(resume, dict):
+        return HeldEvents(per_event, step, offset, resume)
+    held = HeldEvents(per_event, step, offset)
+    for entries in resume.values():
+        for timestamp, partition, _o, _d, event in entries:
+            held.add(held.bucket_of(timestamp - timestamp % step + offset), partition, [event])
+    return held
 
 
 def _longest_window(windows: WindowKind) -> int:

@@ -286,3 +286,19 @@ def test_state_from_before_the_dedup_rule_is_refused_by_name():
         "duplicates": 0, "metric_fingerprints": {}})
     with pytest.raises(ValueError, match="new recovery store"):
         make_logic(resume=pickle.loads(pickle.dumps(old)))
+
+
+def test_held_events_of_a_snapshot_from_before_the_columns_are_carried_over():
+    # Before the held columns a snapshot kept {due: [(time, partition, offset, digest, event)]}.
+    import dataclasses
+
+    events = [event("a", 1_000, 1), event("b", 2_000, 2), event("a", 3_000, 5, cust="other")]
+    old_pending = {MINUTE: [(e.timestamp_ms, 0, e.offset, e.digest, e) for e in events]}
+    logic = make_logic()
+    logic.on_batch([ShardBatch(0, 1, 0, False, [])])
+    old = dataclasses.replace(logic.snapshot(), pending=old_pending)
+    resumed = make_logic(resume=pickle.loads(pickle.dumps(old)))
+    rows, _ = resumed.on_batch([ShardBatch(0, 1, END_OF_STREAM, True, [event("c", 4_000, 4)])])
+    # "a" of the other customer is a copy of the counted "a" (same organization and id)
+    assert [(r.external_customer_id, r.event_count, r.total_scaled) for r in rows] == [("cust", 3, 7 * SCALE)]
+    assert resumed.duplicates == 1
