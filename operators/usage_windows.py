@@ -223,9 +223,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             if isinstance(self.params.windows, TumblingWindows):
                 self._count_tumbling(ready, fresh, counted, out)
             else:
-                partitions = ready.partitions.tolist()
-                for position in fresh.tolist():
-                    self._count_one(partitions[position], ready.event(position), out, counted)
+                for partition, event in zip(ready.partitions[fresh].tolist(), ready.rebuilt(fresh)):
+                    self._count_one(partition, event, out, counted)
         points, late = self._late_points, []
         while points and points[0] <= watermark:
             late += self.pending_late.pop(heapq.heappop(points))

@@ -9,7 +9,7 @@ as a whole part and a fraction of 10**18 (``whole * 10**18 + fraction``; a whole
 bits waits in a small dict). Keys are numbered once for all held events; numbers no held event
 uses any more are dropped when the table has doubled, and before a snapshot. Only events with catalog metric values keep their ``ShardEvent``.
 Sliding and session windows add event by event and may write a late record, so with
-``per_event`` each event also keeps its ``watermark_before`` and transaction id, and its
+``per_event`` each event also keeps its ``watermark_before`` and transaction id (as UTF-8), and its
 ``ShardEvent`` is rebuilt at its decision::
 
 Events are held in buckets of at least a second of due points (session windows have a due
@@ -49,7 +49,8 @@ _MIN_KEYS = 4_096  # the key table is not compacted below this size
 _HALF_UNIT = 10**9  # a fraction as two parts below 10**9: sums of int64 stay exact
 _INT64_MAX = 2**63 - 1
 _TYPECODES = {"times": "q", "partitions": "i", "offsets": "q", "digests": "q", "wholes": "q",
-              "fractions": "q", "key_ids": "i", "seen": "q"}  # "seen": per_event only
+              "fractions": "q", "key_ids": "i", "seen": "q", "txn_lengths": "i"}
+_PER_EVENT_ONLY = ("seen", "txn_lengths")
 _TIME, _OFFSET, _DIGEST, _VALUE, _SEEN, _TXN = (attrgetter(name) for name in (
     "timestamp_ms", "offset", "digest", "value_scaled", "watermark_before", "transaction_id"))
 _KEY = attrgetter("organization_id", "external_customer_id", "code")
@@ -73,10 +74,10 @@ class _Bucket:
 
     def __init__(self, per_event: bool) -> None:
         self.columns = {name: array(code) for name, code in _TYPECODES.items()
-                        if per_event or name != "seen"}
+                        if per_event or name not in _PER_EVENT_ONLY}
         self.wide: dict[int, int] = {}  # position -> value whose whole part needs more than 64 bits
         self.events: dict[int, ShardEvent] = {}  # position -> the event, kept whole
-        self.txns: list[str] | None = [] if per_event else None
+        self.txns: list[bytes] | None = [] if per_event else None  # UTF-8, one chunk an add
         self.first_due, self.last_due = _INT64_MAX, -_INT64_MAX
 
     def __len__(self) -> int:
@@ -165,7 +166,8 @@ class HeldEvents:
                 into.update((at, item) for at, (position, item) in zip(where, kept.items())
                             if at < len(positions) and positions[at] == position)
         if self.per_event:
-            bucket.txns = [ready.txns[i] for i in positions.tolist()]
+            bucket.txns = [_gathered(ready.txn_blob, ready.txn_starts[positions],
+                                     ready.txn_lengths[positions])]
         return bucket
 
     def __len__(self) -> int:
@@ -176,6 +178,8 @@ class HeldEvents:
 
     def add(self, key: int, partition: int, events: list[ShardEvent]) -> None:
         """Hold ``events`` (all of one partition, all in the bucket ``key``: see ``bucket_of``)."""
+        if not events:
+            return
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(self.per_event)
@@ -194,7 +198,9 @@ class HeldEvents:
         columns["key_ids"].extend(self._numbers(events))
         if self.per_event:
             columns["seen"].extend(map(_SEEN, events))
-            bucket.txns.extend(map(_TXN, events))
+            encoded = [txn.encode("utf-8", "surrogatepass") for txn in map(_TXN, events)]
+            columns["txn_lengths"].extend(map(len, encoded))
+            bucket.txns.append(b"".join(encoded))
         for position, event in enumerate(events, start):
             if event.metric_values:
                 bucket.events[position] = event
@@ -271,7 +277,9 @@ class Ready:
     wide: dict  # position -> value (whole part beyond 64 bits; its whole and fraction are 0)
     events: dict  # position -> ShardEvent kept whole (catalog metric values)
     seen: np.ndarray | None = None  # watermark_before (per_event only)
-    txns: list | None = None  # transaction ids (per_event only)
+    txn_lengths: np.ndarray | None = None  # transaction ids, UTF-8 (per_event only) ...
+    txn_starts: np.ndarray | None = None  # ... at these places of ...
+    txn_blob: bytes = b""  # ... these bytes
 
     def __len__(self) -> int:
         return len(self.times)
@@ -284,7 +292,32 @@ class Ready:
         org, customer, code = self.keys[self.key_ids[position]]
         return ShardEvent(int(self.digests[position]), org, customer, code, int(self.times[position]),
                           self.value(position), int(self.seen[position]), int(self.offsets[position]),
-                          self.txns[position], None)
+                          self.txn(position), None)
+
+    def rebuilt(self, positions: np.ndarray) -> list[ShardEvent]:
+        """The events at ``positions``, like ``event`` for each (faster)."""
+        keys, kept, unit, wide = self.keys, self.events, VALUE_UNIT, self.wide
+        blob, starts = self.txn_blob, self.txn_starts[positions].tolist()
+        lengths = self.txn_lengths[positions].tolist()
+        rebuilt = []
+        for position, digest, key_id, timestamp, whole, fraction, seen, offset, start, length in zip(
+                positions.tolist(), self.digests[positions].tolist(), self.key_ids[positions].tolist(),
+                self.times[positions].tolist(), self.wholes[positions].tolist(),
+                self.fractions[positions].tolist(), self.seen[positions].tolist(),
+                self.offsets[positions].tolist(), starts, lengths):
+            event = kept.get(position) if kept else None
+            if event is None:
+                org, customer, code = keys[key_id]
+                value = wide.get(position, whole * unit + fraction) if wide else whole * unit + fraction
+                event = ShardEvent(digest, org, customer, code, timestamp, value, seen, offset,
+                                   blob[start:start + length].decode("utf-8", "surrogatepass"), None)
+            rebuilt.append(event)
+        return rebuilt
+
+    def txn(self, position: int) -> str:
+        """The transaction id of the event at ``position`` (``per_event`` only)."""
+        start = int(self.txn_starts[position])
+        return self.txn_blob[start:start + int(self.txn_lengths[position])].decode("utf-8", "surrogatepass")
 
     def value(self, position: int) -> int:
         """The exact scaled value of the event at ``position``."""
@@ -343,18 +376,30 @@ def _ready(buckets: list[_Bucket], keys: list[tuple]) -> Ready:
         new_position[order] = np.arange(len(order))
         wide = {int(new_position[p]): v for p, v in wide.items()}
         events = dict(sorted((int(new_position[p]), e) for p, e in events.items()))
-    txns = None
+    txns = {}
     if buckets[0].txns is not None:
-        every = [txn for bucket in buckets for txn in bucket.txns]
-        txns = [every[i] for i in order.tolist()]
+        lengths = columns["txn_lengths"]
+        txns = {"txn_blob": b"".join(chunk for bucket in buckets for chunk in bucket.txns),
+                "txn_starts": (np.cumsum(lengths, dtype=np.int64) - lengths)[order]}
     return Ready(**{name: column[order] for name, column in columns.items()},
-                 keys=keys, wide=wide, events=events, txns=txns)
+                 keys=keys, wide=wide, events=events, **txns)
+
+
+def _gathered(blob: bytes, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+    """The pieces ``blob[start:start + length]``, joined.
+
+        >>> _gathered(b"abcdef", np.array([4, 0]), np.array([2, 1]))
+        b'efa'
+    """
+    ends = np.cumsum(lengths, dtype=np.int64)
+    places = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+    return np.frombuffer(blob, dtype=np.uint8)[places].tobytes()
 
 
 def _packed(bucket: _Bucket) -> tuple:
     return ({name: column.tobytes() for name, column in bucket.columns.items()},
             dict(bucket.wide), dict(bucket.events),
-            None if bucket.txns is None else list(bucket.txns))
+            None if bucket.txns is None else b"".join(bucket.txns))
 
 
 def _unpacked(packed: tuple, per_event: bool, n_keys: int) -> _Bucket:
@@ -373,7 +418,8 @@ def _unpacked(packed: tuple, per_event: bool, n_keys: int) -> _Bucket:
         raise ValueError(f"held events: a key number outside the snapshot's {n_keys} keys")
     bucket.wide, bucket.events = dict(wide), dict(events)
     if per_event:
-        bucket.txns = list(txns)
-        if len(bucket.txns) != len(bucket):
-            raise ValueError(f"held events: {len(bucket.txns)} transaction ids for {len(bucket)} events")
+        bucket.txns = [bytes(txns)]
+        expected = sum(bucket.columns["txn_lengths"])
+        if len(txns) != expected:
+            raise ValueError(f"held events: {len(txns)} bytes of transaction ids, expected {expected}")
     return bucket

@@ -29,8 +29,9 @@ def test_held_events_come_out_when_due_in_decision_order_with_exact_values(
         by_bucket: dict[int, list] = {}
         for timestamp, org, customer, value, has_metrics, digest in batch:
             kafka_offset += 1
+            txn = f"tx-é\ud800{kafka_offset}"[:kafka_offset % 9]  # empty, non-ASCII, a lone surrogate
             event = ShardEvent(digest, f"org{org}", f"cust{customer}", "code", timestamp, value, -5,
-                               kafka_offset, f"tx{kafka_offset}", [(0, (), 1)] if has_metrics else None)
+                               kafka_offset, txn, [(0, (), 1)] if has_metrics else None)
             by_bucket.setdefault(held.bucket_of(timestamp - timestamp % step + offset), []).append(event)
             model.append((partition, event))
         for key, events in by_bucket.items():
@@ -67,6 +68,7 @@ def check_ready(ready, taken: list, per_event: bool) -> None:
     assert ready.events == kept and list(ready.events) == sorted(kept)
     if per_event:
         assert [ready.event(i) for i in range(len(events))] == events
+        assert ready.rebuilt(np.arange(len(events) - 1, -1, -1)) == events[::-1]
     # sums per key over every other event, exactly
     positions = np.arange(0, len(events), 2)
     groups = ready.key_ids[positions]
