@@ -7,7 +7,7 @@ import pytest
 
 from operators.intake import IntakeLogic, shard_of
 from operators.usage_windows import UsageShardSnapshot, UsageWindowLogic, UsageWindowParams
-from state.dedup import DedupStore, transaction_digest
+from state.dedup import transaction_digest
 from state.records import ShardBatch, ShardEvent
 from state.watermark import (END_OF_STREAM, NO_WATERMARK, FlowWatermark, PartitionWatermark,
                                  WatermarkRegression)
@@ -33,34 +33,6 @@ def test_digest_is_stable_and_separates_fields():
     assert transaction_digest("org", "t1") == transaction_digest("org", "t1")
     assert transaction_digest("org", "t1") != transaction_digest("or", "gt1")
     assert -(2**63) <= transaction_digest("a", "b") < 2**63
-
-
-def test_dedup_remembers_until_horizon_passes_then_forgets():
-    store = DedupStore(horizon_ms=10 * MINUTE)
-    d = transaction_digest("org", "t")
-    assert store.first_sighting(d, timestamp_ms=5 * MINUTE)
-    assert not store.first_sighting(d, timestamp_ms=5 * MINUTE)
-    # A copy with another timestamp is still the same transaction.
-    assert not store.first_sighting(d, timestamp_ms=7 * MINUTE)
-    assert store.forget_before(watermark_ms=14 * MINUTE) == 0
-    assert store.forget_before(watermark_ms=17 * MINUTE) == 1
-    assert store.first_sighting(d, timestamp_ms=20 * MINUTE)
-
-
-def test_dedup_snapshot_round_trip():
-    store = DedupStore(horizon_ms=86_400_000)
-    for i in range(1000):
-        store.first_sighting(transaction_digest("o", str(i)), i * 1000)
-    restored = DedupStore(86_400_000, pickle.loads(pickle.dumps(store.snapshot())))
-    assert len(restored) == 1000
-    assert not restored.first_sighting(transaction_digest("o", "999"), 0)
-    assert restored.first_sighting(transaction_digest("o", "1000"), 0)
-
-
-def test_dedup_refuses_state_from_another_horizon():
-    snapshot = DedupStore(86_400_000).snapshot()
-    with pytest.raises(ValueError, match="DEDUP_HORIZON"):
-        DedupStore(3_600_000, snapshot)
 
 
 # --- watermarks --------------------------------------------------------------

@@ -326,10 +326,10 @@ def measure_dedup(ids: int, work: Path, options: BenchOptions) -> dict:
     run = measure_child(bench_child("_dedup", ids, out), log=work / "dedup.log", env=project_env())
     check_run(run, "the dedup measurement")
     report = json.loads(out.read_text())
-    report["method"] = ("RSS growth of a fresh child (/proc/self/statm) while a DedupStore(24h) "
-                        "takes N distinct digests through keep_first_sightings in batches of 5,000 "
-                        "events (as a shard does), divided by N; tracemalloc figure from a second "
-                        "store in the same child; snapshot = bytes of DedupSnapshot buckets")
+    report["method"] = ("RSS growth of a fresh child (/proc/self/statm) while the shard's "
+                        "CountedCopies(24h) counts N distinct digests in batches of 5,000 "
+                        "(as a shard decides them), divided by N; tracemalloc figure from a second "
+                        "store in the same child; snapshot = bytes of its digest and time columns")
     say(options, f"dedup: {report['rss_bytes_per_id']:.1f} B/id RSS, "
                   f"{report['tracemalloc_bytes_per_id']:.1f} B/id tracemalloc")
     return report
