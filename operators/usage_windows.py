@@ -36,7 +36,7 @@ from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
 from state.held import HeldEvents, HeldSnapshot, Ready
-from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow
+from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRows
 from state.sessions import SessionStore
 from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
 from state.window_kinds import SessionWindows, SlidingWindows, TumblingWindows, WindowKind
@@ -432,13 +432,48 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         )
 
 
+class RowBatchingLogic(UsageWindowLogic):
+    """The shard logic of the flow: its rows leave as one ``WindowRows`` per table and batch.
+
+    The state and every decision are :class:`UsageWindowLogic`'s; only the shape of the
+    output differs, so the engine moves a few items per batch instead of one per row.
+    """
+
+    def on_batch(self, values: list[ShardBatch]) -> tuple[Iterable[object], bool]:
+        out, retain = super().on_batch(values)
+        return rows_batched(out), retain
+
+
+def rows_batched(out: list) -> list:
+    """``out`` with its ``WindowRow`` s gathered into one ``WindowRows`` per grain (table), in
+    their order; the other items as they were.
+
+        >>> rows = [WindowRow("o", "c", "x", 0, 60_000, 1, 5, 1), WindowRow("o", "c", "x", 0, 3_600_000, 1, 5, 1, grain="hour"),
+        ...         WindowRow("o", "d", "x", 0, 60_000, 1, 5, 1)]
+        >>> [(b.grain, len(b.rows)) for b in rows_batched(rows)]
+        [('', 2), ('hour', 1)]
+    """
+    by_grain: dict[str, list[WindowRow]] = {}
+    rest = []
+    for item in out:
+        if item.__class__ is WindowRow:
+            rows = by_grain.get(item.grain)
+            if rows is None:
+                rows = by_grain[item.grain] = []
+            rows.append(item)
+        else:
+            rest.append(item)
+    rest.extend(WindowRows(grain, rows) for grain, rows in by_grain.items())
+    return rest
+
+
 @dataclass(frozen=True)
 class UsageWindowsOut:
     """What the shard step emits, one stream per type, each keyed by shard (like Bytewax's
     ``WindowOut``): no step downstream sorts items by type."""
 
-    rows: KeyedStream[WindowRow]
-    """``usage_aggregates`` rows and their hourly and daily rollups (``grain``)."""
+    rows: KeyedStream[WindowRows]
+    """``usage_aggregates`` rows and their hourly and daily rollups, a batch per table (``grain``)."""
     metric_rows: KeyedStream[MetricRow]
     """Rows of the catalog's metrics (``metric_aggregates``)."""
     late: KeyedStream[LateRecord]
@@ -457,11 +492,11 @@ def usage_windows(step_id: str, up: KeyedStream[ShardBatch], params: UsageWindow
     """The keyed windowing step on ``up`` and its typed output streams, built here only.
 
     ``step_id`` names the stateful step (its recovery state); the split steps are stateless.
-    Rows, most of the output, leave after one step; the rarer kinds are split among the rest
-    (each extra step costs every item passing it about 0.4 µs).
+    Rows, most of the output, leave in batches (``WindowRows``) after one step; the rarer
+    kinds are split among the rest (each extra step costs every item passing it about 0.4 µs).
     """
-    out = op.stateful_batch(step_id, up, lambda resume: UsageWindowLogic(params, resume))
-    rows_or_rest = op.branch(f"{step_id}_rows", out, lambda key_item: type(key_item[1]) is WindowRow)
+    out = op.stateful_batch(step_id, up, lambda resume: RowBatchingLogic(params, resume))
+    rows_or_rest = op.branch(f"{step_id}_rows", out, lambda key_item: type(key_item[1]) is WindowRows)
     streams = {
         name: op.filter_value(f"{step_id}_{name}", rows_or_rest.falses, lambda item, kind=kind: type(item) is kind)
         for kind, name in _RARER_STREAMS.items()

@@ -40,22 +40,28 @@ class BufferedPartition(StatefulSinkPartition[X, None], Generic[X]):
         self._max_age_s = max_age_s
         self._clock = clock
         self._buffer: list[X] = []
+        self._buffered_rows = 0
         self._last_write = float("-inf")
 
     @abstractmethod
     def flush_items(self, items: list[X]) -> None:
         """Write ``items`` durably or raise; called with at least one item."""
 
+    def rows_in(self, values: list[X]) -> int:
+        """How many rows ``values`` hold: one an item, unless a subclass takes batches."""
+        return len(values)
+
     def write_batch(self, values: list[X]) -> None:
         if not values:
             return
         self._buffer.extend(values)
-        if len(self._buffer) >= self._max_rows or self._clock() - self._last_write >= self._max_age_s:
+        self._buffered_rows += self.rows_in(values)
+        if self._buffered_rows >= self._max_rows or self._clock() - self._last_write >= self._max_age_s:
             self.flush()
 
     def flush(self) -> None:
         if self._buffer:
-            items, self._buffer = self._buffer, []
+            items, self._buffer, self._buffered_rows = self._buffer, [], 0
             self.flush_items(items)
             self._last_write = self._clock()
 

@@ -42,7 +42,7 @@ from sinks.schema import (
     USAGE_REJECTED_ROWS,
     ensure_schema,
 )
-from state.records import LateRecord, MetricRow, WindowRow
+from state.records import LateRecord, MetricRow, WindowRow, WindowRows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ _ENCODERS = {
 
 
 Row = WindowRow | MetricRow | LateRecord
+Item = Row | WindowRows  # the shard step sends its window rows in batches
 
 
 def window_table(row: WindowRow) -> str:
@@ -125,7 +126,7 @@ class Enrichment:
         return CustomerAttributes(self.redis_url, self.fields, self.cache_ttl_ms)
 
 
-class ClickHousePartition(BufferedPartition[Row]):
+class ClickHousePartition(BufferedPartition[Item]):
     def __init__(self, backend: ClickHouseBackend, max_rows: int, max_age_s: float,
                  attributes: CustomerAttributes | None = None,
                  table_of: Callable[[Row], str] = window_table) -> None:
@@ -134,12 +135,18 @@ class ClickHousePartition(BufferedPartition[Row]):
         self._attributes = attributes
         self._table_of = table_of
 
-    def flush_items(self, items: list[Row]) -> None:
+    def rows_in(self, values: list[Item]) -> int:
+        return sum(len(item.rows) if item.__class__ is WindowRows else 1 for item in values)
+
+    def flush_items(self, items: list[Item]) -> None:
         with tracing.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
             by_table: dict[str, list] = {}
             table_of = self._table_of
-            for row in rows_only:
-                by_table.setdefault(table_of(row), []).append(row)
+            for item in rows_only:
+                if item.__class__ is WindowRows:
+                    by_table.setdefault(ROLLUP_TABLES[item.grain], []).extend(item.rows)
+                else:
+                    by_table.setdefault(table_of(item), []).append(item)
             for table, rows in by_table.items():
                 self._write(table, rows)
 
@@ -238,7 +245,7 @@ def sink_partitions(shards: int) -> int:
     return max(LEGACY_PARTITIONS, shards)
 
 
-class ClickHouseSink(FixedPartitionedSink[Row, None]):
+class ClickHouseSink(FixedPartitionedSink[Item, None]):
     """ClickHouse output of one typed stream, split into ``partitions`` independent writers
     (``sink_partitions``); ``table_of`` says where a row goes (:func:`window_table`, the
     default, :func:`metric_table`, :func:`late_table`).

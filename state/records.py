@@ -71,6 +71,23 @@ class WindowRow(msgspec.Struct, frozen=True, gc=False):
     grain: str = ""  # "" for the main windows, "hour" or "day" for rollups
 
 
+class WindowRows(msgspec.Struct, frozen=True, gc=False):
+    """The ``WindowRow`` s of one table (``grain``) a shard emitted in one batch: one item on
+    the stream instead of one per row.
+
+    At one row per event a shard emits as many rows as it counts events; as single items each
+    row cost the engine a conversion, a routing call and a hop per step (about a tenth of a
+    high-cardinality run). The sink takes the batch whole::
+
+        >>> batch = WindowRows("hour", [WindowRow("o", "c", "x", 0, 3_600_000, 1, 5, 1, grain="hour")])
+        >>> batch.grain, len(batch.rows)
+        ('hour', 1)
+    """
+
+    grain: str  # "" for usage_aggregates, "hour" or "day" for the rollups
+    rows: list[WindowRow]
+
+
 class MetricRow(msgspec.Struct, frozen=True, gc=False):
     """One row of ``metric_aggregates``: a catalog metric for a customer, group and window."""
 

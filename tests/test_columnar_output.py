@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.records import LateRecord, MetricRow, WindowRow
+from state.records import LateRecord, MetricRow, WindowRow, WindowRows
 from sinks.clickhouse_backend import ClickHouseBackend, connect
 from sinks.clickhouse_sink import ClickHousePartition
 from sinks.columnar import DecimalOverflow, window_batch
@@ -222,3 +222,19 @@ def test_any_window_rows_match_the_oracle(chdb_url, rows):
         assert_same(backend, "usage_aggregates", len(rows))
     finally:
         backend.close()
+
+
+def test_row_batches_go_to_their_grains_tables_and_count_as_rows(backend):
+    """The shard step sends ``WindowRows`` batches: the partition buffers their rows by count
+    (not by item) and writes each to its grain's table."""
+    partition = ClickHousePartition(backend, max_rows=3, max_age_s=3600.0)
+    counts = lambda: [backend.query(f"SELECT count() FROM {t}")[1][0][0]
+                      for t in ("usage_aggregates", "usage_aggregates_hourly")]
+    minute = lambda c: WindowRow("o", c, "x", 0, 60_000, 1, 10**18, 1)
+    hour = lambda c: WindowRow("o", c, "x", 0, 3_600_000, 1, 10**18, 1, grain="hour")
+    partition.write_batch([WindowRows("", [minute("first")])])  # nothing written yet: at once
+    assert counts() == [1, 0]
+    partition.write_batch([WindowRows("", [minute("a"), minute("b")])])
+    assert counts() == [1, 0]  # 2 rows buffered, under max_rows
+    partition.write_batch([WindowRows("hour", [hour("a"), hour("b")])])
+    assert counts() == [3, 2]  # 4 rows >= 3: flushed, each batch to its table

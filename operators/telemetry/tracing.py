@@ -279,6 +279,11 @@ def trace_sink(items: list) -> contextlib.AbstractContextManager:
     return _sink_spans(tracing, traced, rows)
 
 
+def _row_count(items: list) -> int:
+    """Rows in a flush: a batch (``WindowRows``) counts its rows."""
+    return sum(len(item.rows) if hasattr(item, "rows") else 1 for item in items)
+
+
 @contextlib.contextmanager
 def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: list) -> Iterator[list]:
     from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -286,7 +291,7 @@ def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: list) -> Iterat
     spans = [tracing.tracer.start_span(
         f"insert {item.table}", context=_context_of(item.traceparent), kind=SpanKind.CLIENT,
         attributes={"db.system.name": "clickhouse", "db.operation.name": "INSERT", TABLE: item.table,
-                    "tallyflow.row": item.row, "tallyflow.flush_rows": len(rows)},
+                    "tallyflow.row": item.row, "tallyflow.flush_rows": _row_count(rows)},
     ) for item in traced]
     try:
         yield rows
