@@ -44,6 +44,7 @@ SCALE_DIGITS = 18  # the flow's sums are integers scaled by 10**18
 
 _DECIMAL_RE = re.compile(r"^Decimal\((\d+),\s*(\d+)\)$")
 _UNSIGNED = {"UInt8", "UInt16", "UInt32", "UInt64"}
+_DATETIME = "DateTime64(3, 'UTC')"
 
 
 class DecimalOverflow(ValueError):
@@ -66,7 +67,7 @@ def arrow_type(kind: str):
 
     if kind in ("String", "LowCardinality(String)"):
         return pa.string()
-    if kind == "DateTime64(3, 'UTC')":
+    if kind == _DATETIME:
         return pa.timestamp("ms", tz="UTC")
     if kind in _UNSIGNED:
         return getattr(pa, kind.lower())()
@@ -80,8 +81,15 @@ def arrow_type(kind: str):
 def decimal_array(values: Sequence[int], kind: str, column: str):
     """Scaled integers (``value * 10**18``) as an Arrow decimal array of ``kind``.
 
+    Sums that fit 64 bits are widened to Arrow's two's complement words in bulk; larger ones
+    are read by Arrow as ``Decimal(P, 0)`` integers, whose bytes are those of
+    ``Decimal(P, 18)`` (the scale only labels them). Both check that every value fits ``P``
+    digits, and a value that does not raises ``DecimalOverflow`` naming the column.
+
     >>> decimal_array([1, -1, 10**38 - 1], "Decimal(38, 18)", "v").to_pylist()[:2]
     [Decimal('1E-18'), Decimal('-1E-18')]
+    >>> [str(d) for d in decimal_array([-(2**70), 2**63], "Decimal(76, 18)", "v").to_pylist()]
+    ['-1180.591620717411303424', '9.223372036854775808']
     >>> decimal_array([10**38], "Decimal(38, 18)", "total_value")
     Traceback (most recent call last):
     ...
@@ -93,14 +101,46 @@ def decimal_array(values: Sequence[int], kind: str, column: str):
     if kind_type.scale != SCALE_DIGITS:
         raise ValueError(f"{column}: {kind} has scale {kind_type.scale}; the flow's sums have "
                          f"{SCALE_DIGITS} decimal places")
+    words = _int64_words(values, kind_type.byte_width // 8)
+    if words is not None:
+        if 10**kind_type.precision <= 2**63:  # a 64-bit value may not fit: check them all
+            _check_digits(values, kind_type.precision, kind, column)
+        return pa.Array.from_buffers(kind_type, len(values), [None, pa.py_buffer(words)])
+    unscaled_type = (pa.decimal128 if kind_type.byte_width == 16 else pa.decimal256)(
+        kind_type.precision, 0)
+    try:
+        unscaled = pa.array(values, unscaled_type)
+    except (pa.ArrowInvalid, OverflowError):
+        _check_digits(values, kind_type.precision, kind, column)
+        raise  # every value fits: something else is wrong (not an int?)
+    return pa.Array.from_buffers(kind_type, len(values), unscaled.buffers(), unscaled.null_count)
+
+
+def _int64_words(values: Sequence[int], words: int):
+    """``values`` as rows of ``words`` little-endian 64-bit words (two's complement), or
+    ``None`` when one of them does not fit 64 bits.
+
+    >>> _int64_words([1, -2], 2).tolist(), _int64_words([2**63], 2)
+    ([[1, 0], [-2, -1]], None)
+    """
+    import numpy as np
+
+    try:
+        low = np.fromiter(values, np.int64, len(values))
+    except OverflowError:
+        return None
+    out = np.empty((len(values), words), np.int64)
+    out[:, 0] = low
+    out[:, 1:] = (low >> 63)[:, None]  # the sign, extended
+    return out
+
+
+def _check_digits(values: Sequence[int], precision: int, kind: str, column: str) -> None:
     if values:
-        limit = 10**kind_type.precision
+        limit = 10**precision
         for extreme in (min(values), max(values)):
             if not -limit < extreme < limit:
                 raise DecimalOverflow(f"{column}: {_decimal_text(extreme)} does not fit {kind}")
-    width = kind_type.byte_width
-    data = b"".join([value.to_bytes(width, "little", signed=True) for value in values])
-    return pa.Array.from_buffers(kind_type, len(values), [None, pa.py_buffer(data)])
 
 
 def _decimal_text(scaled: int) -> str:
@@ -124,17 +164,36 @@ def column_array(values: list, kind: str, column: str):
     if kind.startswith("Decimal("):
         return decimal_array(values, kind, column)
     kind_type = arrow_type(kind)
-    if pa.types.is_unsigned_integer(kind_type) and values and type(values[0]) is bool:
-        return pa.array(values, pa.bool_()).cast(kind_type)
-    if pa.types.is_timestamp(kind_type) and values and (
-            min(values) < DATETIME64_MIN_MS or max(values) > DATETIME64_MAX_MS):
-        values = [min(max(v, DATETIME64_MIN_MS), DATETIME64_MAX_MS) for v in values]
     if pa.types.is_string(kind_type):
         try:
             return pa.array(values, kind_type)
         except UnicodeEncodeError:  # a lone surrogate: keep the row, mark the character
             return pa.array([v.encode("utf-8", "replace").decode() for v in values], kind_type)
-    return pa.array(values, kind_type)
+    if pa.types.is_timestamp(kind_type):
+        try:
+            times = _fromiter(values, "int64", len(values))
+        except OverflowError:  # beyond int64: beyond DateTime64 too
+            times = _fromiter([min(max(v, DATETIME64_MIN_MS), DATETIME64_MAX_MS) for v in values],
+                              "int64", len(values))
+        return pa.array(_clamped(times), pa.int64()).view(kind_type)
+    return pa.array(_fromiter(values, kind.lower(), len(values)), kind_type)
+
+
+def _fromiter(values, dtype: str, count: int):
+    """``count`` ints or bools as a numpy array of ``dtype``; ``OverflowError`` if one does not
+    fit. numpy converts Python ints in one pass, about twice as fast as Arrow does."""
+    import numpy as np
+
+    return np.fromiter(values, dtype, count)
+
+
+def _clamped(epoch_ms):
+    """int64 epoch milliseconds clamped (in place) to what ``DateTime64(3)`` holds."""
+    import numpy as np
+
+    if len(epoch_ms) and (epoch_ms.min() < DATETIME64_MIN_MS or epoch_ms.max() > DATETIME64_MAX_MS):
+        np.clip(epoch_ms, DATETIME64_MIN_MS, DATETIME64_MAX_MS, out=epoch_ms)
+    return epoch_ms
 
 
 def record_batch(table: str, columns: dict[str, list]):
@@ -168,8 +227,42 @@ def arrow_stream(batch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _pull(rows: list, attributes: dict[str, str]) -> dict[str, list]:
-    return {column: list(map(attrgetter(attribute), rows)) for column, attribute in attributes.items()}
+def _pull(rows: list, attributes: dict[str, str], table: str) -> dict:
+    """Each column of ``table`` read from the rows' attribute of that name, as an Arrow array.
+
+    Integers and times go from the rows straight into numpy (no list in between: half their
+    cost); strings and sums through a list (``column_array``), read once per column.
+
+    >>> from state.records import WindowRow
+    >>> pulled = _pull([WindowRow("o", "c", "x", 0, 60_000, 7, 0, 1)], {"event_count": "event_count"},
+    ...                "usage_aggregates")
+    >>> {name: array.to_pylist() for name, array in pulled.items()}
+    {'event_count': [7]}
+    """
+    kinds = dict(TABLES_BY_NAME[table].columns)
+    return {column: _rows_array(rows, attrgetter(attribute), kinds[column], column)
+            for column, attribute in attributes.items()}
+
+
+def _rows_array(rows: list, read, kind: str, column: str):
+    import pyarrow as pa
+
+    if kind in _UNSIGNED or kind == _DATETIME:
+        try:
+            numbers = _fromiter(map(read, rows), "int64" if kind == _DATETIME else kind.lower(), len(rows))
+        except OverflowError:  # a time beyond int64 (clamped below) or an invalid count (raises)
+            pass
+        else:
+            if kind == _DATETIME:
+                return pa.array(_clamped(numbers), pa.int64()).view(arrow_type(kind))
+            return pa.array(numbers, arrow_type(kind))
+    return column_array(list(map(read, rows)), kind, column)
+
+
+def _arrays_batch(arrays: dict):
+    import pyarrow as pa
+
+    return pa.record_batch(list(arrays.values()), names=list(arrays))
 
 
 _WINDOW_ROW = {
@@ -203,30 +296,19 @@ def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict
         >>> window_batch(rows, "usage_aggregates", (("plan",), {("o", "c"): ("pro",)})).column("plan").to_pylist()
         ['pro', '']
     """
-    columns = _pull(rows, _WINDOW_ROW)
+    arrays = _pull(rows, _WINDOW_ROW, table)
     if enrichment is not None:
         fields, attributes = enrichment
         empty = ("",) * len(fields)
-        found = [attributes.get(key, empty) for key in zip(columns["organization_id"],
-                                                            columns["external_customer_id"])]
+        found = [attributes.get((row.organization_id, row.external_customer_id), empty) for row in rows]
         for i, field in enumerate(fields):
-            columns[field] = [values[i] for values in found]
-    return _batch_with_extra(table, columns, enrichment[0] if enrichment else ())
-
-
-def _batch_with_extra(table: str, columns: dict[str, list], extra: tuple[str, ...]):
-    import pyarrow as pa
-
-    base = record_batch(table, {k: v for k, v in columns.items() if k not in extra})
-    if not extra:
-        return base
-    arrays = base.columns + [column_array(columns[field], "String", field) for field in extra]
-    return pa.record_batch(arrays, names=base.schema.names + list(extra))
+            arrays[field] = column_array([values[i] for values in found], "String", field)
+    return _arrays_batch(arrays)
 
 
 def metric_batch(rows: list, table: str):
     """``MetricRow`` s as a record batch of ``metric_aggregates``."""
-    return record_batch(table, _pull(rows, _METRIC_ROW))
+    return _arrays_batch(_pull(rows, _METRIC_ROW, table))
 
 
 def late_batch(records: list, table: str):
@@ -239,9 +321,8 @@ def late_batch(records: list, table: str):
         >>> batch.column("raw").to_pylist(), batch.column("watermark").cast("int64").to_pylist()
         (['\\ufffd{}'], [0])
     """
-    columns = _pull(records, _LATE_RECORD)
-    columns["watermark"] = [max(r.watermark_ms, 0) for r in records]
-    columns["raw"] = [r.raw.decode("utf-8", "replace") for r in records]
-    order = TABLES_BY_NAME[table].column_names
-    return record_batch(table, {name: columns[name] for name in order})
+    arrays = _pull(records, _LATE_RECORD, table)
+    arrays["watermark"] = column_array([max(r.watermark_ms, 0) for r in records], _DATETIME, "watermark")
+    arrays["raw"] = column_array([r.raw.decode("utf-8", "replace") for r in records], "String", "raw")
+    return _arrays_batch({name: arrays[name] for name in TABLES_BY_NAME[table].column_names})
 
