@@ -31,7 +31,7 @@ from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
-from sinks.columnar import arrow_stream, late_batch, metric_batch, window_batch
+from sinks.columnar import DecimalOverflow, arrow_stream, late_batch, metric_batch, window_batch
 from sinks.enrichment import CustomerAttributes
 from sinks.rejected import ROW_ERROR_CODES, fits, write_rejected
 from sinks.schema import (
@@ -151,19 +151,27 @@ class ClickHousePartition(BufferedPartition[Item]):
                 self._write(table, rows)
 
     def _write(self, table: str, rows: list) -> None:
-        """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``."""
-        out_of_range = [row for row in rows if not fits(row)]
-        if out_of_range:
+        """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``.
+
+        Encoding checks every sum against its column, so rows are asked one by one whether
+        they ``fit`` only when some sum does not (a batch in which all fit is encoded once).
+        """
+        try:
+            batch = self._batch(table, rows)
+        except DecimalOverflow:
+            batch = None
+            out_of_range = [row for row in rows if not fits(row)]
             rows = [row for row in rows if fits(row)]
             self._reject(table, out_of_range, "total_out_of_range",
                          f"the sum does not fit the column of {table}")
         if rows:
-            self._insert_isolating(table, rows)
+            self._insert_isolating(table, rows, batch)
 
-    def _insert_isolating(self, table: str, rows: list) -> None:
-        """Insert ``rows``; if the engine refuses some of them, halve until they are alone."""
+    def _insert_isolating(self, table: str, rows: list, batch=None) -> None:
+        """Insert ``rows`` (``batch``: already encoded); if the engine refuses some of them,
+        halve until they are alone."""
         try:
-            self._insert(table, rows)
+            self._insert(table, rows, batch)
         except ClickHouseError as err:
             if isinstance(err, ClickHouseUnavailable) or err.code not in ROW_ERROR_CODES:
                 raise  # about the setup, not a row: stop, with the engine's message
@@ -178,13 +186,17 @@ class ClickHousePartition(BufferedPartition[Item]):
         with_retries(lambda: write_rejected(self._backend, table, rows, reason, detail),
                      USAGE_REJECTED_ROWS)
 
-    def _insert(self, table: str, rows: list) -> None:
+    def _batch(self, table: str, rows: list):
+        """``rows`` as an Arrow record batch (``DecimalOverflow`` when a sum does not fit)."""
         if table == USAGE_AGGREGATES and self._attributes is not None:
             fields = self._attributes.fields
             found = self._attributes.lookup((r.organization_id, r.external_customer_id) for r in rows)
-            batch = window_batch(rows, table, (fields, found))
-        else:
-            batch = _ENCODERS[table](rows, table)
+            return window_batch(rows, table, (fields, found))
+        return _ENCODERS[table](rows, table)
+
+    def _insert(self, table: str, rows: list, batch=None) -> None:
+        if batch is None:
+            batch = self._batch(table, rows)
         columns, payload = tuple(batch.schema.names), arrow_stream(batch)
         started = time.perf_counter()
         with_retries(lambda: self._backend.insert_arrow(table, columns, payload), table)
