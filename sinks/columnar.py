@@ -2,8 +2,9 @@
 
 The sink used to build a JSON object per row (decimals as text, times as text) and have
 ClickHouse parse them back; at one row per event that was a third of the flow's time. Here
-each column is pulled from the rows in one pass and handed to Arrow as a typed array, so the
-per-row work in Python is one attribute read per column:
+each column is pulled from the rows in one pass and handed to numpy or Arrow as a typed array,
+so the per-row work in Python is one attribute read per column, and no Python code runs per
+value (``tests/test_columnar_reference.py`` checks the bytes against a per-value encoder):
 
 * ``String`` and ``LowCardinality(String)`` -> Arrow ``string`` (UTF-8, bytes unchanged);
 * ``DateTime64(3, 'UTC')`` -> ``timestamp[ms, UTC]`` from the epoch milliseconds, clamped to
@@ -11,10 +12,10 @@ per-row work in Python is one attribute read per column:
   past year 9999 gets there);
 * ``UInt8/32/64`` -> the same unsigned integers (booleans as 0/1);
 * ``Decimal(P, S)`` -> ``decimal128(P, S)`` when ``P <= 38`` else ``decimal256(P, S)``, built
-  directly from the scaled integers (two's complement, little-endian: Arrow's layout), so a
-  value is never formatted or parsed. The scale must be 18 (the flow's scaled integers); a
-  value that does not fit ``P`` digits raises ``DecimalOverflow`` naming the column, where
-  ClickHouse would have refused the row (Code 69).
+  from the scaled integers (two's complement, little-endian: Arrow's layout): sign-extended
+  in numpy when all fit 64 bits, else read by Arrow as ``Decimal(P, 0)``, the same bytes. The
+  scale must be 18 (the flow's scaled integers); a value that does not fit ``P`` digits raises
+  ``DecimalOverflow`` naming the column, where ClickHouse would have refused the row (Code 69).
 
 The types come from ``sinks.schema``, so widening a column there widens it here. The payload
 is an Arrow IPC stream, ClickHouse's ``ArrowStream`` input format, which both chdb's streaming
