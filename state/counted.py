@@ -167,6 +167,13 @@ class CountedCopies:
                 del self._earlier[digest]
         return before - len(self)
 
+    def copy(self) -> CountedCopies:
+        """An independent copy (its own arrays: a count moves a time in place)."""
+        twin = CountedCopies(self.horizon_ms)
+        twin._runs = [(digests.copy(), times.copy()) for digests, times in self._runs]
+        twin._earlier = dict(self._earlier)
+        return twin
+
     def snapshot(self) -> CountedSnapshot:
         if len(self._runs) > 1:
             digests, times = self._runs.pop()

@@ -83,6 +83,15 @@ class _Bucket:
     def __len__(self) -> int:
         return len(self.columns["times"])
 
+    def copy(self) -> _Bucket:
+        """A bucket with its own columns (the kept events are immutable, so shared)."""
+        twin = _Bucket(self.txns is not None)
+        twin.columns = {name: column[:] for name, column in self.columns.items()}
+        twin.wide, twin.events = dict(self.wide), dict(self.events)
+        twin.txns = None if self.txns is None else list(self.txns)
+        twin.first_due, twin.last_due = self.first_due, self.last_due
+        return twin
+
 
 class HeldEvents:
     """The shard's undecided on-time events, by due point (see the module docstring).
@@ -255,6 +264,21 @@ class HeldEvents:
         if len(self._keys) >= self._compact_at:
             self._compact_keys()
         return ready
+
+    def copy(self) -> HeldEvents:
+        """An independent copy (the provisional flush takes every event out of one).
+
+            >>> held = HeldEvents(per_event=False, step=60_000, offset=60_000)
+            >>> held.add(held.bucket_of(60_000), 0, [ShardEvent(7, "o", "c", "x", 30_000, 5, 0, 4, "t1", None)])
+            >>> held.copy().take_through(60_000).times.tolist(), len(held)
+            ([30000], 1)
+        """
+        twin = HeldEvents(self.per_event, self.step, self.offset)
+        twin._buckets = {key: bucket.copy() for key, bucket in self._buckets.items()}
+        twin._dues = list(self._dues)
+        twin._keys, twin._key_ids = list(self._keys), dict(self._key_ids)
+        twin._strings, twin._compact_at = dict(self._strings), self._compact_at
+        return twin
 
     def snapshot(self) -> HeldSnapshot:
         self._compact_keys()

@@ -17,6 +17,7 @@ with a higher version), so ``FINAL`` shows only the merged session::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,14 +158,27 @@ class SessionStore:
     def open_sessions(self) -> int:
         return sum(len(v) for v in self._sessions.values())
 
-    def snapshot(self) -> SessionSnapshot:
-        import copy
+    def copy(self) -> SessionStore:
+        """An independent copy, as a resume from :meth:`snapshot` would build."""
+        twin = SessionStore(self.gap_ms, self.aggregation, self.allowed_lateness_ms, None,
+                            self.keep_ms, self.emit_after_ms)
+        twin.owed_after = self.owed_after
+        twin._owed_tombstones = set(self._owed_tombstones)
+        twin._sessions = {key: [_copied(session) for session in sessions]
+                          for key, sessions in self._sessions.items()}
+        return twin
 
+    def snapshot(self) -> SessionSnapshot:
         return SessionSnapshot(self.fingerprint, {
-            key: [Session(s.first, s.last, s.count, copy.deepcopy(s.state), s.emitted_count,
-                          dict(s.written)) for s in sessions]
+            key: [_copied(session) for session in sessions]
             for key, sessions in self._sessions.items()
         }, self.owed_after, tuple(sorted(self._owed_tombstones)))
+
+
+def _copied(session: Session) -> Session:
+    """A session that shares nothing mutable with ``session``."""
+    return Session(session.first, session.last, session.count, copy.deepcopy(session.state),
+                   session.emitted_count, dict(session.written))
 
 
 def _overlaps(a: Session, b: Session, gap: int) -> bool:

@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
@@ -25,6 +28,9 @@ NO_OWED = -(2**63)
 
 OWED = -1
 """``emitted_count`` of a row a provisional flush wrote: re-emit it (or its tombstone) for real."""
+
+_ROW_START = attrgetter("window_start_ms")
+_ROW_KEY = attrgetter("organization_id", "external_customer_id", "code")
 
 
 def row_version(watermark_ms: int, provisional: bool = False) -> int:
@@ -157,6 +163,7 @@ class WindowStore:
         Windows the real ``watermark_ms`` has passed by more than the allowed
         lateness (and ``keep_ms``) are forgotten; until then (and when only flushed
         because the input ended) they stay open, so later events correct their rows.
+        A ``provisional`` emission changes nothing: the caller owes its rows (:meth:`owe`).
         """
         rows: list[WindowRow] = []
         version = row_version(watermark_ms, provisional)
@@ -167,7 +174,11 @@ class WindowStore:
             if end > complete:
                 break
             keys = self._open[start]
-            emitted = self._rows(start, end, keys, self.grain, version, owed_now)
+            emitted, emitted_keys = self._rows(start, end, keys, self.grain, version, owed_now,
+                                               record=not provisional)
+            if provisional:  # changes nothing: the caller owes the rows (see owe)
+                rows.extend(emitted)
+                continue
             if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms and not any(
                     agg[2] == OWED for agg in keys.values()):  # no provisional row still waits
                 del self._open[start]
@@ -175,36 +186,39 @@ class WindowStore:
                 self._segment_entries.pop(start, None)
                 self._changed.pop(start, None)
             elif emitted:  # their emitted counts changed
-                self._changed.setdefault(start, {}).update(
-                    dict.fromkeys((r.organization_id, r.external_customer_id, r.code) for r in emitted))
+                self._changed.setdefault(start, {}).update(dict.fromkeys(emitted_keys))
             rows.extend(emitted)
         return rows
 
     @staticmethod
     def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str,
-              version: int, owed_now: bool) -> list[WindowRow]:
-        rows = []
-        for (org, customer, code), aggregate in keys.items():
+              version: int, owed_now: bool, record: bool) -> tuple[list[WindowRow], list[WindowKey]]:
+        """The window's rows to write, and their keys; with ``record``, noted as emitted."""
+        rows, emitted_keys = [], []
+        for key, aggregate in keys.items():
             count, total, emitted = aggregate
             if count != emitted and (emitted != OWED or owed_now):
+                org, customer, code = key
                 rows.append(WindowRow(org, customer, code, start, end, count, total, version,
                                       count == 0, grain))
-                aggregate[2] = count
-        return rows
+                emitted_keys.append(key)
+                if record:
+                    aggregate[2] = count
+        return rows, emitted_keys
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         """A provisional flush wrote ``rows``: write each again, for real (or delete it), at
         the first emission after ``watermark_ms``."""
         self.owed_after = watermark_ms
-        for row in rows:
-            start, key = row.window_start_ms, (row.organization_id, row.external_customer_id, row.code)
-            self._changed.setdefault(start, {})[key] = None
+        for start, window_rows in groupby(rows, _ROW_START):  # rows come window by window
+            owed = list(map(_ROW_KEY, window_rows))
+            self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
             keys = self._open.setdefault(start, {})
-            aggregate = keys.get(key)
-            if aggregate is None:
-                keys[key] = [0, 0, OWED]
-            else:
-                aggregate[2] = OWED
+            for key, aggregate in zip(owed, map(keys.get, owed)):
+                if aggregate is None:
+                    keys[key] = [0, 0, OWED]
+                else:
+                    aggregate[2] = OWED
 
     def accepts(self, start_ms: int, watermark_before: int) -> bool:
         """Whether an event seen at ``watermark_before`` still counts in this window."""
@@ -212,6 +226,51 @@ class WindowStore:
 
     def open_windows(self) -> int:
         return len(self._open)
+
+    def copy(self) -> WindowStore:
+        """An independent copy (the provisional flush decides and emits on one), as a resume
+        from :meth:`snapshot` would build, without packing every window to bytes and back.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(60_000))
+            >>> store.add(0, ("o", "c", "x"), 5)
+            >>> scratch = store.copy()
+            >>> scratch.add(0, ("o", "c", "x"), 1)
+            >>> [r.total_scaled for r in scratch.emit_closed(60_000, 0)], [r.total_scaled for r in store.emit_closed(60_000, 0)]
+            ([6], [5])
+        """
+        twin = self._twin(WindowStore)
+        twin._open = {start: dict(zip(keys, map(list, keys.values())))
+                      for start, keys in self._open.items()}
+        return twin
+
+    def borrowed(self) -> WindowStore:
+        """A copy that shares this store's aggregates and copies one only when an add changes
+        it, for a computation done before this store changes again (the provisional flush: a
+        copy of every aggregate cost as much as writing its row). Its provisional emissions
+        change nothing either.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(60_000))
+            >>> store.add(0, ("o", "c", "x"), 5)
+            >>> scratch = store.borrowed()
+            >>> scratch.add(0, ("o", "c", "x"), 1); scratch.add(0, ("o", "d", "x"), 2)
+            >>> [r.total_scaled for r in scratch.emit_closed(60_000, 0, provisional=True)], store._open
+            ([6, 2], {0: {('o', 'c', 'x'): [1, 5, 0]}})
+        """
+        twin = self._twin(_BorrowedWindowStore)
+        twin._open = {start: dict(keys) for start, keys in self._open.items()}
+        return twin
+
+    def _twin(self, kind: type) -> WindowStore:
+        """A store of ``kind`` with this one's settings and snapshot bookkeeping, no windows."""
+        twin = kind(self.windows, None, self.allowed_lateness_ms, self.grain, self.keep_ms,
+                    self.emit_after_ms)
+        twin.owed_after = self.owed_after
+        twin._segments = {start: list(segments) for start, segments in self._segments.items()}
+        twin._segment_entries = dict(self._segment_entries)
+        twin._changed = {start: dict(changed) for start, changed in self._changed.items()}
+        return twin
 
     def snapshot(self) -> WindowSnapshot:
         """Every open window as packed segments; only what changed since the last snapshot is
@@ -248,6 +307,27 @@ class WindowStore:
         return WindowSnapshot(self.windows.fingerprint,
                               {start: tuple(segments) for start, segments in self._segments.items()},
                               self.owed_after)
+
+
+class _BorrowedWindowStore(WindowStore):
+    """A ``WindowStore`` sharing its aggregates with another (see ``WindowStore.borrowed``):
+    an add replaces the aggregate it changes instead of changing it in place."""
+
+    def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
+        self.add_group(start_ms, key, 1, value_scaled)
+
+    def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
+        self._changed.setdefault(start_ms, {})[key] = None
+        keys = self._open.setdefault(start_ms, {})
+        aggregate = keys.get(key)
+        if aggregate is None:
+            keys[key] = [count, total_scaled, 0]
+        else:
+            keys[key] = [aggregate[0] + count, aggregate[1] + total_scaled, aggregate[2]]
+
+    def owe(self, rows: Iterable, watermark_ms: int) -> None:
+        raise TypeError("a borrowed window store shares its aggregates: owe on the store it "
+                        "was borrowed from")
 
 
 @dataclass(frozen=True)
@@ -435,8 +515,18 @@ class AggregateWindowStore:
             else:
                 entry[2] = OWED
 
-    def snapshot(self) -> AggregateSnapshot:
-        import copy
+    def copy(self) -> AggregateWindowStore:
+        """An independent copy, as a resume from :meth:`snapshot` would build (a copy
+        re-checks its carried keys at its first emission, as a resumed store does)."""
+        twin = AggregateWindowStore(self.windows, self.aggregation, self.allowed_lateness_ms,
+                                    None, self.recurring, self.keep_ms)
+        twin.owed_after = self.owed_after
+        twin._open = {start: {key: [copy.deepcopy(entry[0]), *entry[1:]] for key, entry in keys.items()}
+                      for start, keys in self._open.items()}
+        twin._carried = {key: [copy.deepcopy(carried[0]), *carried[1:]]
+                         for key, carried in self._carried.items()}
+        return twin
 
+    def snapshot(self) -> AggregateSnapshot:
         return AggregateSnapshot(self.fingerprint, copy.deepcopy(self._open),
                                  copy.deepcopy(self._carried), self.owed_after)
