@@ -20,6 +20,7 @@ corrected while within the allowed lateness, then forgotten.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import json
 import time
@@ -396,7 +397,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         keeps waiting, so a later run with more input decides by the rule, and writes again
         (or deletes) every row written here. Late copies decided here go out for good.
         """
-        scratch = UsageWindowLogic(self.params, self._snapshot())
+        scratch = self._scratch()
         counted: dict | None = {} if self.params.emit_counted_usage else None
         scratch._decide(END_OF_STREAM, out, counted)
         emitted = scratch._emitted(END_OF_STREAM, watermark, provisional=True)
@@ -407,6 +408,24 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         if counted:
             out.append(CountedUsage(counted, self.decided_through, provisional=True))
         return rows
+
+    def _scratch(self) -> UsageWindowLogic:
+        """A copy of the shard to decide and emit on, then drop: what
+        ``UsageWindowLogic(self.params, self._snapshot())`` resumes, without packing every
+        store to bytes and back (a tenth of the cost at one row per event)."""
+        scratch = copy.copy(self)  # the parameters and counters; what changes is copied below
+        scratch.watermark = self.watermark.resumed()
+        scratch.counted = self.counted.copy()
+        scratch.reported_late = dict(self.reported_late)
+        scratch.held = self.held.copy()
+        scratch.pending_late = {at: list(entries) for at, entries in self.pending_late.items()}
+        scratch._late_points = list(self._late_points)
+        scratch._pruned_at = NO_WATERMARK
+        scratch.usage = _scratch_store(self.usage)
+        scratch.rollups = {grain: store.borrowed() for grain, store in self.rollups.items()}
+        scratch.metric_stores = [store.copy() for store in self.metric_stores]
+        scratch.window_tracing = tracing.WindowTracing()
+        return scratch
 
     def snapshot(self) -> UsageShardSnapshot:
         started = time.perf_counter()
@@ -627,6 +646,11 @@ def _held(windows: WindowKind, step: int, offset: int,
         for timestamp, partition, _o, _d, event in entries:
             held.add(held.bucket_of(timestamp - timestamp % step + offset), partition, [event])
     return held
+
+
+def _scratch_store(store):
+    """A copy of ``store`` for the provisional flush (which emits it once, then drops it)."""
+    return store.borrowed() if isinstance(store, WindowStore) else store.copy()
 
 
 def _longest_window(windows: WindowKind) -> int:
