@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import copy
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import groupby, islice
 from operator import attrgetter
 from typing import Iterable
 
@@ -100,7 +100,11 @@ class WindowStore:
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
         self._segments: dict[int, list[bytes]] = {}  # what the snapshots hold, per window
         self._segment_entries: dict[int, int] = {}  # aggregates in a window's segments
-        self._changed: dict[int, dict[WindowKey, None]] = {}  # since the last snapshot, ordered
+        # What the next snapshot packs: a window's keys after the first ``_packed[start]`` (its
+        # keys are never removed one by one, so those are the ones added since the last
+        # snapshot, in order), and those of ``_changed[start]``, aggregates changed since.
+        self._packed: dict[int, int] = {}
+        self._changed: dict[int, dict[WindowKey, None]] = {}
         if resume is not None:
             if resume.fingerprint != windows.fingerprint:
                 raise ValueError(
@@ -113,7 +117,6 @@ class WindowStore:
     def _resume_window(self, start: int, packed) -> None:
         if isinstance(packed, dict):  # a snapshot from before packing: packed at the next one
             self._open[start] = {key: list(agg) for key, agg in packed.items()}
-            self._changed[start] = dict.fromkeys(packed)
             return
         segments = [packed] if isinstance(packed, bytes) else list(packed)
         keys: dict[WindowKey, list[int]] = {}
@@ -123,38 +126,38 @@ class WindowStore:
             entries += len(aggregates)
             keys.update(aggregates)
         self._open[start], self._segments[start] = keys, segments
-        self._segment_entries[start] = entries
+        self._segment_entries[start], self._packed[start] = entries, len(keys)
 
     def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
-        changed = self._changed.get(start_ms)
-        if changed is None:
-            changed = self._changed[start_ms] = {}
-        changed[key] = None
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
         aggregate = keys.get(key)
         if aggregate is None:
-            keys[key] = [1, value_scaled, 0]
+            keys[key] = [1, value_scaled, 0]  # the next snapshot packs the window's new keys
         else:
             aggregate[0] += 1
             aggregate[1] += value_scaled
+            self._change(start_ms, key)
 
     def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
         """Add ``count`` events summing to ``total_scaled`` at once (a batch pre-aggregated)."""
-        changed = self._changed.get(start_ms)
-        if changed is None:
-            changed = self._changed[start_ms] = {}
-        changed[key] = None
         keys = self._open.get(start_ms)
         if keys is None:
             keys = self._open[start_ms] = {}
         aggregate = keys.get(key)
         if aggregate is None:
-            keys[key] = [count, total_scaled, 0]
+            keys[key] = [count, total_scaled, 0]  # the next snapshot packs the window's new keys
         else:
             aggregate[0] += count
             aggregate[1] += total_scaled
+            self._change(start_ms, key)
+
+    def _change(self, start_ms: int, key: WindowKey) -> None:
+        changed = self._changed.get(start_ms)
+        if changed is None:
+            changed = self._changed[start_ms] = {}
+        changed[key] = None
 
     def emit_closed(self, closing_ms: int, watermark_ms: int,
                     provisional: bool = False) -> list[WindowRow]:
@@ -290,23 +293,42 @@ class WindowStore:
             >>> [len(unpack_window(s)) for s in store.snapshot().windows[0]]   # just the change
             [4, 1]
         """
-        for start, changed in self._changed.items():
-            keys = self._open.get(start)
-            if keys is None:
-                continue
-            segments = self._segments.setdefault(start, [])
-            entries = self._segment_entries.get(start, 0) + len(changed)
-            if entries > 2 * len(keys):
-                segments[:] = [pack_window(keys)]
-                entries = len(keys)
-            else:
-                segments.append(pack_columns(changed, [keys[key] for key in changed],
-                                             key_width=3, big=1))
-            self._segment_entries[start] = entries
-        self._changed = {}
+        changed, self._changed = self._changed, {}
+        packed = self._packed
+        for start, keys in self._open.items():
+            done = packed.get(start, 0) if start in self._segments else 0
+            if done < len(keys) or start in changed or start not in self._segments:
+                self._pack_changes(start, keys, done, changed.get(start, {}))
+                packed[start] = len(keys)
+        if len(packed) > len(self._open):
+            self._packed = {start: packed[start] for start in self._open if start in packed}
         return WindowSnapshot(self.windows.fingerprint,
                               {start: tuple(segments) for start, segments in self._segments.items()},
                               self.owed_after)
+
+    def _pack_changes(self, start: int, keys: dict[WindowKey, list[int]], done: int,
+                      changed: dict[WindowKey, None]) -> None:
+        """Append a segment of the window's aggregates added or changed since its first
+        ``done`` keys were packed; or pack the window afresh, if its segments would then hold
+        more than twice its aggregates, or if more than half of them changed (emitted)."""
+        added = len(keys) - done
+        segments = self._segments.setdefault(start, [])
+        entries = self._segment_entries.get(start, 0) + added + len(changed)  # at most
+        if entries > 2 * len(keys) or 2 * len(changed) > len(keys):
+            segments[:] = [pack_window(keys)]
+            self._segment_entries[start] = len(keys)
+            return
+        new_keys = list(islice(reversed(keys), added))
+        values = list(islice(reversed(keys.values()), added))
+        new_keys.reverse()
+        values.reverse()
+        if changed:  # aggregates packed before and changed since, once each, in order
+            new = set(new_keys)
+            before = [key for key in changed if key not in new]
+            new_keys.extend(before)
+            values.extend(map(keys.__getitem__, before))
+        segments.append(pack_columns(new_keys, values, key_width=3, big=1))
+        self._segment_entries[start] = self._segment_entries.get(start, 0) + len(new_keys)
 
 
 class _BorrowedWindowStore(WindowStore):

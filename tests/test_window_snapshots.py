@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from state.window_kinds import TumblingWindows
 from state.windows import WindowSnapshot, WindowStore, pack_window, unpack_window
+from support.packing_format_1 import format_1
 
 MINUTE = 60_000
 ids = st.text(max_size=8)  # any characters, NUL and emoji included
@@ -107,3 +108,71 @@ def test_a_snapshot_from_before_packing_resumes():
     assert all(isinstance(segment, bytes) for segments in packed.values() for segment in segments)
     assert unpack_window(packed[MINUTE][0]) == {("o", "c", "y"): [1, -5, 1]}, "emitted count kept"
     assert contents(store) == {(0, ("o", "c", "x")): (3, 10**30 + 1)}  # y was already written
+
+
+# A store and its twin, resumed from the store's last snapshot, must be one state: the same
+# aggregates in the same order (rows come out in that order), whatever happened in between.
+steps = st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 4), st.tuples(ids, ids, ids), sums),
+    st.tuples(st.just("group"), st.integers(0, 4), st.tuples(ids, ids, ids),
+              st.integers(1, 3), sums),
+    st.tuples(st.just("emit"), st.integers(0, 6), st.booleans()),
+    st.tuples(st.just("snapshot")),
+)
+
+
+def live_state(store: WindowStore) -> list:
+    return [(start, list(keys.items())) for start, keys in store._open.items()]
+
+
+def resumed(store: WindowStore, lateness: int) -> WindowStore:
+    snapshot = pickle.loads(pickle.dumps(store.snapshot()))
+    return WindowStore(TumblingWindows(MINUTE), snapshot, allowed_lateness_ms=lateness)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(steps, max_size=40), st.sampled_from([0, MINUTE, 3 * MINUTE]))
+def test_a_resumed_twin_is_the_same_state_after_any_steps(script, lateness):
+    store = WindowStore(TumblingWindows(MINUTE), allowed_lateness_ms=lateness)
+    twin = WindowStore(TumblingWindows(MINUTE), allowed_lateness_ms=lateness)
+    for step in script:
+        for one in (store, twin):
+            if step[0] == "add":
+                one.add(step[1] * MINUTE, step[2], step[3])
+            elif step[0] == "group":
+                one.add_group(step[1] * MINUTE, step[2], step[3], step[4])
+        if step[0] == "emit":
+            watermark = step[1] * MINUTE
+            rows = store.emit_closed(watermark + MINUTE, watermark, provisional=step[2])
+            assert twin.emit_closed(watermark + MINUTE, watermark, provisional=step[2]) == rows
+            if step[2]:
+                store.owe(rows, watermark)
+                twin.owe(rows, watermark)
+        elif step[0] == "snapshot":  # the twin resumes from its own (incremental) snapshots
+            from_store, twin = resumed(store, lateness), resumed(twin, lateness)
+            assert live_state(from_store) == live_state(twin) == live_state(store)
+            assert from_store.owed_after == twin.owed_after == store.owed_after
+    assert live_state(resumed(store, lateness)) == live_state(store)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.integers(0, 3), st.dictionaries(
+    st.tuples(ids, ids, ids), st.tuples(st.integers(0, 2**62), sums, st.integers(-1, 2**62)),
+    max_size=20), max_size=4), st.integers(1, 3), events)
+def test_a_snapshot_of_format_1_segments_resumes_and_packs_on(windows, segments, after):
+    """Segments as releases before packing format 2 wrote them; the resumed store's own
+    snapshots then resume to the same state."""
+    packed, expected = {}, []
+    for minute, keys in windows.items():
+        parts = [dict(list(keys.items())[i::segments]) for i in range(segments)]
+        packed[minute * MINUTE] = tuple(map(format_1, parts))
+        merged: dict = {}
+        for part in parts:
+            merged.update((key, list(aggregate)) for key, aggregate in part.items())
+        expected.append((minute * MINUTE, list(merged.items())))
+    store = WindowStore(TumblingWindows(MINUTE),
+                        WindowSnapshot(TumblingWindows(MINUTE).fingerprint, packed))
+    assert live_state(store) == expected
+    for minute, key, value in after:
+        store.add(minute * MINUTE, key, value)
+    assert live_state(resumed(store, 0)) == live_state(store)
