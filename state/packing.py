@@ -3,10 +3,10 @@
 A shard's stores hold a tuple key and a few integers per entry; at one row per event that is
 millions of entries, all snapshotted at the end of every epoch. As a dict of tuples each entry
 cost ~2.6 µs to build and pickle (700k entries: 1.8 CPU s). Packed as columns it costs
-~0.15 µs: keys as msgpack arrays, the small integer columns as msgpack integers, and the one
-column of unbounded sums as msgpack integers where they all fit 64 bits, else as 16-byte
-integers split in two 64-bit words by numpy (sums of a few thousand units of 10**18 do not fit
-64 bits), else as decimal text.
+~0.25 µs (format 1 below: ~0.45 µs): keys as msgpack arrays, the small integer columns as
+msgpack integers, and the one column of unbounded sums as msgpack integers where they all fit
+64 bits, else as 16-byte integers split in two 64-bit words by numpy (sums above 9.2 units of
+10**18 do not fit 64 bits), else as decimal text.
 
     >>> entries = {("o", "c", "x", 0): (2, -10**40), ("o", "d", "x", 60_000): (1, 5)}
     >>> unpack_entries(pack_entries(entries, key_width=4, big=1), key_width=4, factory=tuple) == entries

@@ -100,9 +100,10 @@ class WindowStore:
         self._open: dict[int, dict[WindowKey, list[int]]] = {}
         self._segments: dict[int, list[bytes]] = {}  # what the snapshots hold, per window
         self._segment_entries: dict[int, int] = {}  # aggregates in a window's segments
-        # What the next snapshot packs: a window's keys after the first ``_packed[start]`` (its
-        # keys are never removed one by one, so those are the ones added since the last
-        # snapshot, in order), and those of ``_changed[start]``, aggregates changed since.
+        # What the next snapshot packs: a window's keys after its first ``_packed[start]`` (keys
+        # leave only with their window, so those are the ones added since the last snapshot, in
+        # order: nothing per key to note when adding), and ``_changed[start]``, the keys of
+        # aggregates changed since. A window missing from ``_packed`` is packed whole.
         self._packed: dict[int, int] = {}
         self._changed: dict[int, dict[WindowKey, None]] = {}
         if resume is not None:
@@ -294,14 +295,12 @@ class WindowStore:
             [4, 1]
         """
         changed, self._changed = self._changed, {}
-        packed = self._packed
         for start, keys in self._open.items():
-            done = packed.get(start, 0) if start in self._segments else 0
-            if done < len(keys) or start in changed or start not in self._segments:
+            if start not in self._segments:  # never packed, or forgotten and opened again
+                self._pack_changes(start, keys, 0, changed.get(start, {}))
+            elif (done := self._packed.get(start, 0)) < len(keys) or start in changed:
                 self._pack_changes(start, keys, done, changed.get(start, {}))
-                packed[start] = len(keys)
-        if len(packed) > len(self._open):
-            self._packed = {start: packed[start] for start in self._open if start in packed}
+        self._packed = {start: len(keys) for start, keys in self._open.items()}
         return WindowSnapshot(self.windows.fingerprint,
                               {start: tuple(segments) for start, segments in self._segments.items()},
                               self.owed_after)
