@@ -273,6 +273,7 @@ class WindowStore:
         twin.owed_after = self.owed_after
         twin._segments = {start: list(segments) for start, segments in self._segments.items()}
         twin._segment_entries = dict(self._segment_entries)
+        twin._packed = dict(self._packed)
         twin._changed = {start: dict(changed) for start, changed in self._changed.items()}
         return twin
 
@@ -338,13 +339,13 @@ class _BorrowedWindowStore(WindowStore):
         self.add_group(start_ms, key, 1, value_scaled)
 
     def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
-        self._changed.setdefault(start_ms, {})[key] = None
         keys = self._open.setdefault(start_ms, {})
         aggregate = keys.get(key)
         if aggregate is None:
             keys[key] = [count, total_scaled, 0]
         else:
             keys[key] = [aggregate[0] + count, aggregate[1] + total_scaled, aggregate[2]]
+            self._change(start_ms, key)
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         raise TypeError("a borrowed window store shares its aggregates: owe on the store it "

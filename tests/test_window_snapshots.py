@@ -118,6 +118,7 @@ steps = st.one_of(
               st.integers(1, 3), sums),
     st.tuples(st.just("emit"), st.integers(0, 6), st.booleans()),
     st.tuples(st.just("snapshot")),
+    st.tuples(st.just("copy")),
 )
 
 
@@ -148,6 +149,8 @@ def test_a_resumed_twin_is_the_same_state_after_any_steps(script, lateness):
             if step[2]:
                 store.owe(rows, watermark)
                 twin.owe(rows, watermark)
+        elif step[0] == "copy":  # a copy snapshots on where its original was
+            twin = twin.copy()
         elif step[0] == "snapshot":  # the twin resumes from its own (incremental) snapshots
             from_store, twin = resumed(store, lateness), resumed(twin, lateness)
             assert live_state(from_store) == live_state(twin) == live_state(store)
