@@ -2,25 +2,23 @@
 
 A shard's stores hold a tuple key and a few integers per entry; at one row per event that is
 millions of entries, all snapshotted at the end of every epoch. As a dict of tuples each entry
-cost ~2.6 µs to build and pickle (700k entries: 1.8 CPU s). Packed as columns it costs
-~0.2 µs (format 1 below: ~0.45 µs): keys as msgpack arrays, the small integer columns as
-msgpack integers, and the one column of unbounded sums as msgpack integers where they all fit
-64 bits, else as one JSON array (msgspec writes and reads integers of any size in JSON, in C;
-sums above 9.2 units of 10**18 do not fit 64 bits).
+cost ~2.6 µs to build and pickle (700k entries: 1.8 CPU s). Packed, it costs ~0.2 µs (format 1
+below: ~0.45 µs): the keys as msgpack arrays, and the values as msgpack arrays of integers where
+they all fit 64 bits, else as one JSON array of arrays (msgspec writes and reads integers of any
+size in JSON, in C; a sum above 9.2 units of 10**18 does not fit 64 bits).
 
     >>> entries = {("o", "c", "x", 0): (2, -10**40), ("o", "d", "x", 60_000): (1, 5)}
     >>> unpack_entries(pack_entries(entries, key_width=4, big=1), key_width=4, factory=tuple) == entries
     True
 
-The bytes are a msgpack array ``[2, keys, columns]`` (format 2). Format 1, which snapshots of
-earlier releases hold, is ``[flat keys, columns]``: the keys' items in one flat list, and the
-unbounded column as 32-byte integers (or decimal text past 256 bits); ``unpack_entries`` reads
-both.
+The bytes are a msgpack array ``[2, keys, values]`` (format 2; ``values`` a msgpack array, or
+bin holding JSON). Format 1, which snapshots of earlier releases hold, is ``[flat keys,
+columns]``: the keys' items in one flat list, then one list of integers per value column, the
+unbounded one as 32-byte integers (or decimal text past 256 bits); ``unpack_entries`` reads both.
 """
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Callable, Iterable, Sequence
 
 import msgspec
@@ -28,16 +26,20 @@ import msgspec
 FORMAT = 2
 _FORMAT_2 = 0x93  # the first byte of format 2 (a 3-item array); format 1 starts 0x92 (2 items)
 _FORMAT_1_BYTES = 32  # format 1's unbounded column: 32-byte signed little-endian integers
+_BIN = (0xC4, 0xC5, 0xC6)  # msgpack bin headers: format 2's values as JSON
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-_decode_format_2 = msgspec.msgpack.Decoder(tuple[int, list[tuple], list]).decode
+_decode_format_2 = msgspec.msgpack.Decoder(tuple[int, list[tuple], msgspec.Raw]).decode
 _encode_json = msgspec.json.Encoder().encode
-_decode_json = msgspec.json.Decoder(list[int]).decode
+_ROWS = {tuple: tuple[tuple[int, ...], ...], list: list[list[int]]}  # values as a factory wants
+_decode_rows = {kind: msgspec.msgpack.Decoder(rows).decode for kind, rows in _ROWS.items()}
+_decode_json_rows = {kind: msgspec.json.Decoder(rows).decode for kind, rows in _ROWS.items()}
 
 
 def pack_entries(entries: dict[tuple, Sequence[int]], *, key_width: int, big: int) -> bytes:
     """``{key: values}`` (keys: tuples of ``key_width`` str/int items; values: ints, all of
-    one length; column ``big`` may hold integers of any size, the others fit 64 bits) as bytes.
+    one length; column ``big`` may hold integers of any size, the others fit 64 bits: format 1
+    needed to know) as bytes.
 
         >>> unpack_entries(pack_entries({("k",): [1, 2**300]}, key_width=1, big=1), key_width=1)
         {('k',): [1, 2037035976334486086268445688409378161051468393665936250636140449354381299763336706183397376]}
@@ -54,42 +56,41 @@ def pack_columns(keys: Iterable[tuple], values: list[Sequence[int]], *, key_widt
         >>> unpack_entries(pack_columns([("b",)], [live[("b",)]], key_width=1, big=1), key_width=1)
         {('b',): [2, 6]}
     """
-    keys = keys if isinstance(keys, list) else list(keys)
-    width = len(values[0]) if values else 0
-    columns = [list(map(itemgetter(i), values)) for i in range(width)]
-    if width:
-        columns[big] = _pack_unbounded(columns[big])
-    return _encode((FORMAT, keys, columns))
+    return _encode((FORMAT, keys if isinstance(keys, list) else list(keys), _pack_values(values)))
 
 
-def _pack_unbounded(column: list[int]) -> msgspec.Raw | bytes:
-    """msgpack integers if they all fit 64 bits, else a JSON array (bytes) of any integers.
+def _pack_values(values: list[Sequence[int]]) -> msgspec.Raw | bytes:
+    """msgpack arrays of integers if they all fit 64 bits, else JSON (bytes), of any integers.
 
-        >>> _pack_unbounded([-1, 2**64])
-        b'[-1,18446744073709551616]'
+        >>> _pack_values([(1, -1), (0, 2**64)])
+        b'[[1,-1],[0,18446744073709551616]]'
     """
     try:
-        return msgspec.Raw(_encode(column))
+        return msgspec.Raw(_encode(values))
     except OverflowError:
-        return _encode_json(column)
+        return _encode_json(values)
 
 
 def unpack_entries(packed: bytes, *, key_width: int, factory: Callable = list) -> dict:
     """What ``pack_entries`` packed (either format): ``{key tuple: factory(values)}`` in the
     same order."""
-    if packed[0] == _FORMAT_2:
-        _format, keys, columns = _decode_format_2(packed)
-        columns = [_decode_json(column) if isinstance(column, bytes) else column
-                   for column in columns]
+    if packed[0] != _FORMAT_2:
+        return _unpack_format_1(packed, key_width, factory)
+    _format, keys, values = _decode_format_2(packed)
+    kind = tuple if factory is tuple else list
+    if memoryview(values)[0] in _BIN:
+        rows = _decode_json_rows[kind](_decode(values))
     else:
-        flat, columns = _decode(packed)
-        names = iter(flat)
-        keys = list(zip(*[names] * key_width))
-        columns = [_format_1_column(column) for column in columns]
-    rows = zip(*columns)
-    if factory is tuple:
-        return dict(zip(keys, rows))
-    return dict(zip(keys, map(factory, rows)))
+        rows = _decode_rows[kind](values)
+    return dict(zip(keys, rows if factory in _ROWS else map(factory, rows)))
+
+
+def _unpack_format_1(packed: bytes, key_width: int, factory: Callable) -> dict:
+    flat, columns = _decode(packed)
+    names = iter(flat)
+    rows = zip(*[_format_1_column(column) for column in columns])
+    keys = zip(*[names] * key_width)
+    return dict(zip(keys, rows if factory is tuple else map(factory, rows)))
 
 
 def _format_1_column(column: list | bytes) -> list[int]:
