@@ -37,9 +37,9 @@ _decode_json_rows = {kind: msgspec.json.Decoder(rows).decode for kind, rows in _
 
 
 def pack_entries(entries: dict[tuple, Sequence[int]], *, key_width: int, big: int) -> bytes:
-    """``{key: values}`` (keys: tuples of ``key_width`` str/int items; values: ints, all of
-    one length; column ``big`` may hold integers of any size, the others fit 64 bits: format 1
-    needed to know) as bytes.
+    """``{key: values}`` (keys: tuples of ``key_width`` str/int items; values: integers of any
+    size, as many for every key) as bytes. ``big``, the one column whose integers may not fit
+    64 bits, is what format 1 needed to know; format 2 needs neither it nor ``key_width``.
 
         >>> unpack_entries(pack_entries({("k",): [1, 2**300]}, key_width=1, big=1), key_width=1)
         {('k',): [1, 2037035976334486086268445688409378161051468393665936250636140449354381299763336706183397376]}
@@ -86,6 +86,7 @@ def unpack_entries(packed: bytes, *, key_width: int, factory: Callable = list) -
 
 
 def _unpack_format_1(packed: bytes, key_width: int, factory: Callable) -> dict:
+    """Format 1: flat keys, value columns."""
     flat, columns = _decode(packed)
     names = iter(flat)
     rows = zip(*[_format_1_column(column) for column in columns])
