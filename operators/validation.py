@@ -133,22 +133,26 @@ def validate(raw: bytes | None) -> UsageEvent | Invalid:
         return Invalid("too_deeply_nested", "JSON nests too deeply to decode")
     timestamp = event.timestamp_ms
     if timestamp.__class__ is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
-        timestamp = _timestamp_ms(timestamp)
-        if timestamp.__class__ is Invalid:
-            return timestamp
-        event.timestamp_ms = timestamp
+        millis = _fast_rfc3339_ms(timestamp) if timestamp.__class__ is str else None
+        if millis is None or not 0 <= millis <= MAX_TIMESTAMP_MS:  # any other shape: the full rule
+            millis = _timestamp_ms(timestamp)
+            if millis.__class__ is Invalid:
+                return millis
+        event.timestamp_ms = millis
     value = event.value_scaled
     if value is None:
         event.value_scaled = 0
-    else:
-        value = bytes(value)
-        if len(value) < 20 and value.isdigit():  # the usual small whole number, inlined
-            event.value_scaled = int(value) * _SCALE_FACTOR
-            return event
-        value = _raw_value_scaled(value)
-        if value.__class__ is Invalid:
-            return value
-        event.value_scaled = value
+        return event
+    value = bytes(value)
+    if len(value) < 20 and value.isdigit():  # the usual small whole number, inlined
+        event.value_scaled = int(value) * _SCALE_FACTOR
+        return event
+    scaled = _fast_value_scaled(value)
+    if scaled is None:  # signs, exponents, escapes, too many digits, errors: the full rule
+        scaled = _raw_value_scaled(value)
+        if scaled.__class__ is Invalid:
+            return scaled
+    event.value_scaled = scaled
     return event
 
 
@@ -208,6 +212,73 @@ _fromisoformat = datetime.fromisoformat
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)
 _days_of_date: dict[str, int | None] = {}
+
+
+_MINUTE_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+_minute_ms: dict[str, int] = {}
+_SECOND_MS = {f":{second:02d}": second * 1000 for second in range(60)}
+_FRACTION_MS = {"": 0, **{f".{ms:03d}"[:digits + 1]: ms - ms % 10 ** (3 - digits)
+                          for digits in (1, 2, 3) for ms in range(1000)}}
+_OFFSET_MS = {f"{sign}{hours:02d}:{minutes:02d}": (-1 if sign == "+" else 1) * (hours * 60 + minutes) * 60_000
+              for sign in "+-" for hours in range(24) for minutes in range(60)}
+"""Each ``±hh:mm`` offset with what it adds to local time to give UTC, in ms."""
+
+
+def _fast_rfc3339_ms(text: str) -> int | None:
+    """:func:`rfc3339_ms` of the usual shapes, ``YYYY-MM-DDTHH:MM:SS[.digits](Z|±hh:mm)``; None for the rest.
+
+    The minute's epoch ms is cached by its 16-character prefix; seconds, fraction and offset
+    are looked up in small tables. None means "not this shape": ask :func:`rfc3339_ms`, which
+    also gives the reason of an invalid timestamp::
+
+        >>> _fast_rfc3339_ms("2026-03-01T12:00:00.250+02:00"), _fast_rfc3339_ms("2026-01-01T00:00:00Z")
+        (1772359200250, 1767225600000)
+        >>> _fast_rfc3339_ms("2026-03-01T12:00:00.123456789z"), rfc3339_ms("2026-03-01T12:00:00.123456789z")
+        (1772366400123, 1772366400123)
+        >>> _fast_rfc3339_ms("2026-02-29T00:00:00Z"), _fast_rfc3339_ms("2026-03-01T12:00:00+0200")
+        (None, None)
+    """
+    minute = _minute_ms.get(text[:16])
+    if minute is None:
+        minute = _minute_start_ms(text[:16])
+        if minute is None:
+            return None
+    second = _SECOND_MS.get(text[16:19])
+    if second is None:
+        return None
+    last = text[-1]
+    if last == "Z" or last == "z":
+        offset, fraction = 0, text[19:-1]
+    else:
+        offset, fraction = _OFFSET_MS.get(text[-6:]), text[19:-6]
+        if offset is None:
+            return None
+    millis = _FRACTION_MS.get(fraction)
+    if millis is None:  # more than 3 digits: the first 3 count, the rest must be digits
+        millis, rest = _FRACTION_MS.get(fraction[:4]), fraction[4:]
+        if millis is None or len(fraction) < 5 or not (rest.isdigit() and rest.isascii()):
+            return None
+    return minute + second + millis + offset
+
+
+def _minute_start_ms(prefix: str) -> int | None:
+    """Epoch ms of a ``YYYY-MM-DDTHH:MM`` local minute (cached), None when it is no such minute.
+
+    >>> _minute_start_ms("2026-01-01T00:01"), _minute_start_ms("2026-01-01T24:00")
+    (1767225660000, None)
+    """
+    if _MINUTE_PREFIX.fullmatch(prefix) is None:
+        return None
+    days = _days_of_date.get(prefix[:10], -1)
+    if days == -1:
+        days = _date_days(prefix[:10])
+    hour, minute = int(prefix[11:13]), int(prefix[14:16])
+    if days is None or hour > 23 or minute > 59:
+        return None
+    if len(_minute_ms) >= 4096:
+        _minute_ms.clear()
+    millis = _minute_ms[prefix] = (days * 1440 + hour * 60 + minute) * 60_000
+    return millis
 
 
 def _timestamp_ms(timestamp: int | str) -> int | Invalid:
@@ -291,6 +362,31 @@ def _date_days(date: str) -> int | None:
 
 _PLAIN_DECIMAL = re.compile(rb"([+-]?)([0-9]{1,20})(?:\.([0-9]{0,18}))?")
 _STRICT_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+_UNIT_OF_PLACES = tuple(10 ** (VALUE_SCALE - places) for places in range(VALUE_SCALE + 1))
+"""What one unit of the last digit is worth, scaled, for 0..18 decimal places."""
+
+
+def _fast_value_scaled(raw: bytes) -> int | None:
+    """:func:`_raw_value_scaled` of an unsigned plain decimal (``12``, ``"12.5"``...); None for the rest.
+
+    ASCII digits with at most one point, quoted or not, up to 18 places and 38 digits, that fit
+    Decimal(38, 18). None means "ask :func:`_raw_value_scaled`" (signs, exponents, escapes,
+    longer or invalid values, whose reasons it gives)::
+
+        >>> _fast_value_scaled(b'"12.5"'), _fast_value_scaled(b'0.000000000000000001'), _fast_value_scaled(b'"7."')
+        (12500000000000000000, 1, 7000000000000000000)
+        >>> _fast_value_scaled(b'-1'), _fast_value_scaled(b'"1e3"'), _fast_value_scaled(b'"."')
+        (None, None, None)
+    """
+    whole, _, fraction = (raw[1:-1] if raw[0] == 0x22 else raw).partition(b".")  # 0x22: '"'
+    digits = whole + fraction
+    if len(fraction) <= VALUE_SCALE and len(digits) <= 38 and digits.isdigit():
+        scaled = int(digits) * _UNIT_OF_PLACES[len(fraction)]
+        if scaled <= _MAX_SCALED:
+            return scaled
+    return None
 
 
 def _raw_value_scaled(raw: bytes) -> int | Invalid:
