@@ -19,7 +19,7 @@ import decimal
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Annotated, Union
+from typing import Annotated, Iterable, Union
 
 import msgspec
 
@@ -117,6 +117,82 @@ _MISSING = re.compile(r"missing required field `(\w+)`")
 
 def validate(raw: bytes | None) -> UsageEvent | Invalid:
     """Decode one Kafka message value into a UsageEvent, or an Invalid naming the reason."""
+    return validate_each((raw,))[0]
+
+
+def validate_each(values: Iterable[bytes | None]) -> list[UsageEvent | Invalid]:
+    """:func:`validate` of each value, in order: the intake's hot path.
+
+    The usual event (nested less than ``MAX_DEPTH``, decoded at once, a timestamp in epoch ms
+    or a usual RFC 3339 shape, a plain unsigned value) is finished here with the loop's locals;
+    anything else is passed to :func:`validate_fully`, which gives the same result for every
+    message (``tests/test_validation_fast_paths.py`` checks it)::
+
+        >>> [r.reason for r in validate_each([b"", b"[1]"])]
+        ['empty_message', 'not_an_object']
+    """
+    results: list[UsageEvent | Invalid] = []
+    append, decode, fully = results.append, _decoder.decode, validate_fully
+    second_of, tail_of, last_ms = _second_ms.get, _tail_ms.get, MAX_TIMESTAMP_MS
+    unit, unit_of_places, max_scaled = _SCALE_FACTOR, _UNIT_OF_PLACES, _MAX_SCALED
+    for raw in values:
+        # MAX_DEPTH levels need as many brackets: with no "[" and at most two "{" (found by
+        # memchr, unlike count; 0x5B is "[", 0x7B "{"), the nesting is shallow
+        second_brace = raw.find(0x7B, 1) if raw else 0
+        if not raw or 0x5B in raw or (second_brace > 0 and raw.find(0x7B, second_brace + 1) > 0):
+            if not raw or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+                append(fully(raw))
+                continue
+        try:
+            event = decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # ValidationError included
+            append(fully(raw))
+            continue
+        timestamp = event.timestamp_ms
+        if timestamp.__class__ is not int or not 0 <= timestamp <= last_ms:
+            millis = None
+            if timestamp.__class__ is str:  # _fast_rfc3339_ms, its cache hits inlined
+                second, tail = second_of(timestamp[:19]), tail_of(timestamp[19:])
+                millis = second + tail if second is not None and tail is not None else _fast_rfc3339_ms(timestamp)
+            if millis is None or not 0 <= millis <= last_ms:  # any other shape: the full rule
+                millis = _timestamp_ms(timestamp)
+                if millis.__class__ is Invalid:
+                    append(millis)
+                    continue
+            event.timestamp_ms = millis
+        value = event.value_scaled
+        if value is None:
+            event.value_scaled = 0
+            append(event)
+            continue
+        value = bytes(value)
+        if value.isdigit() and len(value) < 20:  # the usual small whole number
+            event.value_scaled = int(value) * unit
+            append(event)
+            continue
+        # an unsigned plain decimal, quoted or not: ASCII digits and at most one point (0x22 is '"')
+        whole, _, fraction = (value[1:-1] if value[0] == 0x22 else value).partition(b".")
+        digits = whole + fraction
+        if len(fraction) <= VALUE_SCALE and len(digits) <= 38 and digits.isdigit():
+            scaled = int(digits) * unit_of_places[len(fraction)]
+            if scaled <= max_scaled:
+                event.value_scaled = scaled
+                append(event)
+                continue
+        scaled = _raw_value_scaled(value)  # signs, exponents, escapes, too many digits, errors
+        if scaled.__class__ is not Invalid:
+            event.value_scaled = scaled
+            scaled = event
+        append(scaled)
+    return results
+
+
+def validate_fully(raw: bytes | None) -> UsageEvent | Invalid:
+    """:func:`validate` by the general rule alone, no fast path: every check written out.
+
+    >>> validate_fully(b'{"a":' * 100 + b'1' + b'}' * 100).detail
+    'JSON nests deeper than 64 levels'
+    """
     if not raw:
         return Invalid("empty_message", "message has no value")
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and json_depth(raw) > MAX_DEPTH:
@@ -131,28 +207,14 @@ def validate(raw: bytes | None) -> UsageEvent | Invalid:
         return Invalid("malformed_json", str(err))
     except RecursionError:  # not expected under MAX_DEPTH; never let it out of the step
         return Invalid("too_deeply_nested", "JSON nests too deeply to decode")
-    timestamp = event.timestamp_ms
-    if timestamp.__class__ is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
-        millis = _fast_rfc3339_ms(timestamp) if timestamp.__class__ is str else None
-        if millis is None or not 0 <= millis <= MAX_TIMESTAMP_MS:  # any other shape: the full rule
-            millis = _timestamp_ms(timestamp)
-            if millis.__class__ is Invalid:
-                return millis
-        event.timestamp_ms = millis
-    value = event.value_scaled
-    if value is None:
-        event.value_scaled = 0
-        return event
-    value = bytes(value)
-    if len(value) < 20 and value.isdigit():  # the usual small whole number, inlined
-        event.value_scaled = int(value) * _SCALE_FACTOR
-        return event
-    scaled = _fast_value_scaled(value)
-    if scaled is None:  # signs, exponents, escapes, too many digits, errors: the full rule
-        scaled = _raw_value_scaled(value)
-        if scaled.__class__ is Invalid:
-            return scaled
-    event.value_scaled = scaled
+    timestamp = _timestamp_ms(event.timestamp_ms)
+    if timestamp.__class__ is Invalid:
+        return timestamp
+    event.timestamp_ms = timestamp
+    value = 0 if event.value_scaled is None else _raw_value_scaled(bytes(event.value_scaled))
+    if value.__class__ is Invalid:
+        return value
+    event.value_scaled = value
     return event
 
 
@@ -214,9 +276,13 @@ _ONE_MS = timedelta(milliseconds=1)
 _days_of_date: dict[str, int | None] = {}
 
 
-_MINUTE_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
-_minute_ms: dict[str, int] = {}
-_SECOND_MS = {f":{second:02d}": second * 1000 for second in range(60)}
+_SECOND_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}")
+_second_ms: dict[str, int] = {}
+"""Epoch ms of each recent valid ``YYYY-MM-DDTHH:MM:SS`` (local time, before the offset)."""
+_tail_ms: dict[str, int] = {}
+"""What each recent short tail (``.250+02:00``, ``Z``...) adds to its second, in ms."""
+_CACHED = 8192
+"""Entries a timestamp cache holds before it starts afresh."""
 _FRACTION_MS = {"": 0, **{f".{ms:03d}"[:digits + 1]: ms - ms % 10 ** (3 - digits)
                           for digits in (1, 2, 3) for ms in range(1000)}}
 _OFFSET_MS = {f"{sign}{hours:02d}:{minutes:02d}": (-1 if sign == "+" else 1) * (hours * 60 + minutes) * 60_000
@@ -227,9 +293,10 @@ _OFFSET_MS = {f"{sign}{hours:02d}:{minutes:02d}": (-1 if sign == "+" else 1) * (
 def _fast_rfc3339_ms(text: str) -> int | None:
     """:func:`rfc3339_ms` of the usual shapes, ``YYYY-MM-DDTHH:MM:SS[.digits](Z|±hh:mm)``; None for the rest.
 
-    The minute's epoch ms is cached by its 16-character prefix; seconds, fraction and offset
-    are looked up in small tables. None means "not this shape": ask :func:`rfc3339_ms`, which
-    also gives the reason of an invalid timestamp::
+    The text is cut after the seconds: the second's epoch ms and the tail's share (fraction
+    and offset) come from small caches, computed on a miss. :func:`validate_each` looks the
+    caches up itself and calls this on a miss. None means "not this shape": ask
+    :func:`rfc3339_ms`, which also gives the reason of an invalid timestamp::
 
         >>> _fast_rfc3339_ms("2026-03-01T12:00:00.250+02:00"), _fast_rfc3339_ms("2026-01-01T00:00:00Z")
         (1772359200250, 1767225600000)
@@ -238,19 +305,52 @@ def _fast_rfc3339_ms(text: str) -> int | None:
         >>> _fast_rfc3339_ms("2026-02-29T00:00:00Z"), _fast_rfc3339_ms("2026-03-01T12:00:00+0200")
         (None, None)
     """
-    minute = _minute_ms.get(text[:16])
-    if minute is None:
-        minute = _minute_start_ms(text[:16])
-        if minute is None:
-            return None
-    second = _SECOND_MS.get(text[16:19])
+    second = _second_ms.get(text[:19])
     if second is None:
+        second = _second_start_ms(text[:19])
+        if second is None:
+            return None
+    tail = _tail_ms.get(text[19:])
+    if tail is None:
+        tail = _tail_share_ms(text[19:])
+        if tail is None:
+            return None
+    return second + tail
+
+
+def _second_start_ms(prefix: str) -> int | None:
+    """Epoch ms of a ``YYYY-MM-DDTHH:MM:SS`` local second (cached), None when it is no such second.
+
+    >>> _second_start_ms("2026-01-01T00:01:02"), _second_start_ms("2026-01-01T23:59:60")
+    (1767225662000, None)
+    """
+    if _SECOND_PREFIX.fullmatch(prefix) is None:
         return None
-    last = text[-1]
+    days = _days_of_date.get(prefix[:10], -1)
+    if days == -1:
+        days = _date_days(prefix[:10])
+    hour, minute, second = int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19])
+    if days is None or hour > 23 or minute > 59 or second > 59:
+        return None
+    if len(_second_ms) >= _CACHED:
+        _second_ms.clear()
+    millis = _second_ms[prefix] = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000
+    return millis
+
+
+def _tail_share_ms(tail: str) -> int | None:
+    """What ``[.digits](Z|z|±hh:mm)`` adds to its second, in ms (short tails cached); else None.
+
+    >>> _tail_share_ms(".25+02:00"), _tail_share_ms("Z"), _tail_share_ms(".9999999-00:30")
+    (-7199750, 0, 1800999)
+    >>> _tail_share_ms(".Z"), _tail_share_ms("+24:00"), _tail_share_ms(".1²Z")
+    (None, None, None)
+    """
+    last = tail[-1:]
     if last == "Z" or last == "z":
-        offset, fraction = 0, text[19:-1]
+        offset, fraction = 0, tail[:-1]
     else:
-        offset, fraction = _OFFSET_MS.get(text[-6:]), text[19:-6]
+        offset, fraction = _OFFSET_MS.get(tail[-6:]), tail[:-6]
         if offset is None:
             return None
     millis = _FRACTION_MS.get(fraction)
@@ -258,27 +358,11 @@ def _fast_rfc3339_ms(text: str) -> int | None:
         millis, rest = _FRACTION_MS.get(fraction[:4]), fraction[4:]
         if millis is None or len(fraction) < 5 or not (rest.isdigit() and rest.isascii()):
             return None
-    return minute + second + millis + offset
-
-
-def _minute_start_ms(prefix: str) -> int | None:
-    """Epoch ms of a ``YYYY-MM-DDTHH:MM`` local minute (cached), None when it is no such minute.
-
-    >>> _minute_start_ms("2026-01-01T00:01"), _minute_start_ms("2026-01-01T24:00")
-    (1767225660000, None)
-    """
-    if _MINUTE_PREFIX.fullmatch(prefix) is None:
-        return None
-    days = _days_of_date.get(prefix[:10], -1)
-    if days == -1:
-        days = _date_days(prefix[:10])
-    hour, minute = int(prefix[11:13]), int(prefix[14:16])
-    if days is None or hour > 23 or minute > 59:
-        return None
-    if len(_minute_ms) >= 4096:
-        _minute_ms.clear()
-    millis = _minute_ms[prefix] = (days * 1440 + hour * 60 + minute) * 60_000
-    return millis
+    if len(tail) <= 10:  # up to ".fff+hh:mm": a few thousand shapes in practice
+        if len(_tail_ms) >= _CACHED:
+            _tail_ms.clear()
+        _tail_ms[tail] = millis + offset
+    return millis + offset
 
 
 def _timestamp_ms(timestamp: int | str) -> int | Invalid:
@@ -366,27 +450,6 @@ _STRICT_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]
 
 _UNIT_OF_PLACES = tuple(10 ** (VALUE_SCALE - places) for places in range(VALUE_SCALE + 1))
 """What one unit of the last digit is worth, scaled, for 0..18 decimal places."""
-
-
-def _fast_value_scaled(raw: bytes) -> int | None:
-    """:func:`_raw_value_scaled` of an unsigned plain decimal (``12``, ``"12.5"``...); None for the rest.
-
-    ASCII digits with at most one point, quoted or not, up to 18 places and 38 digits, that fit
-    Decimal(38, 18). None means "ask :func:`_raw_value_scaled`" (signs, exponents, escapes,
-    longer or invalid values, whose reasons it gives)::
-
-        >>> _fast_value_scaled(b'"12.5"'), _fast_value_scaled(b'0.000000000000000001'), _fast_value_scaled(b'"7."')
-        (12500000000000000000, 1, 7000000000000000000)
-        >>> _fast_value_scaled(b'-1'), _fast_value_scaled(b'"1e3"'), _fast_value_scaled(b'"."')
-        (None, None, None)
-    """
-    whole, _, fraction = (raw[1:-1] if raw[0] == 0x22 else raw).partition(b".")  # 0x22: '"'
-    digits = whole + fraction
-    if len(fraction) <= VALUE_SCALE and len(digits) <= 38 and digits.isdigit():
-        scaled = int(digits) * _UNIT_OF_PLACES[len(fraction)]
-        if scaled <= _MAX_SCALED:
-            return scaled
-    return None
 
 
 def _raw_value_scaled(raw: bytes) -> int | Invalid:
