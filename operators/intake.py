@@ -147,21 +147,20 @@ class IntakeLogic:
         routes, metric_codes = self._routes, self._metrics_by_code
         digest_of, bias = digest_hash, DIGEST_BIAS
         max_skew = self.max_future_skew_ms
+        skew_limit = float("inf") if max_skew is None else max_skew
         if records and len(records[0]) == 4:  # records without their timestamp (tools, tests)
             records = [(*record, None) for record in records]
         shard_events: list[list[ShardEvent]] = [[] for _ in range(self.shards)]
         append_to = [events.append for events in shard_events]
-        valid = 0
         for (offset, key, value, headers, record_ms), event in zip(records, validate_each([r[2] for r in records])):
             if event.__class__ is Invalid:
                 batch.dead_letters.append(self._dead_letter(offset, key, value, headers, event))
                 continue
             timestamp = event.timestamp_ms
-            if max_skew is not None and record_ms is not None and timestamp - record_ms > max_skew:
+            if record_ms is not None and timestamp - record_ms > skew_limit:
                 batch.dead_letters.append(self._dead_letter(
                     offset, key, value, headers, _future(timestamp, record_ms, max_skew)))
                 continue
-            valid += 1
             org = event.organization_id
             route = routes.get(org)
             if route is None:
@@ -183,7 +182,7 @@ class IntakeLogic:
                 watermark = max_event - out_of_orderness
         self.watermark.max_event_ms = max_event
         batch.events_by_shard = {shard: events for shard, events in enumerate(shard_events) if events}
-        batch.valid_count = valid
+        batch.valid_count = len(records) - len(batch.dead_letters)
         batch.watermark = watermark
         return batch
 

@@ -134,32 +134,36 @@ def validate_each(values: Iterable[bytes | None]) -> list[UsageEvent | Invalid]:
     results: list[UsageEvent | Invalid] = []
     append, decode, fully = results.append, _decoder.decode, validate_fully
     second_of, tail_of, last_ms = _second_ms.get, _tail_ms.get, MAX_TIMESTAMP_MS
-    unit, unit_of_places, max_scaled = _SCALE_FACTOR, _UNIT_OF_PLACES, _MAX_SCALED
+    unit, unit_of_places, places, max_scaled = _SCALE_FACTOR, _UNIT_OF_PLACES, VALUE_SCALE, _MAX_SCALED
     for raw in values:
-        # MAX_DEPTH levels need as many brackets: with no "[" and at most two "{" (found by
-        # memchr, unlike count; 0x5B is "[", 0x7B "{"), the nesting is shallow
-        second_brace = raw.find(0x7B, 1) if raw else 0
-        if not raw or 0x5B in raw or (second_brace > 0 and raw.find(0x7B, second_brace + 1) > 0):
-            if not raw or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
-                append(fully(raw))
-                continue
+        if not raw:
+            append(fully(raw))
+            continue
+        # MAX_DEPTH levels need as many brackets: with no "[" and at most two "{" (looked for
+        # with memchr, unlike count; 0x5B is "[", 0x7B "{") the message cannot nest that deep
+        brace = raw.find(0x7B, 1)
+        if ((0x5B in raw or brace > 0 and raw.find(0x7B, brace + 1) > 0)
+                and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH):
+            append(fully(raw))
+            continue
         try:
             event = decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # ValidationError included
             append(fully(raw))
             continue
         timestamp = event.timestamp_ms
-        if timestamp.__class__ is not int or not 0 <= timestamp <= last_ms:
-            millis = None
-            if timestamp.__class__ is str:  # _fast_rfc3339_ms, its cache hits inlined
-                second, tail = second_of(timestamp[:19]), tail_of(timestamp[19:])
-                millis = second + tail if second is not None and tail is not None else _fast_rfc3339_ms(timestamp)
+        if timestamp.__class__ is str:  # _fast_rfc3339_ms, its cache hits inlined
+            second, tail = second_of(timestamp[:19]), tail_of(timestamp[19:])
+            millis = second + tail if second is not None and tail is not None else _fast_rfc3339_ms(timestamp)
             if millis is None or not 0 <= millis <= last_ms:  # any other shape: the full rule
                 millis = _timestamp_ms(timestamp)
                 if millis.__class__ is Invalid:
                     append(millis)
                     continue
             event.timestamp_ms = millis
+        elif not 0 <= timestamp <= last_ms:  # an int out of range
+            append(_timestamp_ms(timestamp))
+            continue
         value = event.value_scaled
         if value is None:
             event.value_scaled = 0
@@ -170,10 +174,11 @@ def validate_each(values: Iterable[bytes | None]) -> list[UsageEvent | Invalid]:
             event.value_scaled = int(value) * unit
             append(event)
             continue
-        # an unsigned plain decimal, quoted or not: ASCII digits and at most one point (0x22 is '"')
-        whole, _, fraction = (value[1:-1] if value[0] == 0x22 else value).partition(b".")
+        # an unsigned plain decimal, quoted or not: ASCII digits and at most one point (a valid
+        # JSON string has no unescaped quote inside, so strip takes just its own two)
+        whole, _, fraction = value.strip(b'"').partition(b".")
         digits = whole + fraction
-        if len(fraction) <= VALUE_SCALE and len(digits) <= 38 and digits.isdigit():
+        if digits.isdigit() and len(digits) <= 38 and len(fraction) <= places:
             scaled = int(digits) * unit_of_places[len(fraction)]
             if scaled <= max_scaled:
                 event.value_scaled = scaled
@@ -276,13 +281,16 @@ _ONE_MS = timedelta(milliseconds=1)
 _days_of_date: dict[str, int | None] = {}
 
 
-_SECOND_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}")
+_MINUTE_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+_minute_ms: dict[str, int] = {}
+"""Epoch ms of each recent valid ``YYYY-MM-DDTHH:MM`` (local time, before the offset)."""
 _second_ms: dict[str, int] = {}
 """Epoch ms of each recent valid ``YYYY-MM-DDTHH:MM:SS`` (local time, before the offset)."""
 _tail_ms: dict[str, int] = {}
-"""What each recent short tail (``.250+02:00``, ``Z``...) adds to its second, in ms."""
+"""What each recent tail of at most 3 fraction digits (``.250+02:00``, ``Z``...) adds, in ms."""
 _CACHED = 8192
 """Entries a timestamp cache holds before it starts afresh."""
+_SECOND_OF_MINUTE_MS = {f":{second:02d}": second * 1000 for second in range(60)}
 _FRACTION_MS = {"": 0, **{f".{ms:03d}"[:digits + 1]: ms - ms % 10 ** (3 - digits)
                           for digits in (1, 2, 3) for ms in range(1000)}}
 _OFFSET_MS = {f"{sign}{hours:02d}:{minutes:02d}": (-1 if sign == "+" else 1) * (hours * 60 + minutes) * 60_000
@@ -294,9 +302,10 @@ def _fast_rfc3339_ms(text: str) -> int | None:
     """:func:`rfc3339_ms` of the usual shapes, ``YYYY-MM-DDTHH:MM:SS[.digits](Z|±hh:mm)``; None for the rest.
 
     The text is cut after the seconds: the second's epoch ms and the tail's share (fraction
-    and offset) come from small caches, computed on a miss. :func:`validate_each` looks the
-    caches up itself and calls this on a miss. None means "not this shape": ask
-    :func:`rfc3339_ms`, which also gives the reason of an invalid timestamp::
+    and offset) come from small caches, computed from tables on a miss (a new second costs a
+    lookup of its minute). :func:`validate_each` looks the caches up itself and calls this on a
+    miss. None means "not this shape": ask :func:`rfc3339_ms`, which also gives the reason of
+    an invalid timestamp::
 
         >>> _fast_rfc3339_ms("2026-03-01T12:00:00.250+02:00"), _fast_rfc3339_ms("2026-01-01T00:00:00Z")
         (1772359200250, 1767225600000)
@@ -307,9 +316,15 @@ def _fast_rfc3339_ms(text: str) -> int | None:
     """
     second = _second_ms.get(text[:19])
     if second is None:
-        second = _second_start_ms(text[:19])
-        if second is None:
+        minute = _minute_ms.get(text[:16])
+        if minute is None:
+            minute = _minute_start_ms(text[:16])
+        second = _SECOND_OF_MINUTE_MS.get(text[16:19])
+        if minute is None or second is None:
             return None
+        if len(_second_ms) >= _CACHED:
+            _second_ms.clear()
+        second = _second_ms[text[:19]] = minute + second
     tail = _tail_ms.get(text[19:])
     if tail is None:
         tail = _tail_share_ms(text[19:])
@@ -318,23 +333,23 @@ def _fast_rfc3339_ms(text: str) -> int | None:
     return second + tail
 
 
-def _second_start_ms(prefix: str) -> int | None:
-    """Epoch ms of a ``YYYY-MM-DDTHH:MM:SS`` local second (cached), None when it is no such second.
+def _minute_start_ms(prefix: str) -> int | None:
+    """Epoch ms of a ``YYYY-MM-DDTHH:MM`` local minute (cached), None when it is no such minute.
 
-    >>> _second_start_ms("2026-01-01T00:01:02"), _second_start_ms("2026-01-01T23:59:60")
-    (1767225662000, None)
+    >>> _minute_start_ms("2026-01-01T00:01"), _minute_start_ms("2026-01-01T24:00")
+    (1767225660000, None)
     """
-    if _SECOND_PREFIX.fullmatch(prefix) is None:
+    if _MINUTE_PREFIX.fullmatch(prefix) is None:
         return None
     days = _days_of_date.get(prefix[:10], -1)
     if days == -1:
         days = _date_days(prefix[:10])
-    hour, minute, second = int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19])
-    if days is None or hour > 23 or minute > 59 or second > 59:
+    hour, minute = int(prefix[11:13]), int(prefix[14:16])
+    if days is None or hour > 23 or minute > 59:
         return None
-    if len(_second_ms) >= _CACHED:
-        _second_ms.clear()
-    millis = _second_ms[prefix] = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000
+    if len(_minute_ms) >= _CACHED:
+        _minute_ms.clear()
+    millis = _minute_ms[prefix] = ((days * 24 + hour) * 60 + minute) * 60_000
     return millis
 
 
@@ -358,7 +373,7 @@ def _tail_share_ms(tail: str) -> int | None:
         millis, rest = _FRACTION_MS.get(fraction[:4]), fraction[4:]
         if millis is None or len(fraction) < 5 or not (rest.isdigit() and rest.isascii()):
             return None
-    if len(tail) <= 10:  # up to ".fff+hh:mm": a few thousand shapes in practice
+    if len(fraction) <= 4:  # up to ".fff": a few thousand tails in practice
         if len(_tail_ms) >= _CACHED:
             _tail_ms.clear()
         _tail_ms[tail] = millis + offset
