@@ -36,7 +36,7 @@ from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
-from state.held import HeldEvents, HeldSnapshot, Ready
+from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready
 from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRows
 from state.sessions import SessionStore
 from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
@@ -45,6 +45,8 @@ from state.windows import AggregateWindowStore, WindowStore
 
 ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
 _DAY_MS = 86_400_000
+_HALF_UNIT = 10**9  # as in state.held: a fraction of VALUE_UNIT as two parts below 10**9
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -278,17 +280,16 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         Rollups and the counted days are bucketed by the event's own time, not by its
         window's start (a 1-day window's events spread over 24 hourly rows; with 7-minute
         windows an event at 00:01 belongs to its own day). Where a grain is a multiple of
-        the window size the window groups already are the grain's groups (epoch-aligned
-        windows nest in hours and days); otherwise they are also summed per (grain, key).
+        the window size the window groups nest in the grain's groups (epoch-aligned windows
+        nest in hours and days), and are summed up to it; otherwise the events are summed
+        per (grain, key) afresh.
 
         Intake already sent aside events too late for their window, and rollups stay
         open longer than the usage windows, so no per-event check is needed.
         """
-        size = self.params.windows.size_ms
+        if not len(fresh):
+            return
         times, key_ids = ready.times[fresh], ready.key_ids[fresh]
-        groups = _summed(ready, fresh, times, key_ids, size)
-        by_unit = {unit: _summed(ready, fresh, times, key_ids, unit)
-                   for unit in self._own_units(counted)}
         if ready.events:  # events with catalog metric values, in decision order
             counts = np.zeros(len(ready), dtype=bool)
             counts[fresh] = True
@@ -296,28 +297,24 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             for position, event in ready.events.items():
                 if counts[position]:
                     self._add_metrics(int(partitions[position]), event, event.watermark_before, out)
-        usage_add = self.usage.add_group
-        for (start, org, customer, code), (count, total, _latest) in groups.items():
-            usage_add(start, (org, customer, code), count, total)
+        size = self.params.windows.size_ms
+        windows = _Sums.of(ready, fresh, times, key_ids, size)
+        _add_groups(self.usage, windows.groups(ready.keys))
+        days = None
         for grain, store in self.rollups.items():
-            unit = ROLLUP_SIZES_MS[grain]
-            for (start, org, customer, code), (count, total, _latest) in \
-                    _grouped_by(unit, groups, by_unit).items():
-                store.add_group(start, (org, customer, code), count, total)
+            groups = _grain_groups(ready, fresh, windows, ROLLUP_SIZES_MS[grain], size)
+            _add_groups(store, groups)
+            if grain == "day":
+                days = groups
         if counted is not None:
-            for (day, org, customer, code), (count, total, latest) in \
-                    _grouped_by(_DAY_MS, groups, by_unit).items():
-                key = (org, customer, code, day)
-                old = counted.get(key)
-                counted[key] = (count, total, latest) if old is None else (
+            if days is None:
+                days = _grain_groups(ready, fresh, windows, _DAY_MS, size)
+            for day, key, count, total, latest in zip(days.starts, days.keys, days.counts,
+                                                      days.totals, days.latest):
+                day_key = (*key, day)
+                old = counted.get(day_key)
+                counted[day_key] = (count, total, latest) if old is None else (
                     old[0] + count, old[1] + total, max(old[2], latest))
-
-    def _own_units(self, counted: dict | None) -> list[int]:
-        """Grains (ms) the tumbling window groups cannot give: not a multiple of the window size."""
-        units = {ROLLUP_SIZES_MS[grain] for grain in self.rollups}
-        if counted is not None:
-            units.add(_DAY_MS)
-        return sorted(unit for unit in units if unit % self.params.windows.size_ms)
 
     def _count_one(self, partition: int, event: ShardEvent, out: list, counted: dict | None) -> None:
         timestamp, value, seen = event.timestamp_ms, event.value_scaled, event.watermark_before
@@ -563,58 +560,122 @@ def _listed(grains: tuple[str, ...]) -> str:
     return ", ".join(grains) if grains else "off"
 
 
-def _summed(ready: Ready, fresh: np.ndarray, times: np.ndarray, key_ids: np.ndarray,
-            unit_ms: int) -> dict[tuple, list]:
-    """The counted events (positions ``fresh`` of ``ready``, their ``times`` and ``key_ids``)
-    as groups ``{(start, org, customer, code): [count, total_scaled, latest_event_ms]}`` per
-    period of ``unit_ms``, in the order of their first event."""
-    if not len(fresh):
-        return {}
-    starts, start_index = np.unique(times - times % unit_ms, return_inverse=True)
-    n_keys = max(len(ready.keys), 1)
-    codes = start_index.astype(np.int64) * n_keys + key_ids
-    unique_codes, first, group_of = np.unique(codes, return_index=True, return_inverse=True)
-    n_groups = len(unique_codes)
-    counts = np.bincount(group_of, minlength=n_groups).tolist()
-    latest = np.full(n_groups, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(latest, group_of, times)
-    latest_list = latest.tolist()
-    totals = ready.sums(fresh, group_of, n_groups)
-    group_starts = starts[unique_codes // n_keys].tolist()
-    group_keys = (unique_codes % n_keys).tolist()
-    keys, groups = ready.keys, {}
-    for group in np.argsort(first, kind="stable").tolist():
-        org, customer, code = keys[group_keys[group]]
-        groups[(group_starts[group], org, customer, code)] = \
-            [counts[group], totals[group], latest_list[group]]
-    return groups
+@dataclass(frozen=True)
+class _Groups:
+    """Counted events summed per (period start, key), as parallel lists in the order of each
+    group's first event (the order the stores first see them)."""
+
+    starts: list[int]
+    keys: list[tuple]  # (organization_id, external_customer_id, code), shared with ``Ready.keys``
+    counts: list[int]
+    totals: list[int]  # exact scaled sums
+    latest: list[int]  # the latest event time
 
 
-def _grouped_by(unit_ms: int, window_groups: dict[tuple, list],
-                by_unit: dict[int, dict[tuple, list]]) -> dict[tuple, list]:
-    """The batch's groups per (grain start, org, customer, code) for a grain of ``unit_ms``.
+@dataclass(frozen=True)
+class _Sums:
+    """Counted events summed per (period start, key), as arrays sorted by (period, key): what
+    :class:`_Groups` are made of, and what a coarser grain sums up from."""
 
-    Taken from ``by_unit`` when the batch was summed per grain; otherwise the tumbling
-    window groups nest in the grain, and are summed up to it.
+    starts: np.ndarray
+    key_ids: np.ndarray
+    firsts: np.ndarray  # each group's first event, in decision order
+    counts: np.ndarray
+    latest: np.ndarray
+    parts: tuple  # the totals, as ``Ready.run_parts`` gives them
 
-    >>> _grouped_by(3_600_000, {(60_000, "o", "c", "x"): [2, 5, 61_000],
-    ...                         (120_000, "o", "c", "x"): [1, 1, 130_000]}, {})
-    {(0, 'o', 'c', 'x'): [3, 6, 130000]}
+    @staticmethod
+    def of(ready: Ready, fresh: np.ndarray, times: np.ndarray, key_ids: np.ndarray,
+           unit_ms: int) -> _Sums:
+        """The counted events (positions ``fresh`` of ``ready``, their ``times`` and ``key_ids``)
+        summed per (period of ``unit_ms``, key)."""
+        starts = times - times % unit_ms
+        order, heads = _runs(starts, key_ids, len(ready.keys))
+        firsts = order[heads]
+        return _Sums(starts[firsts], key_ids[firsts], firsts, np.diff(np.append(heads, len(order))),
+                     np.maximum.reduceat(times[order], heads), ready.run_parts(fresh[order], heads))
+
+    def rolled_up(self, unit_ms: int, n_keys: int) -> _Sums | None:
+        """These sums per (period of ``unit_ms``, key), for periods that nest in it; ``None``
+        where a whole sum could pass 64 bits."""
+        wholes, highs, lows, wide = self.parts
+        if not isinstance(wholes, np.ndarray) or (
+                len(wholes) and int(np.abs(wholes).max()) >= _INT64_MAX // len(wholes) - 1):
+            return None
+        starts = self.starts - self.starts % unit_ms
+        order, heads = _runs(starts, self.key_ids, n_keys)
+        if wide:
+            runs = np.searchsorted(heads, np.argsort(order), side="right") - 1
+            rolled = {}
+            for group, value in wide.items():
+                run = int(runs[group])
+                rolled[run] = rolled.get(run, 0) + value
+            wide = rolled
+        firsts = order[heads]
+        return _Sums(starts[firsts], self.key_ids[firsts], np.minimum.reduceat(self.firsts[order], heads),
+                     np.add.reduceat(self.counts[order], heads), np.maximum.reduceat(self.latest[order], heads),
+                     tuple(np.add.reduceat(part[order], heads) for part in (wholes, highs, lows)) + (wide,))
+
+    def groups(self, keys: list[tuple]) -> _Groups:
+        """The sums as :class:`_Groups` (exact totals, in the order of their first event).
+
+            >>> ready = Ready(*[np.array(c, dtype=np.int64) for c in ([5, 61_000, 62_000, 63_000],
+            ...               [0] * 4, [0] * 4, [0] * 4, [1, 2, 3, 4], [0] * 4)],
+            ...               np.array([1, 0, 1, 1], dtype=np.int32), [("o", "c", "x"), ("o", "d", "x")], {}, {})
+            >>> groups = _Sums.of(ready, np.arange(4), ready.times, ready.key_ids, 60_000).groups(ready.keys)
+            >>> groups.starts, groups.keys, groups.counts, groups.latest
+            ([0, 60000, 60000], [('o', 'd', 'x'), ('o', 'c', 'x'), ('o', 'd', 'x')], [1, 1, 2], [5, 61000, 63000])
+            >>> groups.totals == [10**18, 2 * 10**18, 7 * 10**18]
+            True
+        """
+        wholes, highs, lows, wide = self.parts
+        low_carry, lows = np.divmod(lows, _HALF_UNIT)
+        carry, highs = np.divmod(highs + low_carry, _HALF_UNIT)
+        fractions = (highs * _HALF_UNIT + lows).tolist()  # each below VALUE_UNIT
+        if isinstance(wholes, np.ndarray) and (not len(wholes) or int(np.abs(wholes).max())
+                                               < _INT64_MAX - int(carry.max())):
+            wholes = (wholes + carry).tolist()
+        else:  # as Python integers
+            wholes = [whole + extra for whole, extra in zip(wholes, carry.tolist())]
+        totals = [whole * VALUE_UNIT + fraction for whole, fraction in zip(wholes, fractions)]
+        for run, value in wide.items():
+            totals[run] += value
+        by_first = np.argsort(self.firsts)
+        return _Groups(self.starts[by_first].tolist(),
+                       list(map(keys.__getitem__, self.key_ids[by_first].tolist())),
+                       self.counts[by_first].tolist(), list(map(totals.__getitem__, by_first.tolist())),
+                       self.latest[by_first].tolist())
+
+
+def _grain_groups(ready: Ready, fresh: np.ndarray, windows: _Sums, unit_ms: int,
+                  size_ms: int) -> _Groups:
+    """The counted events (positions ``fresh`` of ``ready``) summed per (period of ``unit_ms``,
+    key): from the ``windows`` sums where windows of ``size_ms`` nest in the periods."""
+    sums = windows.rolled_up(unit_ms, len(ready.keys)) if unit_ms % size_ms == 0 else None
+    if sums is None:
+        sums = _Sums.of(ready, fresh, ready.times[fresh], ready.key_ids[fresh], unit_ms)
+    return sums.groups(ready.keys)
+
+
+def _runs(starts: np.ndarray, key_ids: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """The order that sorts items by (start, key), stably, and where each run of equal ones
+    begins in it.
+
+        >>> [a.tolist() for a in _runs(np.array([60, 0, 60, 0]), np.array([1, 1, 1, 0]), 2)]
+        [[3, 1, 0, 2], [0, 1, 2]]
     """
-    own = by_unit.get(unit_ms)
-    if own is not None:
-        return own
-    grouped: dict[tuple, list] = {}
-    for (start, org, customer, code), (count, total, latest) in window_groups.items():
-        key = (start - start % unit_ms, org, customer, code)
-        group = grouped.get(key)
-        if group is None:
-            grouped[key] = [count, total, latest]
-        else:
-            group[0] += count
-            group[1] += total
-            group[2] = max(group[2], latest)
-    return grouped
+    _distinct, start_index = np.unique(starts, return_inverse=True)
+    codes = start_index.astype(np.int64) * max(n_keys, 1) + key_ids
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    return order, np.flatnonzero(np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1])))
+
+
+def _add_groups(store: WindowStore, groups: _Groups) -> None:
+    """Add each group to ``store``, in their order."""
+    add = store.add_group
+    for start, key, count, total in zip(groups.starts, groups.keys, groups.counts, groups.totals):
+        add(start, key, count, total)
 
 
 def _as_rows(metric: MetricDefinition | None, rows: list) -> list:

@@ -350,39 +350,39 @@ class Ready:
             return wide
         return int(self.wholes[position]) * VALUE_UNIT + int(self.fractions[position])
 
-    def sums(self, positions: np.ndarray, groups: np.ndarray, n_groups: int) -> list[int]:
-        """The exact sum of the values at ``positions`` per group (``groups[i]`` is the group of
-        ``positions[i]``), as Python integers.
+    def run_parts(self, positions: np.ndarray, heads: np.ndarray) -> tuple:
+        """The sums of the values at ``positions`` per run (run ``r`` is
+        ``positions[heads[r]:heads[r + 1]]``, ``heads`` ascending from 0), in parts:
+        ``(wholes, highs, lows, wide)`` where a run's sum is ``wholes * VALUE_UNIT +
+        highs * 10**9 + lows + wide.get(run, 0)``. ``wholes`` is an ``int64`` array, or a list of
+        Python integers where a sum could pass 64 bits; ``highs`` and ``lows`` sum parts below
+        10**9 (exact for fewer than 9 * 10**9 values); ``wide`` holds the values too wide for a column.
 
             >>> ready = Ready(*[np.array(c, dtype=np.int64) for c in ([0] * 5, [0] * 5, [0] * 5,
             ...               [0] * 5, [2**62, 2**62, -1, 0, 0], [1, 2, 10**18 - 1, 5, 0])],
             ...               np.zeros(5, dtype=np.int32), [], {4: 10**40}, {})
-            >>> ready.sums(np.array([0, 1, 2, 3, 4]), np.array([0, 0, 1, 1, 1]), 2)
-            [9223372036854775808000000000000000003, 10000000000000000000000000000000000000004]
+            >>> wholes, highs, lows, wide = ready.run_parts(np.array([0, 1, 2, 3, 4]), np.array([0, 2]))
+            >>> wholes, highs.tolist(), lows.tolist(), wide
+            ([9223372036854775808, -1], [0, 999999999], [3, 1000000004], {1: 10000000000000000000000000000000000000000})
         """
+        n = len(positions)
         wholes = self.wholes[positions]
-        fractions = self.fractions[positions]
-        highs, lows = np.divmod(fractions, _HALF_UNIT)
-        totals = [0] * n_groups
-        if len(wholes) and int(np.abs(wholes).max()) < _INT64_MAX // len(wholes):
-            whole_sums = np.zeros(n_groups, dtype=np.int64)
-            np.add.at(whole_sums, groups, wholes)
-            totals = [whole * VALUE_UNIT for whole in whole_sums.tolist()]
-        else:  # sums that could pass 64 bits: as Python integers
-            for group, whole in zip(groups.tolist(), wholes.tolist()):
-                totals[group] += whole * VALUE_UNIT
-        high_sums = np.zeros(n_groups, dtype=np.int64)
-        low_sums = np.zeros(n_groups, dtype=np.int64)
-        np.add.at(high_sums, groups, highs)
-        np.add.at(low_sums, groups, lows)
-        for group, (high, low) in enumerate(zip(high_sums.tolist(), low_sums.tolist())):
-            totals[group] += high * _HALF_UNIT + low
+        highs, lows = np.divmod(self.fractions[positions], _HALF_UNIT)
+        if n and int(np.abs(wholes).max()) < _INT64_MAX // n - 1:  # no sum passes 64 bits
+            whole_sums = np.add.reduceat(wholes, heads)
+        else:
+            whole_list = wholes.tolist()
+            whole_sums = [sum(whole_list[head:end])
+                          for head, end in zip(heads.tolist(), [*heads.tolist()[1:], n])]
+        wide = {}
         if self.wide:
+            runs = np.searchsorted(heads, np.arange(n), side="right") - 1
             for index, position in enumerate(positions.tolist()):
-                wide = self.wide.get(position)
-                if wide is not None:
-                    totals[int(groups[index])] += wide
-        return totals
+                value = self.wide.get(position)
+                if value is not None:
+                    run = int(runs[index])
+                    wide[run] = wide.get(run, 0) + value
+        return whole_sums, np.add.reduceat(highs, heads), np.add.reduceat(lows, heads), wide
 
 
 def _ready(buckets: list[_Bucket], keys: list[tuple]) -> Ready:

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from state.held import HeldEvents
+from state.held import VALUE_UNIT, HeldEvents
 from state.records import ShardEvent
 
 VALUES = st.one_of(st.integers(-10**20, 10**20), st.integers(-(10**38) + 1, 10**38 - 1),
@@ -71,11 +71,22 @@ def check_ready(ready, taken: list, per_event: bool) -> None:
         assert ready.rebuilt(np.arange(len(events) - 1, -1, -1)) == events[::-1]
     # sums per key over every other event, exactly
     positions = np.arange(0, len(events), 2)
-    groups = ready.key_ids[positions]
-    expected = [0] * len(ready.keys)
+    positions = positions[np.argsort(ready.key_ids[positions], kind="stable")]
+    expected: dict[int, int] = {}
     for i in positions.tolist():
-        expected[int(ready.key_ids[i])] += events[i].value_scaled
-    assert ready.sums(positions, groups, len(ready.keys)) == expected
+        key_id = int(ready.key_ids[i])
+        expected[key_id] = expected.get(key_id, 0) + events[i].value_scaled
+    key_ids = ready.key_ids[positions]
+    heads = np.flatnonzero(np.concatenate(([True], key_ids[1:] != key_ids[:-1]))) if len(positions) \
+        else np.empty(0, dtype=np.int64)
+    if len(positions):
+        assert run_totals(*ready.run_parts(positions, heads)) == list(expected.values())
+
+
+def run_totals(wholes, highs, lows, wide) -> list[int]:
+    """The exact sums ``Ready.run_parts`` gave in parts."""
+    return [int(whole) * VALUE_UNIT + int(high) * 10**9 + int(low) + wide.get(run, 0)
+            for run, (whole, high, low) in enumerate(zip(wholes, highs.tolist(), lows.tolist()))]
 
 
 def test_a_snapshot_holds_columns_not_events():
