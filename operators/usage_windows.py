@@ -25,6 +25,7 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Iterable
 
 import bytewax.operators as op
@@ -45,6 +46,7 @@ from state.windows import AggregateWindowStore, WindowStore
 
 ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
 _DAY_MS = 86_400_000
+_TIMESTAMP = attrgetter("timestamp_ms")
 _HALF_UNIT = 10**9  # as in state.held: a fraction of VALUE_UNIT as two parts below 10**9
 _INT64_MAX = 2**63 - 1
 
@@ -181,8 +183,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         partition, decided = batch.partition, self.decided_through
         step, offset, by_bucket = self._due_step, self._due_offset, {}
         granule = self.held.granule  # a bucket holds every due point in a granule
+        bucket = self._one_bucket(batch.events)
+        if bucket is not None:
+            self.held.add(bucket, partition, batch.events)
         last_due, entries = None, None  # a batch's events mostly share a few windows
-        for event in batch.events:
+        for event in batch.events if bucket is None else ():
             timestamp = event.timestamp_ms
             due = timestamp - timestamp % step + offset
             if due != last_due:
@@ -209,6 +214,19 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                 heapq.heappush(self._late_points, point)
             entries.append((record.timestamp_ms, record.source_partition, record.source_offset,
                             digest, record))
+
+    def _one_bucket(self, events: list[ShardEvent]) -> int | None:
+        """The held bucket of all ``events`` when they fall in one and none is due yet (most
+        batches: due points grow with the time); else ``None``."""
+        if not events:
+            return None
+        times = list(map(_TIMESTAMP, events))
+        step, offset, granule = self._due_step, self._due_offset, self.held.granule
+        first, last = min(times), max(times)
+        first_due, last_due = first - first % step + offset, last - last % step + offset
+        if first_due <= self.decided_through or first_due // granule != last_due // granule:
+            return None
+        return first_due // granule
 
     def _late_point(self, timestamp: int) -> int:
         """When a late copy at ``timestamp`` is decided: every on-time copy within the

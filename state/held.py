@@ -35,8 +35,10 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 import heapq
-from operator import attrgetter
+from itertools import repeat
+from typing import Iterable
 
+from msgspec.structs import astuple
 import numpy as np
 
 from state.records import ShardEvent
@@ -51,9 +53,10 @@ _INT64_MAX = 2**63 - 1
 _TYPECODES = {"times": "q", "partitions": "i", "offsets": "q", "digests": "q", "wholes": "q",
               "fractions": "q", "key_ids": "i", "seen": "q", "txn_lengths": "i"}
 _PER_EVENT_ONLY = ("seen", "txn_lengths")
-_TIME, _OFFSET, _DIGEST, _VALUE, _SEEN, _TXN = (attrgetter(name) for name in (
-    "timestamp_ms", "offset", "digest", "value_scaled", "watermark_before", "transaction_id"))
-_KEY = attrgetter("organization_id", "external_customer_id", "code")
+_DIGEST, _ORG, _CUSTOMER, _CODE, _TIME, _VALUE, _SEEN, _OFFSET, _TXN, _METRICS = map(
+    ShardEvent.__struct_fields__.index, (
+        "digest", "organization_id", "external_customer_id", "code", "timestamp_ms", "value_scaled",
+        "watermark_before", "offset", "transaction_id", "metric_values"))  # places in astuple(event)
 
 
 @dataclass(frozen=True)
@@ -194,48 +197,49 @@ class HeldEvents:
             bucket = self._buckets[key] = _Bucket(self.per_event)
             heapq.heappush(self._dues, key)
         columns, n, start = bucket.columns, len(events), len(bucket)
-        times = list(map(_TIME, events))
+        fields = list(zip(*map(astuple, events)))  # one pass over the events: a tuple per field
+        times = fields[_TIME]
         columns["times"].extend(times)
         step, offset = self.step, self.offset
         first, last = min(times), max(times)  # due points grow with the time
         bucket.first_due = min(bucket.first_due, first - first % step + offset)
         bucket.last_due = max(bucket.last_due, last - last % step + offset)
         columns["partitions"].extend(array("i", (partition,)) * n)
-        columns["offsets"].extend(map(_OFFSET, events))
-        columns["digests"].extend(map(_DIGEST, events))
-        self._add_values(bucket, start, list(map(_VALUE, events)))
-        columns["key_ids"].extend(self._numbers(events))
+        columns["offsets"].extend(fields[_OFFSET])
+        columns["digests"].extend(fields[_DIGEST])
+        self._add_values(bucket, start, fields[_VALUE])
+        columns["key_ids"].extend(self._numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE])))
         if self.per_event:
-            columns["seen"].extend(map(_SEEN, events))
-            encoded = [txn.encode("utf-8", "surrogatepass") for txn in map(_TXN, events)]
+            columns["seen"].extend(fields[_SEEN])
+            encoded = [txn.encode("utf-8", "surrogatepass") for txn in fields[_TXN]]
             columns["txn_lengths"].extend(map(len, encoded))
             bucket.txns.append(b"".join(encoded))
-        for position, event in enumerate(events, start):
-            if event.metric_values:
-                bucket.events[position] = event
+        if any(fields[_METRICS]):
+            for position, event in enumerate(events, start):
+                if event.metric_values:
+                    bucket.events[position] = event
 
     @staticmethod
-    def _add_values(bucket: _Bucket, start: int, values: list[int]) -> None:
-        unit = VALUE_UNIT
-        fractions = array("q", [value % unit for value in values])
+    def _add_values(bucket: _Bucket, start: int, values: tuple[int, ...]) -> None:
+        wholes, fractions = zip(*map(divmod, values, repeat(VALUE_UNIT)))
         try:
-            wholes = array("q", [value // unit for value in values])
+            wholes = array("q", wholes)
         except OverflowError:  # a whole part beyond 64 bits: held aside, exactly
-            wholes = array("q", bytes(8 * len(values)))
+            wholes, fractions = array("q", bytes(8 * len(values))), list(fractions)
             for position, value in enumerate(values):
-                if -_INT64_MAX <= value // unit <= _INT64_MAX:
-                    wholes[position] = value // unit
+                if -_INT64_MAX <= value // VALUE_UNIT <= _INT64_MAX:
+                    wholes[position] = value // VALUE_UNIT
                 else:
                     bucket.wide[start + position] = value
                     fractions[position] = 0
         bucket.columns["wholes"].extend(wholes)
-        bucket.columns["fractions"].extend(fractions)
+        bucket.columns["fractions"].extend(array("q", fractions))
 
-    def _numbers(self, events: list[ShardEvent]) -> list[int]:
-        """The key numbers of ``events``, new keys numbered."""
+    def _numbers(self, events_keys: Iterable[tuple]) -> list[int]:
+        """The numbers of the keys ``(org, customer, code)`` of events, new keys numbered."""
         ids, ids_get, keys, strings = self._key_ids, self._key_ids.get, self._keys, self._strings
         found = []
-        for key in map(_KEY, events):
+        for key in events_keys:
             number = ids_get(key)
             if number is None:  # a new key: its org and code shared with the other keys
                 org, customer, code = key
