@@ -25,6 +25,7 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 from operator import attrgetter
 from typing import Iterable
 
@@ -690,10 +691,12 @@ def _runs(starts: np.ndarray, key_ids: np.ndarray, n_keys: int) -> tuple[np.ndar
 
 
 def _add_groups(store: WindowStore, groups: _Groups) -> None:
-    """Add each group to ``store``, in their order."""
-    add = store.add_group
-    for start, key, count, total in zip(groups.starts, groups.keys, groups.counts, groups.totals):
-        add(start, key, count, total)
+    """Add each group to ``store``, in their order, window by window."""
+    starts, at = groups.starts, 0
+    for start, run in groupby(starts):  # one window or two, mostly
+        end = at + len(list(run))
+        store.add_groups(start, groups.keys[at:end], groups.counts[at:end], groups.totals[at:end])
+        at = end
 
 
 def _as_rows(metric: MetricDefinition | None, rows: list) -> list:

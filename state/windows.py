@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import copy
 from dataclasses import dataclass, field
-from itertools import groupby, islice
-from operator import attrgetter
+from itertools import compress, groupby, islice, repeat
+from operator import attrgetter, is_, not_
 from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
@@ -153,6 +153,35 @@ class WindowStore:
             aggregate[0] += count
             aggregate[1] += total_scaled
             self._change(start_ms, key)
+
+    def add_groups(self, start_ms: int, keys: list[WindowKey], counts: list[int],
+                   totals: list[int]) -> None:
+        """``add_group`` for each of ``keys`` (distinct) in order, at once: the window's new
+        keys are inserted in bulk.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(60_000))
+            >>> store.add(0, ("o", "c", "x"), 5)
+            >>> store.add_groups(0, [("o", "d", "x"), ("o", "c", "x")], [2, 3], [7, 1])
+            >>> store._open[0]
+            {('o', 'c', 'x'): [4, 6, 0], ('o', 'd', 'x'): [2, 7, 0]}
+        """
+        if not keys:
+            return
+        window = self._open.get(start_ms)
+        if window is None:
+            window = self._open[start_ms] = {}
+        aggregates = list(map(window.get, keys))
+        new = list(map(is_, aggregates, repeat(None)))
+        window.update(zip(compress(keys, new), map(list, zip(compress(counts, new),
+                                                             compress(totals, new), repeat(0)))))
+        if not all(new):  # the next snapshot packs the window's new keys; these changed
+            old = list(map(not_, new))
+            for key, aggregate, count, total in zip(compress(keys, old), compress(aggregates, old),
+                                                    compress(counts, old), compress(totals, old)):
+                aggregate[0] += count
+                aggregate[1] += total
+                self._change(start_ms, key)
 
     def _change(self, start_ms: int, key: WindowKey) -> None:
         changed = self._changed.get(start_ms)
@@ -346,6 +375,11 @@ class _BorrowedWindowStore(WindowStore):
         else:
             keys[key] = [aggregate[0] + count, aggregate[1] + total_scaled, aggregate[2]]
             self._change(start_ms, key)
+
+    def add_groups(self, start_ms: int, keys: list[WindowKey], counts: list[int],
+                   totals: list[int]) -> None:
+        for key, count, total in zip(keys, counts, totals):
+            self.add_group(start_ms, key, count, total)
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         raise TypeError("a borrowed window store shares its aggregates: owe on the store it "

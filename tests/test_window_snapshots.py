@@ -179,3 +179,27 @@ def test_a_snapshot_of_format_1_segments_resumes_and_packs_on(windows, segments,
     for minute, key, value in after:
         store.add(minute * MINUTE, key, value)
     assert live_state(resumed(store, 0)) == live_state(store)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 60_000, 120_000]), st.lists(
+    st.tuples(st.integers(0, 6), st.integers(1, 3), st.integers(-10**30, 10**30)), max_size=8)),
+    max_size=8), st.booleans())
+def test_add_groups_equals_add_group_one_by_one(batches, snapshot_between):
+    """``WindowStore.add_groups`` (new keys in bulk) leaves what ``add_group`` in order leaves:
+    the same aggregates in the same order, and the same snapshots."""
+    bulk, single = (WindowStore(TumblingWindows(60_000)) for _ in range(2))
+    for start, groups in batches:
+        groups = list({("o", f"c{k}", "x"): (count, total) for k, count, total in groups}.items())
+        bulk.add_groups(start, [key for key, _ in groups], [c for _, (c, _t) in groups],
+                        [t for _, (_c, t) in groups])
+        for key, (count, total) in groups:
+            single.add_group(start, key, count, total)
+        assert list(bulk._open) == list(single._open)
+        assert all(list(bulk._open[s].items()) == list(single._open[s].items()) for s in single._open)
+        if snapshot_between:
+            assert bulk.snapshot() == single.snapshot()
+    assert bulk.snapshot() == single.snapshot()
+    borrowed = bulk.borrowed()
+    borrowed.add_groups(0, [("o", "c1", "x"), ("o", "new", "x")], [1, 1], [5, 5])
+    assert bulk._open == single._open  # a borrowed store changes none of its lender's aggregates
