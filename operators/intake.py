@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from operators.catalog import Catalog
 from operators.validation import Invalid, validate_each
@@ -34,6 +35,9 @@ KafkaRecord = tuple
 on topics set so), None when the record has none. Records of four items (no timestamp) are
 accepted too, for tools and tests: the ``MAX_FUTURE_SKEW`` check then has nothing to compare with.
 """
+
+_VALUE = itemgetter(2)
+"""A Kafka record's value."""
 
 
 def shard_of(organization_id: str, shards: int) -> int:
@@ -152,7 +156,7 @@ class IntakeLogic:
             records = [(*record, None) for record in records]
         shard_events: list[list[ShardEvent]] = [[] for _ in range(self.shards)]
         append_to = [events.append for events in shard_events]
-        for (offset, key, value, headers, record_ms), event in zip(records, validate_each([r[2] for r in records])):
+        for (offset, key, value, headers, record_ms), event in zip(records, validate_each(map(_VALUE, records))):
             if event.__class__ is Invalid:
                 batch.dead_letters.append(self._dead_letter(offset, key, value, headers, event))
                 continue
