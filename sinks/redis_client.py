@@ -56,6 +56,16 @@ def key_part(component: str) -> str:
     return _ESCAPED.sub(_percent, component)
 
 
+def plain(text: str) -> bool:
+    """True when :func:`key_part` keeps ``text`` as it is (no ``%``, ``:`` or control character);
+    a key builder checks the concatenated ids at once and formats them directly.
+
+    >>> plain("acme" "cust_0042"), plain("acme" "eu:42")
+    (True, False)
+    """
+    return _ESCAPED.search(text) is None
+
+
 def redis_key(prefix: str, *components: str) -> str:
     """``prefix`` followed by each component, percent-encoded (:func:`key_part`), joined by ``:``.
 

@@ -6,7 +6,11 @@ Each total becomes the hash ``tallyflow:usage:{org}:{customer}:{code}:{period}``
 ``%XX``) so that no two customers share a hash, expiring 4 days (day keys) or 100 days
 (month keys) after its last write. Writes are ``HSET count N value V`` + ``EXPIRE``, done by a
 small Lua script for up to 1,000 keys per call, all calls of a batch in one pipeline: one round
-trip per batch and a fraction of the client CPU of one command per key.
+trip per batch and a fraction of the client CPU of one command per key. Each call takes one
+argument, a JSON array ``[key, count, value, ttl, key, ...]`` (``encode_calls``): the key names
+travel in it rather than as the script's KEYS, because packing 1,000 arguments costs the client
+more than all the rest of the write; a standalone Redis (the only kind ``connect`` makes) allows
+that, a Redis Cluster would not.
 
 Guarantee: exact totals, eventually. Writes are absolute, so writing a total twice, or an old
 total before its successor, converges on the latest one, and a replay after a crash rewrites the
@@ -16,10 +20,11 @@ uncommitted epoch (counted again by the replay) or, briefly, the older committed
 
 Redis down or slow never blocks the flow: a background thread per sink partition writes, and
 the partition only hands it totals, coalesced per key (a newer total replaces a pending older
-one), and writes are spaced by at least 1 s, so a busy key costs one write per second, not one
-per batch: live totals lag the flow by about a second. The pending set is bounded by the number
-of live keys, so nothing needs to block or be dropped; when Redis answers again the thread
-catches up. A Redis that lost its data (restarted
+one), and each round of writes takes everything pending and starts at least 1 s after the last
+one, so a busy key costs one write per second, not one per batch: live totals lag the flow by
+about a second (more while a round of many keys is written, pipeline by pipeline). The pending
+set is bounded by the number of live keys, so nothing needs to block or be dropped; when Redis
+answers again the thread catches up. A Redis that lost its data (restarted
 without persistence, failed over empty) is detected through a per-partition sentinel key, and
 the thread then rewrites every total it has written since the process started.
 
@@ -27,6 +32,8 @@ the thread then rewrites every total it has written since the process started.
     'tallyflow:usage:org:cus:api_calls:2026-01-31'
     >>> usage_key(("acme", "eu:42", "api_calls", "month", 1_769_817_600_000))
     'tallyflow:usage:acme:eu%3A42:api_calls:2026-01'
+    >>> encode_calls({("acme", "eu:42", "api", "day", 0): (3, 5 * 10**18)})
+    [b'["tallyflow:usage:acme:eu%3A42:api:1970-01-01","3","5.000000000000000000",345600]']
 """
 
 from __future__ import annotations
@@ -42,9 +49,9 @@ from bytewax.outputs import FixedPartitionedSink
 
 from operators.live_totals import LiveTotals, PeriodKey, period_label
 from operators.telemetry import metrics
-from operators.validation import format_scaled
+from operators.validation import VALUE_SCALE, format_scaled
 from sinks.buffered import BufferedPartition
-from sinks.redis_client import REDIS_ERRORS, Breaker, connect, redis_key
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect, plain, redis_key
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +61,15 @@ KEY_TTL_S = {"day": 4 * 86_400, "month": 100 * 86_400}
 KEYS_PER_CALL = 1_000
 _WRITE_SCRIPT = """
 local totals = cjson.decode(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local total = totals[i]
-  redis.call('HSET', key, 'count', total[1], 'value', total[2])
-  redis.call('EXPIRE', key, total[3])
+for i = 1, #totals, 4 do
+  local key = totals[i]
+  redis.call('HSET', key, 'count', totals[i + 1], 'value', totals[i + 2])
+  redis.call('EXPIRE', key, totals[i + 3])
 end
-return #KEYS
-"""  # KEYS: the hashes; ARGV[1]: JSON [[count text, value text, ttl], ...] (one arg: cheap to send)
+return #totals / 4
+"""  # ARGV[1]: JSON [key, count text, value text, ttl, key, ...] (see the module docstring)
 _encode_json = msgspec.json.Encoder().encode
+_ONE = 10**VALUE_SCALE
 
 
 Total = tuple  # (count, total_scaled)
@@ -70,7 +78,35 @@ Total = tuple  # (count, total_scaled)
 def usage_key(key: PeriodKey) -> str:
     """The Redis hash of one live total: ids percent-encoded, then the period label."""
     org, customer, code, kind, start = key
+    if plain(org + customer + code):  # nearly always: nothing to encode
+        return f"{USAGE_PREFIX}:{org}:{customer}:{code}:{period_label(kind, start)}"
     return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
+
+
+def value_text(total_scaled: int) -> str:
+    """``format_scaled``, sliced from the digits for totals of one unit or more (most of them,
+    and twice as fast as dividing).
+
+    >>> value_text(12_500_000_000_000_000_000), value_text(5), value_text(-10**18)
+    ('12.500000000000000000', '0.000000000000000005', '-1.000000000000000000')
+    """
+    if total_scaled >= _ONE:
+        digits = str(total_scaled)
+        return f"{digits[:-VALUE_SCALE]}.{digits[-VALUE_SCALE:]}"
+    return format_scaled(total_scaled)
+
+
+def encode_calls(totals: dict[PeriodKey, Total], per_call: int = KEYS_PER_CALL) -> list[bytes]:
+    """The write script's argument for each call that writes ``totals``, ``per_call`` a call:
+    JSON ``[key, count text, value text, ttl, ...]``, one msgspec call per script call."""
+    calls = []
+    entries = iter(totals.items())
+    while chunk := list(itertools.islice(entries, per_call)):
+        flat: list = []
+        for key, (count, total) in chunk:
+            flat += (usage_key(key), str(count), value_text(total), KEY_TTL_S[key[3]])
+        calls.append(_encode_json(flat))
+    return calls
 
 
 class RedisTotalsWriter:
@@ -94,7 +130,6 @@ class RedisTotalsWriter:
         self._next_write_at = 0.0
         self._written: dict[PeriodKey, Total] = {}  # what Redis holds, for a resync
         self._written_at: dict[PeriodKey, float] = {}
-        self._names: dict[PeriodKey, str] = {}  # Redis key names, pruned with the above
         self._next_prune = clock() + 3_600
         self._thread = threading.Thread(target=self._run, name=f"redis-totals-{part}", daemon=True)
         self._thread.start()
@@ -150,23 +185,28 @@ class RedisTotalsWriter:
                     return
                 batch = self._take()
                 self._next_write_at = self.clock() + self.min_interval_s
+            self._write_round(batch)
+
+    def _write_round(self, batch: dict[PeriodKey, Total]) -> None:
+        """Write ``batch`` in pipelines of ``max_pipeline`` totals; on a failure the unwritten
+        rest goes back to pending."""
+        entries = iter(batch.items())
+        while not self._stopping and (chunk := dict(itertools.islice(entries, self.max_pipeline))):
             try:
-                lost_data = self._write(batch)
+                lost_data = self._write(chunk)
             except REDIS_ERRORS as err:
-                self._failed(batch, err)
-                continue
-            self._written_ok(batch, lost_data)
+                chunk.update(entries)
+                self._failed(chunk, err)
+                return
+            self._written_ok(chunk, lost_data)
 
     def _resting(self) -> bool:
         """Writes are spaced by ``min_interval_s`` so a busy key is written once per interval."""
         return not self._draining and self.clock() < self._next_write_at
 
     def _take(self) -> dict[PeriodKey, Total]:
-        if len(self._pending) <= self.max_pipeline:
-            batch, self._pending = self._pending, {}
-        else:
-            keys = list(itertools.islice(self._pending, self.max_pipeline))
-            batch = {key: self._pending.pop(key) for key in keys}
+        """A round takes everything pending (a total submitted meanwhile waits for the next)."""
+        batch, self._pending = self._pending, {}
         self._in_flight = len(batch)
         return batch
 
@@ -174,19 +214,8 @@ class RedisTotalsWriter:
         """One pipelined round trip; True if the sentinel was missing (Redis lost its data)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(self._sentinel, b"1", nx=True)
-        keys, values = [], []
-        names = self._names
-        for key, (count, total) in batch.items():
-            name = names.get(key)
-            if name is None:
-                name = names[key] = usage_key(key)
-            keys.append(name)
-            values.append((str(count), format_scaled(total), KEY_TTL_S[key[3]]))
-            if len(keys) == KEYS_PER_CALL:
-                self._script(keys=keys, args=[_encode_json(values)], client=pipe)
-                keys, values = [], []
-        if keys:
-            self._script(keys=keys, args=[_encode_json(values)], client=pipe)
+        for call in encode_calls(batch):
+            self._script(keys=[], args=[call], client=pipe)
         replies = pipe.execute()
         return bool(replies[0])
 
@@ -218,7 +247,7 @@ class RedisTotalsWriter:
                 self._resync(now)
             if now >= self._next_prune:
                 self._prune(now)
-            self._in_flight = 0
+            self._in_flight -= len(batch)
             metrics.record_live_totals_pending(self.part, len(self._pending))
             self._cond.notify_all()
         if recovered:
@@ -240,7 +269,6 @@ class RedisTotalsWriter:
         self._written_at = {key: at for key, at in self._written_at.items()
                             if at + KEY_TTL_S[key[3]] > now}
         self._written = {key: self._written[key] for key in self._written_at}
-        self._names = {key: name for key, name in self._names.items() if key in self._written_at}
         self._next_prune = now + 3_600
 
 
