@@ -179,10 +179,11 @@ class LiveTotalsLogic(StatefulBatchLogic):
         self.alerted: set = set(resume.alerted) if resume else set()
         self.evicted_through_day = resume.evicted_through_day if resume else NO_WATERMARK
         self._resync = resume is not None and bool(self.totals)
-        # Incremental snapshots: packed segments, and what changed since the last one.
+        # Incremental snapshots: packed segments, and the totals changed since the last one
+        # (a resumed state has no segments yet: its first snapshot packs every total afresh).
         self._segments: list[bytes] = []
         self._segment_entries = 0
-        self._dirty: dict = dict.fromkeys(self.totals)  # a resumed state is packed afresh
+        self._dirty: dict = {}
         self._shown: set = set()  # keys last written with provisional totals
 
     def on_batch(self, values: list) -> tuple[Iterable, bool]:
@@ -236,7 +237,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
                             latest_of[key] = latest
             if usage.watermark > self.watermark:
                 self.watermark = usage.watermark
-        self._dirty.update(dict.fromkeys(changed))
+        self._dirty.update(changed)
         out: list = [self._resync_all() if self._resync else LiveTotals(changed)]
         if latest_of:
             out.extend(self._crossings(latest_of))
@@ -307,7 +308,8 @@ class LiveTotalsLogic(StatefulBatchLogic):
         """The totals as packed segments: only those changed since the last snapshot are
         packed, as a new segment; once the segments hold more than twice the live totals
         (superseded ones, or evicted periods) they are packed afresh as one. So the work per
-        epoch follows the changes (amortised), not the number of live totals.
+        epoch follows the changes (amortised), not the number of live totals. An eviction
+        empties the segments, so every changed total packed as a segment is still live.
 
             >>> logic = LiveTotalsLogic(LiveTotalsParams(shards=1))
             >>> from state.records import CountedUsage
@@ -325,8 +327,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
                 self._segments = [pack_entries(totals, key_width=5, big=1)]
                 entries = len(totals)
             else:
-                live = [key for key in dirty if key in totals]
-                self._segments.append(pack_columns(live, [totals[key] for key in live],
+                self._segments.append(pack_columns(dirty, list(dirty.values()),
                                                    key_width=5, big=1))
             self._segment_entries = entries
             self._dirty = {}
