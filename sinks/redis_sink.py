@@ -98,13 +98,20 @@ def value_text(total_scaled: int) -> str:
 
 def encode_calls(totals: dict[PeriodKey, Total], per_call: int = KEYS_PER_CALL) -> list[bytes]:
     """The write script's argument for each call that writes ``totals``, ``per_call`` a call:
-    JSON ``[key, count text, value text, ttl, ...]``, one msgspec call per script call."""
+    JSON ``[key, count text, value text, ttl, ...]``, one msgspec call per script call. Key
+    names as ``usage_key`` builds them, each period's label looked up once."""
     calls = []
+    labels: dict[str, dict[int, str]] = {"day": {}, "month": {}}
     entries = iter(totals.items())
     while chunk := list(itertools.islice(entries, per_call)):
         flat: list = []
-        for key, (count, total) in chunk:
-            flat += (usage_key(key), str(count), value_text(total), KEY_TTL_S[key[3]])
+        for (org, customer, code, kind, start), (count, total) in chunk:
+            of_kind = labels[kind]
+            label = of_kind.get(start) or of_kind.setdefault(start, period_label(kind, start))
+            ids_plain = plain(org + customer + code)  # nearly always: nothing to encode
+            name = (f"{USAGE_PREFIX}:{org}:{customer}:{code}:{label}" if ids_plain
+                    else redis_key(USAGE_PREFIX, org, customer, code, label))
+            flat += (name, str(count), value_text(total), KEY_TTL_S[kind])
         calls.append(_encode_json(flat))
     return calls
 

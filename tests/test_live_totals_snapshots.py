@@ -44,7 +44,8 @@ def test_snapshots_hold_exactly_the_live_totals_through_evictions_and_resumes(se
         provisional = rnd.random() < 0.1
         batch = [random_usage(rnd, watermark, provisional) for _ in range(rnd.randrange(1, 3))]
         out, _ = logic.on_batch(batch)
-        shown = {k: v for item in out if isinstance(item, LiveTotals) for k, v in item.totals.items()}
+        shown = {key: total for item in out if isinstance(item, LiveTotals)
+                 for key, total in item.totals.items()}
         if not provisional:
             for usage in batch:
                 for (org, customer, code, day), (count, total, _latest) in usage.deltas.items():
