@@ -13,7 +13,7 @@ it. Decisions compare event times, so *when* an id is forgotten never changes an
 
 About 16 bytes per remembered id: a log-structured set of runs, each a sorted ``int64`` array
 of digests with a parallel array of times (the latest count of each id); the rare earlier counts
-of a reused id wait in a small dict. A batch is looked up with one ``searchsorted`` per run.
+of a reused id wait in a small dict. A batch is sorted once and looked up with one ``searchsorted`` sweep per run.
 """
 
 from __future__ import annotations
@@ -68,22 +68,26 @@ class CountedCopies:
         counts = np.ones(n, dtype=bool)
         if not n:
             return counts
-        last, where = self._lookup(digests)
+        order = np.argsort(digests)  # equal digests in any order: only their number matters here
+        sorted_digests = digests[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(n)
+        last, run_of, spot = (column[inverse] for column in self._lookup(sorted_digests))
         known = last != _NONE
-        order = np.argsort(digests, kind="stable")
-        same = digests[order][1:] == digests[order][:-1]
+        same = sorted_digests[1:] == sorted_digests[:-1]
         tricky = known.copy()
         tricky[order[1:][same]] = True
         tricky[order[:-1][same]] = True
         if tricky.any():
-            self._decide_in_order(np.flatnonzero(tricky), digests, times, last, where, counts)
+            self._decide_in_order(np.flatnonzero(tricky), digests, times, last, run_of, spot, counts)
         fresh = np.flatnonzero(counts & ~known)
         if len(fresh):
             self._add(digests[fresh], times[fresh])
         return counts
 
     def _decide_in_order(self, tricky: np.ndarray, digests: np.ndarray, times: np.ndarray,
-                         last: np.ndarray, where: list, counts: np.ndarray) -> None:
+                         last: np.ndarray, run_of: np.ndarray, spot: np.ndarray,
+                         counts: np.ndarray) -> None:
         """Copies whose id is remembered or repeats in the batch, one by one, in order."""
         horizon, latest = self.horizon_ms, {}
         for i in tricky.tolist():
@@ -95,46 +99,45 @@ class CountedCopies:
             latest[digest] = timestamp
             if before != _NONE:
                 self._earlier[digest] = (*self._earlier.get(digest, ()), before)
-            spot = where[i]
-            if spot is not None:  # remembered: its latest count moves on, in place
-                self._runs[spot[0]][1][spot[1]] = timestamp
+            if run_of[i] >= 0:  # remembered: its latest count moves on, in place
+                self._runs[int(run_of[i])][1][int(spot[i])] = timestamp
 
     def _add(self, digests: np.ndarray, times: np.ndarray) -> None:
         """Digests not remembered, in decision order; one counted twice keeps its latest time."""
-        order = np.argsort(digests, kind="stable")
-        digests, times = digests[order], times[order]
-        if len(digests) > 1:
+        order = np.argsort(digests)
+        sorted_digests = digests[order]
+        if len(digests) > 1 and (sorted_digests[1:] == sorted_digests[:-1]).any():
+            order = np.argsort(digests, kind="stable")  # the last of equal ones is the latest
+            digests, times = digests[order], times[order]
             last = np.empty(len(digests), dtype=bool)
             last[-1] = True
             np.not_equal(digests[1:], digests[:-1], out=last[:-1])
-            if not last.all():
-                digests, times = digests[last], times[last]
+            digests, times = digests[last], times[last]
+        else:
+            digests, times = sorted_digests, times[order]
         self._push(digests, times)
 
-    def _lookup(self, digests: np.ndarray) -> tuple[np.ndarray, list]:
-        """The latest counted time of each digest (``_NONE`` if none) and where it is stored."""
+    def _lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For ``digests`` (ascending: each run is searched in one sweep), the latest counted
+        time of each (``_NONE`` if none), and where it is stored: its run (-1 if none) and its
+        place in the run."""
         last = np.full(len(digests), _NONE, dtype=_INT64)
-        where: list = [None] * len(digests)
+        run_of = np.full(len(digests), -1, dtype=_INT64)
+        spot = np.zeros(len(digests), dtype=_INT64)
         for index, (run, run_times) in enumerate(self._runs):
             at = run.searchsorted(digests)
             hit = run.take(at, mode="clip") == digests
             if hit.any():
-                hits = np.flatnonzero(hit)
-                last[hits] = run_times[at[hits]]
-                for i, position in zip(hits.tolist(), at[hits].tolist()):
-                    where[i] = (index, position)
-        return last, where
+                last[hit], run_of[hit], spot[hit] = run_times[at[hit]], index, at[hit]
+        return last, run_of, spot
 
     def _push(self, digests: np.ndarray, times: np.ndarray) -> None:
         runs = self._runs
         runs.append((digests, times))
         while len(runs) > 1 and (len(runs[-2][0]) < _MIN_RUN
                                  or len(runs[-2][0]) <= _RUN_RATIO * len(runs[-1][0])):
-            digests, times = runs.pop()
-            before_digests, before_times = runs[-1]
-            merged = np.concatenate((before_digests, digests))
-            order = merged.argsort(kind="stable")
-            runs[-1] = (merged[order], np.concatenate((before_times, times))[order])
+            later = runs.pop()
+            runs[-1] = _merged(*runs[-1], *later)
 
     def near(self, digest: int, timestamp: int) -> bool:
         """Whether a counted copy of ``digest`` lies within the horizon of ``timestamp`` (either side)."""
@@ -178,10 +181,24 @@ class CountedCopies:
         if len(self._runs) > 1:
             digests, times = self._runs.pop()
             while self._runs:
-                before_digests, before_times = self._runs.pop()
-                merged = np.concatenate((before_digests, digests))
-                order = merged.argsort(kind="stable")
-                digests, times = merged[order], np.concatenate((before_times, times))[order]
+                digests, times = _merged(*self._runs.pop(), digests, times)
             self._runs = [(digests, times)]
         digests, times = self._runs[0] if self._runs else (np.empty(0, _INT64), np.empty(0, _INT64))
         return CountedSnapshot(self.horizon_ms, digests.tobytes(), times.tobytes(), dict(self._earlier))
+
+
+def _merged(digests: np.ndarray, times: np.ndarray, later_digests: np.ndarray,
+            later_times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs (sorted digests, their times) as one, an equal digest of the later run after
+    the earlier run's (as a stable sort of the two would place them).
+
+        >>> [a.tolist() for a in _merged(np.array([1, 5]), np.array([10, 50]), np.array([0, 5, 9]), np.array([0, 55, 90]))]
+        [[0, 1, 5, 5, 9], [0, 10, 50, 55, 90]]
+    """
+    places = digests.searchsorted(later_digests, side="right") + np.arange(len(later_digests))
+    earlier = np.ones(len(digests) + len(later_digests), dtype=bool)
+    earlier[places] = False
+    merged_digests, merged_times = np.empty(len(earlier), dtype=_INT64), np.empty(len(earlier), dtype=_INT64)
+    merged_digests[places], merged_digests[earlier] = later_digests, digests
+    merged_times[places], merged_times[earlier] = later_times, times
+    return merged_digests, merged_times

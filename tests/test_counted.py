@@ -48,3 +48,25 @@ def test_counted_copies_decide_like_the_plain_model(batches, seed):
         if rng.random() < 0.3:
             store = CountedCopies(HORIZON, pickle.loads(pickle.dumps(store.snapshot())))
         now += int(rng.integers(0, 60))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32))
+def test_thousands_of_ids_over_several_runs_decide_like_the_plain_model(seed):
+    """Batches big enough to keep several runs apart (lookups across runs, merges of large
+    ones); the snapshot holds each id once, sorted, with the time of its latest count."""
+    rng = np.random.default_rng(seed)
+    store, model, now = CountedCopies(HORIZON), Model(), 0
+    for _ in range(8):
+        n = int(rng.integers(1, 9_000))
+        digests = rng.integers(-30_000, 30_000, n)
+        times = np.sort(now + rng.integers(0, 3 * HORIZON, n))
+        assert store.count(digests, times).tolist() == \
+            [model.count(d, t) for d, t in zip(digests.tolist(), times.tolist())]
+        now = int(times[-1])
+        if rng.random() < 0.2:
+            store = CountedCopies(HORIZON, pickle.loads(pickle.dumps(store.snapshot())))
+    snapshot = store.snapshot()
+    assert np.frombuffer(snapshot.digests, dtype=np.int64).tolist() == sorted(model.times)
+    assert np.frombuffer(snapshot.times, dtype=np.int64).tolist() == \
+        [model.times[d][-1] for d in sorted(model.times)]
