@@ -13,7 +13,8 @@ it. Decisions compare event times, so *when* an id is forgotten never changes an
 
 About 16 bytes per remembered id: a log-structured set of runs, each a sorted ``int64`` array
 of digests with a parallel array of times (the latest count of each id); the rare earlier counts
-of a reused id wait in a small dict. A batch is sorted once and looked up with one ``searchsorted`` sweep per run.
+of a reused id wait in a small dict. A batch is sorted once and looked up with one
+``searchsorted`` sweep per run.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _merged(digests: np.ndarray, times: np.ndarray, later_digests: np.ndarray,
     """Two runs (sorted digests, their times) as one, an equal digest of the later run after
     the earlier run's (as a stable sort of the two would place them).
 
-        >>> [a.tolist() for a in _merged(np.array([1, 5]), np.array([10, 50]), np.array([0, 5, 9]), np.array([0, 55, 90]))]
+        >>> merged = _merged(np.array([1, 5]), np.array([10, 50]), np.array([0, 5, 9]), np.array([0, 55, 90]))
+        >>> [column.tolist() for column in merged]
         [[0, 1, 5, 5, 9], [0, 10, 50, 55, 90]]
     """
     places = digests.searchsorted(later_digests, side="right") + np.arange(len(later_digests))
