@@ -15,7 +15,7 @@ import bisect
 import copy
 from dataclasses import dataclass, field
 from itertools import compress, groupby, islice, repeat
-from operator import attrgetter, is_, not_
+from operator import attrgetter, is_, itemgetter, not_
 from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
@@ -30,6 +30,7 @@ OWED = -1
 """``emitted_count`` of a row a provisional flush wrote: re-emit it (or its tombstone) for real."""
 
 _ROW_START = attrgetter("window_start_ms")
+_EMITTED = itemgetter(2)  # of an aggregate [count, total_scaled, emitted_count]
 _ROW_KEY = attrgetter("organization_id", "external_customer_id", "code")
 
 
@@ -212,8 +213,8 @@ class WindowStore:
             if provisional:  # changes nothing: the caller owes the rows (see owe)
                 rows.extend(emitted)
                 continue
-            if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms and not any(
-                    agg[2] == OWED for agg in keys.values()):  # no provisional row still waits
+            if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms and \
+                    OWED not in map(_EMITTED, keys.values()):  # no provisional row still waits
                 del self._open[start]
                 self._segments.pop(start, None)
                 self._segment_entries.pop(start, None)
@@ -227,6 +228,18 @@ class WindowStore:
     def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str,
               version: int, owed_now: bool, record: bool) -> tuple[list[WindowRow], list[WindowKey]]:
         """The window's rows to write, and their keys; with ``record``, noted as emitted."""
+        counts, totals, emitted = zip(*keys.values()) if keys else ((), (), ())
+        if counts == emitted:  # nothing changed since the last emission
+            return [], []
+        if not any(emitted) and 0 not in counts:  # a first emission: every key, in bulk
+            orgs, customers, codes = zip(*keys)
+            n = len(counts)
+            rows = list(map(WindowRow, orgs, customers, codes, repeat(start, n), repeat(end, n), counts,
+                            totals, repeat(version, n), repeat(False, n), repeat(grain, n)))
+            if record:
+                for aggregate in keys.values():
+                    aggregate[2] = aggregate[0]
+            return rows, list(keys)
         rows, emitted_keys = [], []
         for key, aggregate in keys.items():
             count, total, emitted = aggregate
