@@ -172,6 +172,9 @@ class WindowStore:
         window = self._open.get(start_ms)
         if window is None:
             window = self._open[start_ms] = {}
+        if not window:  # every key is new
+            window.update(zip(keys, map(list, zip(counts, totals, repeat(0)))))
+            return
         aggregates = list(map(window.get, keys))
         new = list(map(is_, aggregates, repeat(None)))
         window.update(zip(compress(keys, new), map(list, zip(compress(counts, new),
