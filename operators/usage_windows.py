@@ -26,7 +26,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from itertools import groupby
-from operator import attrgetter
+from operator import add, attrgetter
 from typing import Iterable
 
 import bytewax.operators as op
@@ -328,12 +328,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         if counted is not None:
             if days is None:
                 days = _grain_groups(ready, fresh, windows, _DAY_MS, size)
-            for day, key, count, total, latest in zip(days.starts, days.keys, days.counts,
-                                                      days.totals, days.latest):
-                day_key = (*key, day)
-                old = counted.get(day_key)
-                counted[day_key] = (count, total, latest) if old is None else (
-                    old[0] + count, old[1] + total, max(old[2], latest))
+            _add_days(counted, days)
 
     def _count_one(self, partition: int, event: ShardEvent, out: list, counted: dict | None) -> None:
         timestamp, value, seen = event.timestamp_ms, event.value_scaled, event.watermark_before
@@ -697,6 +692,26 @@ def _add_groups(store: WindowStore, groups: _Groups) -> None:
         end = at + len(list(run))
         store.add_groups(start, groups.keys[at:end], groups.counts[at:end], groups.totals[at:end])
         at = end
+
+
+def _add_days(counted: dict, days: _Groups) -> None:
+    """Add the day groups to ``counted`` (``{(org, customer, code, day): (count, total_scaled,
+    latest_event_ms)}``), in their order.
+
+        >>> counted = {("o", "c", "x", 0): (1, 5, 10)}
+        >>> _add_days(counted, _Groups([0, 0], [("o", "d", "x"), ("o", "c", "x")], [2, 1], [7, 1], [20, 30]))
+        >>> counted
+        {('o', 'c', 'x', 0): (2, 6, 30), ('o', 'd', 'x', 0): (2, 7, 20)}
+    """
+    day_keys = list(map(add, days.keys, zip(days.starts)))  # (org, customer, code) + (day,)
+    sums = zip(days.counts, days.totals, days.latest)
+    if not counted:  # the batch's first decision: every (key, day) is new (groups are distinct)
+        counted.update(zip(day_keys, sums))
+        return
+    for day_key, (count, total, latest) in zip(day_keys, sums):
+        old = counted.get(day_key)
+        counted[day_key] = (count, total, latest) if old is None else (
+            old[0] + count, old[1] + total, max(old[2], latest))
 
 
 def _as_rows(metric: MetricDefinition | None, rows: list) -> list:
