@@ -39,7 +39,8 @@ from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
 from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready
-from state.records import CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRows
+from state.records import (CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRowBlock,
+                           WindowRows, expanded, row_count)
 from state.sessions import SessionStore
 from state.watermark import END_OF_STREAM, NO_WATERMARK, FlowWatermark
 from state.window_kinds import SessionWindows, SlidingWindows, TumblingWindows, WindowKind
@@ -99,6 +100,10 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
     metrics), ``LateRecord`` (late events that are not copies of a counted
     transaction) and, when enabled, one ``CountedUsage`` per batch.
     """
+
+    row_blocks = False
+    """Whether a window's first emission leaves as one ``WindowRowBlock`` (the flow's
+    :class:`RowBatchingLogic`) rather than a ``WindowRow`` per key."""
 
     def __init__(self, params: UsageWindowParams, resume: UsageShardSnapshot | None = None) -> None:
         self.params = params
@@ -170,11 +175,11 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             closed += self._provisional_flush(decided, out)
         out.extend(closed)
         if self.window_tracing.pending:
-            out.extend(self.window_tracing.closed(closed))
+            out.extend(self.window_tracing.closed(expanded(closed)))
         if counted:
             out.append(CountedUsage(counted, self.decided_through))
         metrics.record_duplicates(self.duplicates - duplicates_before)
-        metrics.record_windows_closed(len(closed))
+        metrics.record_windows_closed(row_count(closed))
         return out, StatefulBatchLogic.RETAIN
 
     def _accept(self, batch: ShardBatch, out: list) -> None:
@@ -389,9 +394,10 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         if isinstance(self.usage, SessionStore):
             emitted.append((None, self.usage.emit(closing, watermark, provisional)))
         else:
-            emitted.append((None, self.usage.emit_closed(closing, watermark, provisional)))
+            emitted.append((None, self.usage.emit_closed(closing, watermark, provisional,
+                                                         self.row_blocks)))
         for store in self.rollups.values():
-            emitted.append((None, store.emit_closed(closing, watermark, provisional)))
+            emitted.append((None, store.emit_closed(closing, watermark, provisional, self.row_blocks)))
         for metric, store in zip(self.params.catalog.metrics, self.metric_stores):
             emitted.append((metric, store.emit(closing, watermark, provisional)))
         return emitted
@@ -463,11 +469,14 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
 
 
 class RowBatchingLogic(UsageWindowLogic):
-    """The shard logic of the flow: its rows leave as one ``WindowRows`` per table and batch.
+    """The shard logic of the flow: its rows leave as one ``WindowRows`` per table and batch,
+    and a window's first emission as one ``WindowRowBlock`` (columns).
 
     The state and every decision are :class:`UsageWindowLogic`'s; only the shape of the
     output differs, so the engine moves a few items per batch instead of one per row.
     """
+
+    row_blocks = True
 
     def on_batch(self, values: list[ShardBatch]) -> tuple[Iterable[object], bool]:
         out, retain = super().on_batch(values)
@@ -502,7 +511,7 @@ class UsageWindowsOut:
     """What the shard step emits, one stream per type, each keyed by shard (like Bytewax's
     ``WindowOut``): no step downstream sorts items by type."""
 
-    rows: KeyedStream[WindowRows]
+    rows: KeyedStream[WindowRows | WindowRowBlock]
     """``usage_aggregates`` rows and their hourly and daily rollups, a batch per table (``grain``)."""
     metric_rows: KeyedStream[MetricRow]
     """Rows of the catalog's metrics (``metric_aggregates``)."""
@@ -514,6 +523,7 @@ class UsageWindowsOut:
     """Sampled events' trace carriers, for the sink's insert spans (tracing on only)."""
 
 
+_ROW_ITEMS = (WindowRows, WindowRowBlock)
 _RARER_STREAMS = {MetricRow: "metric_rows", LateRecord: "late", CountedUsage: "counted",
                   SinkTrace: "traces"}
 
@@ -526,7 +536,7 @@ def usage_windows(step_id: str, up: KeyedStream[ShardBatch], params: UsageWindow
     kinds are split among the rest (each extra step costs every item passing it about 0.4 µs).
     """
     out = op.stateful_batch(step_id, up, lambda resume: RowBatchingLogic(params, resume))
-    rows_or_rest = op.branch(f"{step_id}_rows", out, lambda key_item: type(key_item[1]) is WindowRows)
+    rows_or_rest = op.branch(f"{step_id}_rows", out, lambda key_item: type(key_item[1]) in _ROW_ITEMS)
     streams = {
         name: op.filter_value(f"{step_id}_{name}", rows_or_rest.falses, lambda item, kind=kind: type(item) is kind)
         for kind, name in _RARER_STREAMS.items()
@@ -718,7 +728,7 @@ def _as_rows(metric: MetricDefinition | None, rows: list) -> list:
     """A store's rows as table rows: ``WindowRow`` as they are, session and metric rows converted."""
     if metric is not None:
         return [_metric_row(metric, r) for r in rows]
-    return [r if r.__class__ is WindowRow else
+    return [r if r.__class__ is WindowRow or r.__class__ is WindowRowBlock else
             WindowRow(*r.key, r.start_ms, r.end_ms, r.count, r.result, r.version, r.is_deleted)
             for r in rows]
 

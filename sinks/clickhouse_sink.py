@@ -31,7 +31,7 @@ from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
-from sinks.columnar import DecimalOverflow, arrow_stream, late_batch, metric_batch, window_batch
+from sinks.columnar import DecimalOverflow, arrow_stream, block_batch, late_batch, metric_batch, window_batch
 from sinks.enrichment import CustomerAttributes
 from sinks.rejected import ROW_ERROR_CODES, fits, write_rejected
 from sinks.schema import (
@@ -42,7 +42,7 @@ from sinks.schema import (
     USAGE_REJECTED_ROWS,
     ensure_schema,
 )
-from state.records import LateRecord, MetricRow, WindowRow, WindowRows
+from state.records import LateRecord, MetricRow, WindowRow, WindowRowBlock, WindowRows, expanded, row_count
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _ENCODERS = {
 
 
 Row = WindowRow | MetricRow | LateRecord
-Item = Row | WindowRows  # the shard step sends its window rows in batches
+Item = Row | WindowRows | WindowRowBlock  # the shard step sends its window rows in batches
 
 
 def window_table(row: WindowRow) -> str:
@@ -136,19 +136,46 @@ class ClickHousePartition(BufferedPartition[Item]):
         self._table_of = table_of
 
     def rows_in(self, values: list[Item]) -> int:
-        return sum(len(item.rows) if item.__class__ is WindowRows else 1 for item in values)
+        return row_count(values)
 
     def flush_items(self, items: list[Item]) -> None:
         with tracing.trace_sink(items) as rows_only:  # strips SinkTrace carriers (tracing on)
             by_table: dict[str, list] = {}
+            blocks_by_table: dict[str, list] = {}
             table_of = self._table_of
             for item in rows_only:
                 if item.__class__ is WindowRows:
                     by_table.setdefault(ROLLUP_TABLES[item.grain], []).extend(item.rows)
+                elif item.__class__ is WindowRowBlock:
+                    blocks_by_table.setdefault(ROLLUP_TABLES[item.grain], []).append(item)
                 else:
                     by_table.setdefault(table_of(item), []).append(item)
             for table, rows in by_table.items():
                 self._write(table, rows)
+            for table, blocks in blocks_by_table.items():
+                self._write_blocks(table, blocks)
+
+    def _write_blocks(self, table: str, blocks: list[WindowRowBlock]) -> None:
+        """Insert windows' first rows kept as columns, in one batch; a sum too wide for its
+        column or a row the engine refuses, and they are written as rows by :meth:`_write`,
+        which sets those rows aside."""
+        try:
+            batch = self._block_batch(table, blocks)
+        except DecimalOverflow:
+            self._write(table, expanded(blocks))
+            return
+        try:
+            self._insert_batch(table, batch)
+        except ClickHouseError as err:
+            if isinstance(err, ClickHouseUnavailable) or err.code not in ROW_ERROR_CODES:
+                raise
+            self._write(table, expanded(blocks))
+
+    def _block_batch(self, table: str, blocks: list[WindowRowBlock]):
+        if table == USAGE_AGGREGATES and self._attributes is not None:
+            pairs = ((org, customer) for block in blocks for org, customer, _code in block.keys)
+            return block_batch(blocks, table, (self._attributes.fields, self._attributes.lookup(pairs)))
+        return block_batch(blocks, table)
 
     def _write(self, table: str, rows: list) -> None:
         """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``.
@@ -195,14 +222,15 @@ class ClickHousePartition(BufferedPartition[Item]):
         return _ENCODERS[table](rows, table)
 
     def _insert(self, table: str, rows: list, batch=None) -> None:
-        if batch is None:
-            batch = self._batch(table, rows)
+        self._insert_batch(table, self._batch(table, rows) if batch is None else batch)
+
+    def _insert_batch(self, table: str, batch) -> None:
         columns, payload = tuple(batch.schema.names), arrow_stream(batch)
         started = time.perf_counter()
         with_retries(lambda: self._backend.insert_arrow(table, columns, payload), table)
         seconds = time.perf_counter() - started
-        metrics.record_sink_write(table, len(rows), seconds)
-        log.debug("flushed", extra={"table": table, "rows": len(rows), "seconds": round(seconds, 4)})
+        metrics.record_sink_write(table, batch.num_rows, seconds)
+        log.debug("flushed", extra={"table": table, "rows": batch.num_rows, "seconds": round(seconds, 4)})
 
     def close(self) -> None:
         # The backend is shared by every partition in this process and outlives

@@ -88,6 +88,58 @@ class WindowRows(msgspec.Struct, frozen=True, gc=False):
     rows: list[WindowRow]
 
 
+class WindowRowBlock(msgspec.Struct, frozen=True, gc=False):
+    """The rows of one window written for the first time, as columns: its keys, counts and
+    sums, with the window, version and grain they share.
+
+    A window's first emission writes every key it holds (at one row per event, nearly every
+    row the flow writes); kept as columns, no ``WindowRow`` is built per row only for the sink
+    to read each back column by column. :meth:`rows` gives them as rows where one is needed::
+
+        >>> block = WindowRowBlock("", 0, 60_000, 5, [("o", "c", "x"), ("o", "d", "x")], (2, 1), (7, 3))
+        >>> len(block), block.rows()[1]
+        (2, WindowRow(organization_id='o', external_customer_id='d', code='x', window_start_ms=0, window_end_ms=60000, event_count=1, total_scaled=3, version=5, is_deleted=False, grain=''))
+    """
+
+    grain: str  # "" for usage_aggregates, "hour" or "day" for the rollups
+    window_start_ms: int
+    window_end_ms: int
+    version: int
+    keys: list  # [(organization_id, external_customer_id, code)]
+    counts: tuple  # event counts, none of them 0 (a row with count 0 is a deletion: not a block)
+    totals: tuple  # scaled sums
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self) -> list[WindowRow]:
+        start, end, version, grain = self.window_start_ms, self.window_end_ms, self.version, self.grain
+        return [WindowRow(org, customer, code, start, end, count, total, version, False, grain)
+                for (org, customer, code), count, total in zip(self.keys, self.counts, self.totals)]
+
+
+def expanded(items: list) -> list:
+    """``items`` with every ``WindowRowBlock`` replaced by its rows.
+
+        >>> row = WindowRow("o", "c", "x", 0, 60_000, 1, 1, 1)
+        >>> len(expanded([row, WindowRowBlock("", 0, 60_000, 5, [("o", "d", "x")], (1,), (3,))]))
+        2
+    """
+    rows: list = []
+    for item in items:
+        if item.__class__ is WindowRowBlock:
+            rows += item.rows()
+        else:
+            rows.append(item)
+    return rows
+
+
+def row_count(items: list) -> int:
+    """The rows ``items`` hold: a block or a ``WindowRows`` batch counts its rows."""
+    return sum(len(item.rows) if item.__class__ is WindowRows else
+               len(item) if item.__class__ is WindowRowBlock else 1 for item in items)
+
+
 class MetricRow(msgspec.Struct, frozen=True, gc=False):
     """One row of ``metric_aggregates``: a catalog metric for a customer, group and window."""
 

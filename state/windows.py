@@ -19,7 +19,7 @@ from operator import attrgetter, is_, itemgetter, not_
 from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
-from state.records import WindowRow
+from state.records import WindowRow, WindowRowBlock
 from state.window_kinds import WindowKind
 
 WindowKey = tuple  # (organization_id, external_customer_id, code)
@@ -193,14 +193,16 @@ class WindowStore:
             changed = self._changed[start_ms] = {}
         changed[key] = None
 
-    def emit_closed(self, closing_ms: int, watermark_ms: int,
-                    provisional: bool = False) -> list[WindowRow]:
+    def emit_closed(self, closing_ms: int, watermark_ms: int, provisional: bool = False,
+                    blocks: bool = False) -> list[WindowRow | WindowRowBlock]:
         """Rows of windows ending at or before ``closing_ms``.
 
         Windows the real ``watermark_ms`` has passed by more than the allowed
         lateness (and ``keep_ms``) are forgotten; until then (and when only flushed
         because the input ended) they stay open, so later events correct their rows.
         A ``provisional`` emission changes nothing: the caller owes its rows (:meth:`owe`).
+        With ``blocks``, a window emitted for the first time gives one ``WindowRowBlock``
+        (its rows as columns) instead of a ``WindowRow`` per key.
         """
         rows: list[WindowRow] = []
         version = row_version(watermark_ms, provisional)
@@ -212,7 +214,7 @@ class WindowStore:
                 break
             keys = self._open[start]
             emitted, emitted_keys = self._rows(start, end, keys, self.grain, version, owed_now,
-                                               record=not provisional)
+                                               record=not provisional, blocks=blocks)
             if provisional:  # changes nothing: the caller owes the rows (see owe)
                 rows.extend(emitted)
                 continue
@@ -229,12 +231,20 @@ class WindowStore:
 
     @staticmethod
     def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str,
-              version: int, owed_now: bool, record: bool) -> tuple[list[WindowRow], list[WindowKey]]:
-        """The window's rows to write, and their keys; with ``record``, noted as emitted."""
+              version: int, owed_now: bool, record: bool,
+              blocks: bool = False) -> tuple[list[WindowRow | WindowRowBlock], list[WindowKey]]:
+        """The window's rows to write, and their keys; with ``record``, noted as emitted; with
+        ``blocks``, a first emission as one ``WindowRowBlock``."""
         counts, totals, emitted = zip(*keys.values()) if keys else ((), (), ())
         if counts == emitted:  # nothing changed since the last emission
             return [], []
         if not any(emitted) and 0 not in counts:  # a first emission: every key, in bulk
+            if blocks:
+                key_list = list(keys)
+                if record:
+                    for aggregate in keys.values():
+                        aggregate[2] = aggregate[0]
+                return [WindowRowBlock(grain, start, end, version, key_list, counts, totals)], key_list
             orgs, customers, codes = zip(*keys)
             n = len(counts)
             rows = list(map(WindowRow, orgs, customers, codes, repeat(start, n), repeat(end, n), counts,
@@ -260,7 +270,12 @@ class WindowStore:
         the first emission after ``watermark_ms``."""
         self.owed_after = watermark_ms
         for start, window_rows in groupby(rows, _ROW_START):  # rows come window by window
-            owed = list(map(_ROW_KEY, window_rows))
+            owed: list = []
+            for row in window_rows:
+                if row.__class__ is WindowRowBlock:
+                    owed += row.keys
+                else:
+                    owed.append(_ROW_KEY(row))
             self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
             keys = self._open.setdefault(start, {})
             for key, aggregate in zip(owed, map(keys.get, owed)):

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinks.columnar import DecimalOverflow, arrow_stream, late_batch, metric_batch, window_batch
+from sinks.columnar import DecimalOverflow, arrow_stream, block_batch, late_batch, metric_batch, window_batch
 from sinks.schema import TABLES_BY_NAME
-from state.records import LateRecord, MetricRow, WindowRow
+from state.records import LateRecord, MetricRow, WindowRow, WindowRowBlock, expanded
 
 # ------------------------------------------------------------------ the reference encoder
 
@@ -203,3 +203,41 @@ def test_the_overflow_names_the_most_negative_sum_first_then_the_largest():
     rows = [WindowRow("o", "c", "x", 0, 60_000, 1, total, 1) for total in (2**64, 10**76 + 1)]
     with pytest.raises(DecimalOverflow, match=r"^total_value: 10000000000000000000000000000000000000000000000000000000000\.0{17}1 "):
         window_batch(rows, "usage_aggregates")
+
+
+# ------------------------------------------------------------------ windows' first rows as blocks
+
+def _block(grain: str, start: int, end: int, version: int, entries: list) -> WindowRowBlock:
+    keys = [key for key, _count, _total in entries]
+    return WindowRowBlock(grain, start, end, version, keys, tuple(c for _k, c, _t in entries),
+                          tuple(t for _k, _c, t in entries))
+
+
+blocks = st.builds(_block, st.sampled_from(["", "hour", "day"]), times, times, uint64,
+                   st.lists(st.tuples(st.tuples(texts, texts, texts), st.integers(1, 2**64 - 1), sums(76)),
+                            max_size=12))
+
+
+@checks
+@given(st.lists(blocks, max_size=5), st.sampled_from(WINDOW_TABLES))
+def test_row_blocks_encode_as_their_rows_would(row_blocks, table):
+    rows = expanded(row_blocks)
+    assert_same_batch(block_batch(row_blocks, table), reference_batch(rows, table))
+
+
+@checks
+@given(st.lists(blocks, min_size=1, max_size=4), st.data())
+def test_enriched_row_blocks_encode_as_their_rows_would(row_blocks, data):
+    rows = expanded(row_blocks)
+    keys = [(r.organization_id, r.external_customer_id) for r in rows]
+    known = data.draw(st.lists(st.sampled_from(keys), unique=True)) if keys else []
+    attributes = {key: (data.draw(texts), data.draw(texts)) for key in known}
+    fields = ("plan", "region")
+    assert_same_batch(block_batch(row_blocks, "usage_aggregates", (fields, attributes)),
+                      reference_batch(rows, "usage_aggregates", fields, attributes))
+
+
+def test_a_block_sum_beyond_its_column_is_refused_naming_it():
+    block = _block("", 0, 60_000, 1, [(("o", "c", "x"), 1, 10**76)])
+    with pytest.raises(DecimalOverflow, match="total_value"):
+        block_batch([block], "usage_aggregates")

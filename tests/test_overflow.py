@@ -346,3 +346,27 @@ def test_migrate_on_a_cluster_widens_local_tables_before_their_distributed_ones(
     cluster.statements.clear()
     assert not any(o.widened for o in migrate(cluster, "metering"))  # idempotent
     assert not any("MODIFY COLUMN" in s for s in cluster.statements)
+
+
+def test_a_sum_beyond_decimal_76_in_a_row_block_is_kept_out_the_rest_written(chdb_url):
+    """A window's first rows reach the sink as one ``WindowRowBlock``; a sum its column cannot
+    hold sends the block the way of single rows: that row to usage_rejected_rows, the rest in."""
+    from state.records import WindowRowBlock
+    from sinks.clickhouse_sink import ClickHousePartition
+    from sinks.schema import ensure_schema
+
+    backend = connect(chdb_url)
+    try:
+        ensure_schema(backend)
+        part = ClickHousePartition(backend, max_rows=1_000, max_age_s=60)
+        beyond = 10**76
+        part.write_batch([WindowRowBlock("hour", 0, 3_600_000, 9, [("o", "big", "x"), ("o", "ok", "x")],
+                                         (1, 2), (beyond, 5 * 10**18))])
+        part.flush()
+        _, rows = backend.query("SELECT external_customer_id, event_count, total_value, version "
+                                "FROM usage_aggregates_hourly FINAL")
+        assert rows == [("ok", 2, Decimal("5.000000000000000000"), 9)]
+        [(table, key, reason, _row)] = rejected_rows(chdb_url)
+        assert (table, key[1], reason) == ("usage_aggregates_hourly", "big", "total_out_of_range")
+    finally:
+        backend.close()

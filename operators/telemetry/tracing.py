@@ -22,6 +22,7 @@ import msgspec
 
 from operators.telemetry import metrics
 from operators.telemetry.metrics import PARTITION, REASON, TABLE
+from state.records import row_count
 
 
 TraceCarry = tuple
@@ -279,11 +280,6 @@ def trace_sink(items: list) -> contextlib.AbstractContextManager:
     return _sink_spans(tracing, traced, rows)
 
 
-def _row_count(items: list) -> int:
-    """Rows in a flush: a batch (``WindowRows``) counts its rows."""
-    return sum(len(item.rows) if hasattr(item, "rows") else 1 for item in items)
-
-
 @contextlib.contextmanager
 def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: list) -> Iterator[list]:
     from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -291,7 +287,7 @@ def _sink_spans(tracing: Tracing, traced: list[SinkTrace], rows: list) -> Iterat
     spans = [tracing.tracer.start_span(
         f"insert {item.table}", context=_context_of(item.traceparent), kind=SpanKind.CLIENT,
         attributes={"db.system.name": "clickhouse", "db.operation.name": "INSERT", TABLE: item.table,
-                    "tallyflow.row": item.row, "tallyflow.flush_rows": _row_count(rows)},
+                    "tallyflow.row": item.row, "tallyflow.flush_rows": row_count(rows)},
     ) for item in traced]
     try:
         yield rows
