@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import compress, groupby, islice, repeat
-from operator import attrgetter, is_, itemgetter, not_
+from operator import attrgetter, is_, itemgetter, not_, setitem
 from typing import Iterable
 
 from state.packing import pack_columns, pack_entries, unpack_entries
@@ -267,22 +268,50 @@ class WindowStore:
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         """A provisional flush wrote ``rows``: write each again, for real (or delete it), at
-        the first emission after ``watermark_ms``."""
+        the first emission after ``watermark_ms``.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(60_000))
+            >>> store.add(0, ("o", "c", "x"), 5)
+            >>> store.owe([WindowRowBlock("", 0, 60_000, 3, [("o", "c", "x"), ("o", "d", "x")], (1, 1), (5, 2))], 0)
+            >>> store._open
+            {0: {('o', 'c', 'x'): [1, 5, -1], ('o', 'd', 'x'): [0, 0, -1]}}
+        """
         self.owed_after = watermark_ms
         for start, window_rows in groupby(rows, _ROW_START):  # rows come window by window
+            window_rows = list(window_rows)
+            if len(window_rows) == 1 and window_rows[0].__class__ is WindowRowBlock:
+                self._owe_window(start, window_rows[0].keys)  # a first emission: read, not copied
+                continue
             owed: list = []
             for row in window_rows:
                 if row.__class__ is WindowRowBlock:
                     owed += row.keys
                 else:
                     owed.append(_ROW_KEY(row))
+            self._owe_window(start, owed)
+
+    def _owe_window(self, start: int, owed: list[WindowKey]) -> None:
+        """Mark the window's ``owed`` keys (distinct) OWED in bulk; keys it lacks get
+        ``[0, 0, OWED]``. A window owed whole is packed whole by the next snapshot."""
+        keys = self._open.get(start)
+        if keys is None:
+            keys = self._open[start] = {}
+        held = len(keys)
+        if held <= len(owed) and list(keys) == owed[:held]:  # the scratch's window: ours, then new keys
+            deque(map(setitem, keys.values(), repeat(2), repeat(OWED)), maxlen=0)
+            keys.update(zip(islice(owed, held, None), map(list, repeat((0, 0, OWED)))))
+        else:
+            aggregates = list(map(keys.get, owed))
+            deque(map(setitem, filter(None, aggregates), repeat(2), repeat(OWED)), maxlen=0)
+            if None in aggregates:
+                keys.update(zip(compress(owed, map(is_, aggregates, repeat(None))),
+                                map(list, repeat((0, 0, OWED)))))
+        if len(keys) == len(owed):  # every key: as if never packed (see snapshot)
+            self._segments.pop(start, None)
+            self._segment_entries.pop(start, None)
+        else:
             self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
-            keys = self._open.setdefault(start, {})
-            for key, aggregate in zip(owed, map(keys.get, owed)):
-                if aggregate is None:
-                    keys[key] = [0, 0, OWED]
-                else:
-                    aggregate[2] = OWED
 
     def accepts(self, start_ms: int, watermark_before: int) -> bool:
         """Whether an event seen at ``watermark_before`` still counts in this window."""
@@ -357,7 +386,7 @@ class WindowStore:
         """
         changed, self._changed = self._changed, {}
         for start, keys in self._open.items():
-            if start not in self._segments:  # never packed, or forgotten and opened again
+            if start not in self._segments:  # never packed, forgotten and opened again, or owed whole
                 self._pack_changes(start, keys, 0, changed.get(start, {}))
             elif (done := self._packed.get(start, 0)) < len(keys) or start in changed:
                 self._pack_changes(start, keys, done, changed.get(start, {}))
@@ -409,8 +438,26 @@ class _BorrowedWindowStore(WindowStore):
 
     def add_groups(self, start_ms: int, keys: list[WindowKey], counts: list[int],
                    totals: list[int]) -> None:
-        for key, count, total in zip(keys, counts, totals):
-            self.add_group(start_ms, key, count, total)
+        """``add_group`` for each of ``keys`` (distinct), the new ones inserted in bulk.
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> store = WindowStore(TumblingWindows(60_000))
+            >>> store.add(0, ("o", "c", "x"), 5)
+            >>> scratch = store.borrowed()
+            >>> scratch.add_groups(0, [("o", "d", "x"), ("o", "c", "x")], [2, 3], [7, 1])
+            >>> scratch._open[0], store._open[0]
+            ({('o', 'c', 'x'): [4, 6, 0], ('o', 'd', 'x'): [2, 7, 0]}, {('o', 'c', 'x'): [1, 5, 0]})
+        """
+        window = self._open.setdefault(start_ms, {})
+        aggregates = list(map(window.get, keys))
+        new = list(map(is_, aggregates, repeat(None)))
+        window.update(zip(compress(keys, new), map(list, zip(compress(counts, new),
+                                                             compress(totals, new), repeat(0)))))
+        if not all(new):
+            old = list(map(not_, new))
+            for key, count, total in zip(compress(keys, old), compress(counts, old),
+                                         compress(totals, old)):
+                self.add_group(start_ms, key, count, total)
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         raise TypeError("a borrowed window store shares its aggregates: owe on the store it "
