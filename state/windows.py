@@ -307,9 +307,9 @@ class WindowStore:
             if None in aggregates:
                 keys.update(zip(compress(owed, map(is_, aggregates, repeat(None))),
                                 map(list, repeat((0, 0, OWED)))))
-        if len(keys) == len(owed):  # every key: as if never packed (see snapshot)
-            self._segments.pop(start, None)
-            self._segment_entries.pop(start, None)
+        if len(keys) == len(owed):  # every key: packed afresh, as if never packed (see snapshot)
+            if start in self._segments:
+                self._segments[start], self._segment_entries[start], self._packed[start] = [], 0, 0
         else:
             self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
 
@@ -386,7 +386,7 @@ class WindowStore:
         """
         changed, self._changed = self._changed, {}
         for start, keys in self._open.items():
-            if start not in self._segments:  # never packed, forgotten and opened again, or owed whole
+            if start not in self._segments:  # never packed, or forgotten and opened again
                 self._pack_changes(start, keys, 0, changed.get(start, {}))
             elif (done := self._packed.get(start, 0)) < len(keys) or start in changed:
                 self._pack_changes(start, keys, done, changed.get(start, {}))

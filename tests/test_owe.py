@@ -1,0 +1,68 @@
+"""``WindowStore.owe`` marks owed windows in bulk (and a window owed whole is packed whole
+without listing its keys): against the rule one row at a time, the store holds the same
+aggregates and writes the same snapshots, then and after more input."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from state.records import WindowRowBlock
+from state.window_kinds import TumblingWindows
+from state.windows import OWED, WindowStore
+
+EXAMPLES = int(os.environ.get("TALLYFLOW_PROPERTY_EXAMPLES", "200"))
+
+
+class OneRowAtATime(WindowStore):
+    """The rule as it was first written: each owed key noted changed, one at a time."""
+
+    def owe(self, rows, watermark_ms: int) -> None:
+        self.owed_after = watermark_ms
+        for row in rows:
+            pairs = [(k, row.window_start_ms) for k in row.keys] if isinstance(row, WindowRowBlock) \
+                else [((row.organization_id, row.external_customer_id, row.code), row.window_start_ms)]
+            for key, start in pairs:
+                self._changed.setdefault(start, {})[key] = None
+                keys = self._open.setdefault(start, {})
+                if key in keys:
+                    keys[key][2] = OWED
+                else:
+                    keys[key] = [0, 0, OWED]
+
+
+KEYS = [("o", c, x) for c in "abcdef" for x in "xy"]
+adds = st.lists(st.tuples(st.sampled_from([0, 60_000, 120_000]), st.sampled_from(KEYS),
+                          st.integers(1, 3), st.integers(-5, 5)), max_size=30)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(adds, st.sampled_from([0, 60_000, 120_000]), adds, st.booleans(), adds, st.booleans(),
+       st.integers(0, 180_000), adds)
+def test_bulk_owe_holds_and_packs_what_one_row_at_a_time_did(before, emitted_at, more, snap,
+                                                            scratch_adds, blocks, closing, after):
+    stores = [WindowStore(TumblingWindows(60_000), allowed_lateness_ms=120_000),
+              OneRowAtATime(TumblingWindows(60_000), allowed_lateness_ms=120_000)]
+    for store in stores:
+        for start, key, count, total in before:
+            store.add_groups(start, [key], [count], [total])
+        store.emit_closed(emitted_at, emitted_at)  # some rows written for real, kept open
+        for start, key, count, total in more:
+            store.add_groups(start, [key], [count], [total])
+        if snap:
+            store.snapshot()
+        scratch = store.borrowed()
+        for start, key, count, total in scratch_adds:
+            scratch.add_groups(start, [key], [count], [total])
+        store.owe(scratch.emit_closed(closing, emitted_at, provisional=True, blocks=blocks), emitted_at)
+    bulk, reference = stores
+    assert bulk._open == reference._open
+    assert pickle.dumps(bulk.snapshot()) == pickle.dumps(reference.snapshot())
+    for store in stores:
+        for start, key, count, total in after:
+            store.add_groups(start, [key], [count], [total])
+        store.emit_closed(closing + 60_000, emitted_at + 60_000)
+    assert bulk._open == reference._open
+    assert pickle.dumps(bulk.snapshot()) == pickle.dumps(reference.snapshot())
