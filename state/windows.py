@@ -399,11 +399,12 @@ class WindowStore:
                       changed: dict[WindowKey, None]) -> None:
         """Append a segment of the window's aggregates added or changed since its first
         ``done`` keys were packed; or pack the window afresh, if its segments would then hold
-        more than twice its aggregates, or if more than half of them changed (emitted)."""
+        more than twice its aggregates, or if more than half of them changed (emitted), or if
+        none is packed (the same bytes as one segment of every key)."""
         added = len(keys) - done
         segments = self._segments.setdefault(start, [])
         entries = self._segment_entries.get(start, 0) + added + len(changed)  # at most
-        if entries > 2 * len(keys) or 2 * len(changed) > len(keys):
+        if entries > 2 * len(keys) or 2 * len(changed) > len(keys) or not (segments or done):
             segments[:] = [pack_window(keys)]
             self._segment_entries[start] = len(keys)
             return
