@@ -55,13 +55,15 @@ def row_version(watermark_ms: int, provisional: bool = False) -> int:
 class WindowSnapshot:
     """Open windows: ``{start: segments}``, each a tuple of ``pack_window`` bytes, oldest
     first; a later segment's aggregate replaces an earlier one's (see ``WindowStore.snapshot``).
+    A segment ``OWED`` (the int) marks every aggregate of the segments before it owed (a
+    provisional flush wrote the whole window: see ``WindowStore.owe``).
 
     (Earlier snapshots hold one ``bytes`` per window, or before that
     ``{start: {key: (count, total, emitted)}}``; a store resumes from any of them.)
     """
 
     fingerprint: str
-    windows: dict[int, tuple[bytes, ...] | bytes | dict[WindowKey, tuple[int, int, int]]]
+    windows: dict[int, tuple[bytes | int, ...] | bytes | dict[WindowKey, tuple[int, int, int]]]
     owed_after: int = NO_OWED  # see WindowStore.owe
 
 
@@ -125,6 +127,9 @@ class WindowStore:
         keys: dict[WindowKey, list[int]] = {}
         entries = 0
         for segment in segments:
+            if segment.__class__ is int:  # OWED: every aggregate so far
+                deque(map(setitem, keys.values(), repeat(2), repeat(OWED)), maxlen=0)
+                continue
             aggregates = unpack_window(segment)
             entries += len(aggregates)
             keys.update(aggregates)
@@ -293,7 +298,8 @@ class WindowStore:
 
     def _owe_window(self, start: int, owed: list[WindowKey]) -> None:
         """Mark the window's ``owed`` keys (distinct) OWED in bulk; keys it lacks get
-        ``[0, 0, OWED]``. A window owed whole is packed whole by the next snapshot."""
+        ``[0, 0, OWED]``. A window owed whole is not packed again: a segment ``OWED`` marks
+        what its snapshots hold owed (the next snapshot packs only its new keys)."""
         keys = self._open.get(start)
         if keys is None:
             keys = self._open[start] = {}
@@ -307,9 +313,9 @@ class WindowStore:
             if None in aggregates:
                 keys.update(zip(compress(owed, map(is_, aggregates, repeat(None))),
                                 map(list, repeat((0, 0, OWED)))))
-        if len(keys) == len(owed):  # every key: packed afresh, as if never packed (see snapshot)
+        if len(keys) == len(owed):  # every key (a window never packed is packed whole anyway)
             if start in self._segments:
-                self._segments[start], self._segment_entries[start], self._packed[start] = [], 0, 0
+                self._segments[start].append(OWED)
         else:
             self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
 

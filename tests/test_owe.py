@@ -1,6 +1,6 @@
-"""``WindowStore.owe`` marks owed windows in bulk (and a window owed whole is packed whole
-without listing its keys): against the rule one row at a time, the store holds the same
-aggregates and writes the same snapshots, then and after more input."""
+"""``WindowStore.owe`` marks owed windows in bulk (and a window owed whole is marked owed in
+its snapshots, not packed again): against the rule one row at a time, the store holds the
+same aggregates, and a resume from its snapshots too, then and after more input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from state.records import WindowRowBlock
 from state.window_kinds import TumblingWindows
-from state.windows import OWED, WindowStore
+from state.windows import OWED, WindowStore, unpack_window
 
 EXAMPLES = int(os.environ.get("TALLYFLOW_PROPERTY_EXAMPLES", "200"))
 
@@ -58,11 +58,35 @@ def test_bulk_owe_holds_and_packs_what_one_row_at_a_time_did(before, emitted_at,
             scratch.add_groups(start, [key], [count], [total])
         store.owe(scratch.emit_closed(closing, emitted_at, provisional=True, blocks=blocks), emitted_at)
     bulk, reference = stores
-    assert bulk._open == reference._open
-    assert pickle.dumps(bulk.snapshot()) == pickle.dumps(reference.snapshot())
+    assert live(bulk) == live(reference) == live(resumed(bulk)) == live(resumed(reference))
     for store in stores:
+        if snap:  # the mark, then what changes after it
+            store.snapshot()
         for start, key, count, total in after:
             store.add_groups(start, [key], [count], [total])
         store.emit_closed(closing + 60_000, emitted_at + 60_000)
-    assert bulk._open == reference._open
-    assert pickle.dumps(bulk.snapshot()) == pickle.dumps(reference.snapshot())
+    assert live(bulk) == live(reference) == live(resumed(bulk)) == live(resumed(reference))
+
+
+def test_a_window_owed_whole_is_marked_not_packed_again():
+    store = WindowStore(TumblingWindows(60_000))
+    store.add(0, ("o", "c", "x"), 5)
+    store.snapshot()
+    scratch = store.borrowed()
+    scratch.add(0, ("o", "d", "x"), 2)
+    store.owe(scratch.emit_closed(60_000, 0, provisional=True, blocks=True), 0)
+    first, mark, new = store.snapshot().windows[0]
+    assert mark == OWED and unpack_window(new) == {("o", "d", "x"): [0, 0, OWED]}
+    assert live(resumed(store)) == live(store) == [(0, [(("o", "c", "x"), [1, 5, OWED]),
+                                                        (("o", "d", "x"), [0, 0, OWED])])]
+
+
+def live(store: WindowStore) -> list:
+    return [(start, list(keys.items())) for start, keys in store._open.items()]
+
+
+def resumed(store: WindowStore) -> WindowStore:
+    """A store resumed from ``store``'s snapshot (taken on a copy, so ``store`` packs on as it would)."""
+    twin = store.copy()
+    return WindowStore(store.windows, pickle.loads(pickle.dumps(twin.snapshot())),
+                       store.allowed_lateness_ms)
