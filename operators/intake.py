@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from itertools import count, repeat
 from operator import itemgetter
+from typing import Callable, Iterable
 
 from operators.catalog import Catalog
 from operators.validation import Invalid, validate_each
@@ -133,15 +135,41 @@ class IntakeLogic:
 
     def process(self, records: list[KafkaRecord], at_end: bool = False,
                 idle: bool = False) -> IntakeBatch:
-        """Validate ``records`` in offset order; each ends valid, late or dead-lettered.
+        """Validate ``records`` (:data:`KafkaRecord` tuples) in offset order: :meth:`process_columns`."""
+        if records and len(records[0]) == 4:  # records without their timestamp (tools, tests)
+            records = [(*record, None) for record in records]
+        times = [(0, 0) if record[4] is None else (1, record[4]) for record in records]
+
+        def letter_of(index: int) -> tuple:
+            return records[index][1], records[index][3]
+
+        return self.process_columns([record[0] for record in records], list(map(_VALUE, records)),
+                                    times, letter_of, at_end, idle)
+
+    def process_columns(self, offsets: list[int], values: list, record_times: Iterable[tuple[int, int]],
+                        letter_of: Callable[[int], tuple], at_end: bool = False,
+                        idle: bool = False) -> IntakeBatch:
+        """Validate a poll given as columns, in offset order; each record ends valid, late or dead-lettered.
+
+        ``record_times`` holds each record's ``(kind, timestamp_ms)`` as confluent-kafka's
+        ``Message.timestamp()`` gives it (kind 0: no timestamp; read only with ``MAX_FUTURE_SKEW``),
+        ``letter_of(index)`` the record's ``(key, headers)``, asked only for a dead letter.
 
         The hot path of the flow: the batch validated in one call (``validate_each``), locals
         instead of attribute lookups, each organization's shard and digest prefix cached, each
-        shard's list appended to directly, the watermark tracked inline and written back once.
+        shard's list appended to directly, the watermark tracked inline and written back once::
+
+            >>> from state.window_kinds import TumblingWindows
+            >>> intake = IntakeLogic("usage", partition=0, n_partitions=1, shards=1,
+            ...                      windows=TumblingWindows(60_000), max_out_of_orderness_ms=0)
+            >>> batch = intake.process_columns([5], [b"{oops"], [(0, 0)], lambda index: (b"k", [("h", b"v")]))
+            >>> letter = batch.dead_letters[0]
+            >>> letter.source_offset, letter.key, letter.headers, letter.reason
+            (5, b'k', [('h', b'v')], 'malformed_json')
         """
         batch = IntakeBatch(self.partition, self.n_partitions, self.shards, 0, at_end,
                             self.topic, idle)
-        batch.consumed_count = len(records)
+        batch.consumed_count = len(values)
         # due = last_end_for(timestamp) + lateness, inlined: timestamp - timestamp % step + offset
         step, end_offset = self.windows.last_end_steps()
         end_offset += self.allowed_lateness_ms
@@ -151,19 +179,21 @@ class IntakeLogic:
         routes, metric_codes = self._routes, self._metrics_by_code
         digest_of, bias = digest_hash, DIGEST_BIAS
         max_skew = self.max_future_skew_ms
-        skew_limit = float("inf") if max_skew is None else max_skew
-        if records and len(records[0]) == 4:  # records without their timestamp (tools, tests)
-            records = [(*record, None) for record in records]
+        if max_skew is None:  # no record timestamp is read
+            record_times, skew_limit = repeat((0, 0)), 0
+        else:
+            skew_limit = max_skew
+        dead_letters = batch.dead_letters
         shard_events: list[list[ShardEvent]] = [[] for _ in range(self.shards)]
         append_to = [events.append for events in shard_events]
-        for (offset, key, value, headers, record_ms), event in zip(records, validate_each(map(_VALUE, records))):
+        for index, event, (has_time, record_ms) in zip(count(), validate_each(values), record_times):
             if event.__class__ is Invalid:
-                batch.dead_letters.append(self._dead_letter(offset, key, value, headers, event))
+                dead_letters.append(self._dead_letter(offsets[index], values[index], letter_of(index), event))
                 continue
             timestamp = event.timestamp_ms
-            if record_ms is not None and timestamp - record_ms > skew_limit:
-                batch.dead_letters.append(self._dead_letter(
-                    offset, key, value, headers, _future(timestamp, record_ms, max_skew)))
+            if has_time and timestamp - record_ms > skew_limit:
+                dead_letters.append(self._dead_letter(offsets[index], values[index], letter_of(index),
+                                                      _future(timestamp, record_ms, max_skew)))
                 continue
             org = event.organization_id
             route = routes.get(org)
@@ -173,20 +203,20 @@ class IntakeLogic:
             digest = digest_of(digest_prefix + event.transaction_id.encode()) - bias  # transaction_digest
             due = timestamp - timestamp % step + end_offset
             if due <= watermark:
-                late = (due, digest, self._late(offset, value, event, watermark))
+                late = (due, digest, self._late(offsets[index], values[index], event, watermark))
                 _append(batch.late_by_shard, shard, late)
             else:
                 code = event.code
                 append_to[shard](ShardEvent(
                     digest, org, event.external_customer_id, code, timestamp, event.value_scaled,
-                    watermark, offset, event.transaction_id,
+                    watermark, offsets[index], event.transaction_id,
                     self._metric_values(event, batch) if metric_codes and code in metric_codes else None))
             if max_event is None or timestamp > max_event:
                 max_event = timestamp
                 watermark = max_event - out_of_orderness
         self.watermark.max_event_ms = max_event
         batch.events_by_shard = {shard: events for shard, events in enumerate(shard_events) if events}
-        batch.valid_count = len(records) - len(batch.dead_letters)
+        batch.valid_count = len(values) - len(dead_letters)
         batch.watermark = watermark
         return batch
 
@@ -214,7 +244,8 @@ class IntakeLogic:
                 shard_of(organization_id, self.shards), f"{len(organization_id)}:{organization_id}".encode())
         return route
 
-    def _dead_letter(self, offset, key, value, headers, invalid: Invalid) -> DeadLetter:
+    def _dead_letter(self, offset, value, letter: tuple, invalid: Invalid) -> DeadLetter:
+        key, headers = letter
         return DeadLetter(
             key, value, list(headers or []), invalid.reason, invalid.detail,
             self.topic, self.partition, offset,

@@ -19,6 +19,9 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Sequence
+from functools import partial
+from operator import is_, methodcaller
 from typing import Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -59,6 +62,59 @@ def readable_headers(message, topic: str, partition: int) -> list | None:
         log.warning("unreadable Kafka headers dropped", extra={
             "topic": topic, "partition": partition, "offset": message.offset(), "error": repr(err)[:200]})
         return None
+
+
+_ERROR, _OFFSET, _VALUE, _TIMESTAMP = (methodcaller(name) for name in ("error", "offset", "value", "timestamp"))
+_NO_ERROR = partial(is_, None)
+"""Whether ``Message.error()`` says no error (by identity: ``KafkaError`` cannot be compared with None)."""
+
+
+class PolledRecords(Sequence):
+    """One poll's messages (none with an error) as the intake reads them: columns, read in bulk.
+
+    Offsets and values are read for every message; timestamps when the intake asks; keys and
+    headers only for a record that needs them (a dead letter, a traced record), headers once per
+    record (:func:`readable_headers`, so unreadable ones warn once). As a sequence it holds each
+    record as a :data:`operators.intake.KafkaRecord` tuple, built on access (tracing reads them)::
+
+        >>> from confluent_kafka import Message
+        >>> records = PolledRecords([Message(offset=3, key=b"k", value=b"v", headers=[("h", b"1")],
+        ...                                  timestamp=(0, -1))], "usage", 0)
+        >>> records.offsets, records.letter(0), list(records)
+        ([3], (b'k', [('h', b'1')]), [(3, b'k', b'v', [('h', b'1')], None)])
+    """
+
+    def __init__(self, messages: list, topic: str, partition: int) -> None:
+        self.messages = messages
+        self.offsets = list(map(_OFFSET, messages))
+        self.values = list(map(_VALUE, messages))
+        self._topic, self._partition = topic, partition
+        self._headers: dict[int, list | None] = {}
+
+    def times(self) -> Iterator[tuple[int, int]]:
+        """Each record's ``(kind, timestamp_ms)``, stored in the log: the same on every replay."""
+        return map(_TIMESTAMP, self.messages)
+
+    def headers(self, index: int) -> list | None:
+        """The record's headers, or None when unreadable (warned once)."""
+        if index not in self._headers:
+            self._headers[index] = readable_headers(self.messages[index], self._topic, self._partition)
+        return self._headers[index]
+
+    def letter(self, index: int) -> tuple:
+        """What a dead letter of the record carries from Kafka: ``(key, headers)``."""
+        return self.messages[index].key(), self.headers(index)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __getitem__(self, index: int) -> tuple:
+        if index.__class__ is slice:
+            return [self[i] for i in range(len(self))[index]]
+        message = self.messages[index]
+        kind, timestamp_ms = message.timestamp()
+        return (message.offset(), message.key(), message.value(), self.headers(index % len(self)),
+                None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp_ms)
 
 
 @dataclass(frozen=True)
@@ -112,22 +168,21 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         if self._finished or stop_requested():
             raise StopIteration()
         messages = self._consumer.consume(self._batch_size, 0.0)
-        records, reached_end, eof_offset = [], False, None
-        for message in messages:
-            error = message.error()
-            if error is not None:
+        reached_end, eof_offset = False, None
+        errors = list(map(_ERROR, messages))
+        if not all(map(_NO_ERROR, errors)):  # rare: end of partition, broker trouble
+            for error, message in zip(errors, messages):
+                if error is None:
+                    continue
                 if error.code() == KafkaError._PARTITION_EOF:
                     eof_offset = message.offset()
                     reached_end = self._reached_stop_offset(eof_offset)
                     continue
                 self._on_error(error)
-                continue
-            kind, timestamp_ms = message.timestamp()  # stored in the log: the same on every replay
-            records.append((message.offset(), message.key(), message.value(),
-                            readable_headers(message, self._topic, self._partition),
-                            None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp_ms))
+            messages = [message for error, message in zip(errors, messages) if error is None]
+        records = PolledRecords(messages, self._topic, self._partition)
         if records:
-            self._next_offset = records[-1][0] + 1
+            self._next_offset = records.offsets[-1] + 1
             self._last_record_at = time.monotonic()
         self._lag_probe.maybe_record(self._consumer, self._next_offset, eof_offset)
         if reached_end:
@@ -140,10 +195,11 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         self._announced = True
         return [self._process(records, reached_end)]
 
-    def _process(self, records: list, reached_end: bool) -> IntakeBatch:
+    def _process(self, records: PolledRecords, reached_end: bool) -> IntakeBatch:
         """Run the intake over one poll and report it (metrics, status page, sampled traces)."""
         traced = self._tracing.begin(records)
-        batch = self._intake.process(records, at_end=reached_end, idle=self._idle)
+        batch = self._intake.process_columns(records.offsets, records.values, records.times(),
+                                             records.letter, at_end=reached_end, idle=self._idle)
         if traced is not None:
             self._tracing.end(batch, traced)
         metrics.record_intake(batch, self._intake.watermark.max_event_ms)
