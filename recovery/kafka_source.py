@@ -19,9 +19,9 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
-from operator import is_, methodcaller
+from operator import is_
 from typing import Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -64,7 +64,6 @@ def readable_headers(message, topic: str, partition: int) -> list | None:
         return None
 
 
-_ERROR, _OFFSET, _VALUE, _TIMESTAMP = (methodcaller(name) for name in ("error", "offset", "value", "timestamp"))
 _NO_ERROR = partial(is_, None)
 """Whether ``Message.error()`` says no error (by identity: ``KafkaError`` cannot be compared with None)."""
 
@@ -72,7 +71,7 @@ _NO_ERROR = partial(is_, None)
 class PolledRecords(Sequence):
     """One poll's messages (none with an error) as the intake reads them: columns, read in bulk.
 
-    Offsets and values are read for every message; timestamps when the intake asks; keys and
+    Offsets and values are read for every message, timestamps when the intake asks; keys and
     headers only for a record that needs them (a dead letter, a traced record), headers once per
     record (:func:`readable_headers`, so unreadable ones warn once). As a sequence it holds each
     record as a :data:`operators.intake.KafkaRecord` tuple, built on access (tracing reads them)::
@@ -86,14 +85,14 @@ class PolledRecords(Sequence):
 
     def __init__(self, messages: list, topic: str, partition: int) -> None:
         self.messages = messages
-        self.offsets = list(map(_OFFSET, messages))
-        self.values = list(map(_VALUE, messages))
+        self.offsets = [message.offset() for message in messages]  # comprehensions: faster than
+        self.values = [message.value() for message in messages]  # map(methodcaller) here
         self._topic, self._partition = topic, partition
         self._headers: dict[int, list | None] = {}
 
-    def times(self) -> Iterator[tuple[int, int]]:
+    def times(self) -> list[tuple[int, int]]:
         """Each record's ``(kind, timestamp_ms)``, stored in the log: the same on every replay."""
-        return map(_TIMESTAMP, self.messages)
+        return [message.timestamp() for message in self.messages]
 
     def headers(self, index: int) -> list | None:
         """The record's headers, or None when unreadable (warned once)."""
@@ -169,7 +168,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
             raise StopIteration()
         messages = self._consumer.consume(self._batch_size, 0.0)
         reached_end, eof_offset = False, None
-        errors = list(map(_ERROR, messages))
+        errors = [message.error() for message in messages]
         if not all(map(_NO_ERROR, errors)):  # rare: end of partition, broker trouble
             for error, message in zip(errors, messages):
                 if error is None:
