@@ -42,7 +42,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import msgspec
 from bytewax.outputs import FixedPartitionedSink
@@ -205,7 +205,8 @@ class RedisTotalsWriter:
                 chunk.update(entries)
                 self._failed(chunk, err)
                 return
-            self._written_ok(chunk, lost_data)
+            if self._written_ok(chunk, lost_data, entries):
+                return  # a resync: the rest of the round went back to pending
 
     def _resting(self) -> bool:
         """Writes are spaced by ``min_interval_s`` so a busy key is written once per interval."""
@@ -243,14 +244,23 @@ class RedisTotalsWriter:
             while not self._stopping and self.clock() < retry_at:
                 self._cond.wait(retry_at - self.clock())
 
-    def _written_ok(self, batch: dict[PeriodKey, Total], lost_data: bool) -> None:
+    def _written_ok(self, batch: dict[PeriodKey, Total], lost_data: bool,
+                    rest_of_round: Iterator[tuple[PeriodKey, Total]] | None = None) -> bool:
+        """``batch`` is in Redis. True if Redis had lost its data and every total written before
+        is queued again: then ``rest_of_round`` (newer totals) went back to pending first, so the
+        resync, which skips pending totals, queues no older total behind them."""
         now = self.clock()
         recovered = self._breaker.succeeded()
         metrics.record_live_totals_written(len(batch))
         with self._cond:
             self._written.update(batch)
             self._written_at.update(dict.fromkeys(batch, now))
-            if lost_data and len(self._written) > len(batch):
+            resync = lost_data and len(self._written) > len(batch)
+            if resync:
+                unwritten = dict(rest_of_round or ())
+                for key, entry in unwritten.items():
+                    self._pending.setdefault(key, entry)  # a newer total submitted meanwhile wins
+                self._in_flight -= len(unwritten)
                 self._resync(now)
             if now >= self._next_prune:
                 self._prune(now)
@@ -259,6 +269,7 @@ class RedisTotalsWriter:
             self._cond.notify_all()
         if recovered:
             log.info("Redis is back for live totals", extra={"part": self.part})
+        return resync
 
     def _resync(self, now: float) -> None:
         """Redis lost its data: write again every total it should hold (caller holds the lock)."""

@@ -79,3 +79,32 @@ def test_a_round_writes_everything_pending_pipeline_by_pipeline(redis_server):
             assert stored == {b"count": str(i).encode(), b"value": f"{i}.{'0' * 18}".encode()}
     finally:
         writer.close(1)
+
+
+def test_a_resync_in_the_middle_of_a_round_never_writes_an_older_total_last():
+    """Redis lost its data (sentinel missing) at a round's first pipeline: the resync queues
+    the totals written before, but not over the newer ones still waiting in the same round."""
+    import threading
+
+    from sinks.redis_client import Breaker
+
+    writer = RedisTotalsWriter.__new__(RedisTotalsWriter)  # its thread and client left out
+    writer.part, writer.max_pipeline, writer.min_interval_s, writer.clock = "0", 1, 0, time.monotonic
+    writer._breaker, writer._cond, writer._stopping, writer._draining = Breaker(), threading.Condition(), False, 0
+    writer._pending, writer._in_flight, writer._next_prune = {}, 0, time.monotonic() + 3_600
+    first, second = ("o", "a", "x", "day", 0), ("o", "b", "x", "day", 0)
+    writer._written, writer._written_at = {first: (1, 1), second: (1, 1)}, {first: 0, second: 0}
+    redis: dict = {}
+    lost = iter([True])  # the first pipeline finds the sentinel missing
+
+    def write(chunk: dict) -> bool:
+        redis.update(chunk)
+        return next(lost, False)
+
+    writer._write = write
+    writer._pending = {first: (2, 2), second: (2, 2)}
+    for _ in range(3):  # rounds until nothing is pending
+        if writer._pending:
+            writer._write_round(writer._take())
+    assert redis == {first: (2, 2), second: (2, 2)}
+    assert writer._pending == {} and writer._in_flight == 0
