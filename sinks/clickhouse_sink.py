@@ -167,15 +167,20 @@ class ClickHousePartition(BufferedPartition[Item]):
         try:
             self._insert_batch(table, batch)
         except ClickHouseError as err:
-            if isinstance(err, ClickHouseUnavailable) or err.code not in ROW_ERROR_CODES:
+            if not _about_rows(err):
                 raise
             self._write(table, expanded(blocks))
 
     def _block_batch(self, table: str, blocks: list[WindowRowBlock]):
-        if table == USAGE_AGGREGATES and self._attributes is not None:
-            pairs = ((org, customer) for block in blocks for org, customer, _code in block.keys)
-            return block_batch(blocks, table, (self._attributes.fields, self._attributes.lookup(pairs)))
-        return block_batch(blocks, table)
+        pairs = ((org, customer) for block in blocks for org, customer, _code in block.keys)
+        return block_batch(blocks, table, self._enrichment(table, pairs))
+
+    def _enrichment(self, table: str, customers) -> tuple[tuple[str, ...], dict] | None:
+        """``(fields, attributes)`` of the ``(org, customer)`` pairs ``customers`` for rows of
+        ``table``; None where rows are not enriched (no lookup is made)."""
+        if table != USAGE_AGGREGATES or self._attributes is None:
+            return None
+        return self._attributes.fields, self._attributes.lookup(customers)
 
     def _write(self, table: str, rows: list) -> None:
         """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``.
@@ -200,7 +205,7 @@ class ClickHousePartition(BufferedPartition[Item]):
         try:
             self._insert(table, rows, batch)
         except ClickHouseError as err:
-            if isinstance(err, ClickHouseUnavailable) or err.code not in ROW_ERROR_CODES:
+            if not _about_rows(err):
                 raise  # about the setup, not a row: stop, with the engine's message
             if len(rows) == 1:
                 self._reject(table, rows, "clickhouse_refused", str(err))
@@ -215,10 +220,9 @@ class ClickHousePartition(BufferedPartition[Item]):
 
     def _batch(self, table: str, rows: list):
         """``rows`` as an Arrow record batch (``DecimalOverflow`` when a sum does not fit)."""
-        if table == USAGE_AGGREGATES and self._attributes is not None:
-            fields = self._attributes.fields
-            found = self._attributes.lookup((r.organization_id, r.external_customer_id) for r in rows)
-            return window_batch(rows, table, (fields, found))
+        enrichment = self._enrichment(table, ((r.organization_id, r.external_customer_id) for r in rows))
+        if enrichment is not None:
+            return window_batch(rows, table, enrichment)
         return _ENCODERS[table](rows, table)
 
     def _insert(self, table: str, rows: list, batch=None) -> None:
@@ -240,6 +244,12 @@ class ClickHousePartition(BufferedPartition[Item]):
         finally:
             if self._attributes is not None:
                 self._attributes.close()
+
+
+def _about_rows(err: ClickHouseError) -> bool:
+    """Whether the engine refused some rows' values (retrying them cannot help), not the
+    setup or the connection."""
+    return not isinstance(err, ClickHouseUnavailable) and err.code in ROW_ERROR_CODES
 
 
 _BACKENDS: dict[str, ClickHouseBackend] = {}

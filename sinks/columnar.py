@@ -300,11 +300,8 @@ def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict
     """
     arrays = _pull(rows, _WINDOW_ROW, table)
     if enrichment is not None:
-        fields, attributes = enrichment
-        empty = ("",) * len(fields)
-        found = [attributes.get((row.organization_id, row.external_customer_id), empty) for row in rows]
-        for i, field in enumerate(fields):
-            arrays[field] = column_array([values[i] for values in found], "String", field)
+        _add_enrichment(arrays, [(row.organization_id, row.external_customer_id) for row in rows],
+                        enrichment)
     return _arrays_batch(arrays)
 
 
@@ -333,12 +330,18 @@ def block_batch(blocks: list, table: str, enrichment: tuple[tuple[str, ...], dic
     kinds = dict(TABLES_BY_NAME[table].columns)
     arrays = {name: column_array(values, kinds[name], name) for name, values in columns.items()}
     if enrichment is not None:
-        fields, attributes = enrichment
-        empty = ("",) * len(fields)
-        found = [attributes.get(pair, empty) for pair in zip(orgs, customers)]
-        for i, field in enumerate(fields):
-            arrays[field] = column_array([values[i] for values in found], "String", field)
+        _add_enrichment(arrays, zip(orgs, customers), enrichment)
     return _arrays_batch(arrays)
+
+
+def _add_enrichment(arrays: dict, customers, enrichment: tuple[tuple[str, ...], dict]) -> None:
+    """A ``String`` column per enrichment field, for the rows' ``(organization_id,
+    external_customer_id)`` pairs ``customers`` (empty strings where the attributes have none)."""
+    fields, attributes = enrichment
+    empty = ("",) * len(fields)
+    found = [attributes.get(pair, empty) for pair in customers]
+    for i, field in enumerate(fields):
+        arrays[field] = column_array([values[i] for values in found], "String", field)
 
 
 def metric_batch(rows: list, table: str):

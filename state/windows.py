@@ -245,20 +245,17 @@ class WindowStore:
         if counts == emitted:  # nothing changed since the last emission
             return [], []
         if not any(emitted) and 0 not in counts:  # a first emission: every key, in bulk
-            if blocks:
-                key_list = list(keys)
-                if record:
-                    for aggregate in keys.values():
-                        aggregate[2] = aggregate[0]
-                return [WindowRowBlock(grain, start, end, version, key_list, counts, totals)], key_list
-            orgs, customers, codes = zip(*keys)
-            n = len(counts)
-            rows = list(map(WindowRow, orgs, customers, codes, repeat(start, n), repeat(end, n), counts,
-                            totals, repeat(version, n), repeat(False, n), repeat(grain, n)))
+            key_list = list(keys)
             if record:
                 for aggregate in keys.values():
                     aggregate[2] = aggregate[0]
-            return rows, list(keys)
+            if blocks:
+                return [WindowRowBlock(grain, start, end, version, key_list, counts, totals)], key_list
+            orgs, customers, codes = zip(*key_list)
+            n = len(counts)
+            rows = list(map(WindowRow, orgs, customers, codes, repeat(start, n), repeat(end, n), counts,
+                            totals, repeat(version, n), repeat(False, n), repeat(grain, n)))
+            return rows, key_list
         rows, emitted_keys = [], []
         for key, aggregate in keys.items():
             count, total, emitted = aggregate
