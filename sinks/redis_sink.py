@@ -49,7 +49,7 @@ from bytewax.outputs import FixedPartitionedSink
 
 from operators.live_totals import LiveTotals, PeriodKey, period_label
 from operators.telemetry import metrics
-from operators.validation import VALUE_SCALE, format_scaled
+from operators.validation import format_scaled
 from sinks.buffered import BufferedPartition
 from sinks.redis_client import REDIS_ERRORS, Breaker, connect, plain, redis_key
 
@@ -69,7 +69,6 @@ end
 return #totals / 4
 """  # ARGV[1]: JSON [key, count text, value text, ttl, key, ...] (see the module docstring)
 _encode_json = msgspec.json.Encoder().encode
-_ONE = 10**VALUE_SCALE
 
 
 Total = tuple  # (count, total_scaled)
@@ -81,19 +80,6 @@ def usage_key(key: PeriodKey) -> str:
     if plain(org + customer + code):  # nearly always: nothing to encode
         return f"{USAGE_PREFIX}:{org}:{customer}:{code}:{period_label(kind, start)}"
     return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
-
-
-def value_text(total_scaled: int) -> str:
-    """``format_scaled``, sliced from the digits for totals of one unit or more (most of them,
-    and twice as fast as dividing).
-
-    >>> value_text(12_500_000_000_000_000_000), value_text(5), value_text(-10**18)
-    ('12.500000000000000000', '0.000000000000000005', '-1.000000000000000000')
-    """
-    if total_scaled >= _ONE:
-        digits = str(total_scaled)
-        return f"{digits[:-VALUE_SCALE]}.{digits[-VALUE_SCALE:]}"
-    return format_scaled(total_scaled)
 
 
 def encode_calls(totals: dict[PeriodKey, Total], per_call: int = KEYS_PER_CALL) -> list[bytes]:
@@ -111,7 +97,7 @@ def encode_calls(totals: dict[PeriodKey, Total], per_call: int = KEYS_PER_CALL) 
             ids_plain = plain(org + customer + code)  # nearly always: nothing to encode
             name = (f"{USAGE_PREFIX}:{org}:{customer}:{code}:{label}" if ids_plain
                     else redis_key(USAGE_PREFIX, org, customer, code, label))
-            flat += (name, str(count), value_text(total), KEY_TTL_S[kind])
+            flat += (name, str(count), format_scaled(total), KEY_TTL_S[kind])
         calls.append(_encode_json(flat))
     return calls
 

@@ -13,7 +13,8 @@ from decimal import Context, Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.redis_sink import RedisTotalsWriter, encode_calls, value_text
+from operators.validation import format_scaled
+from sinks.redis_sink import RedisTotalsWriter, encode_calls
 from support.redis import redis_server  # noqa: F401
 
 FEB_1_2026_MS = 1_769_904_000_000
@@ -35,8 +36,8 @@ def reference_key(org: str, customer: str, code: str, period: str) -> str:
 
 @given(st.integers(min_value=-10**40, max_value=10**40)
        | st.sampled_from([0, 1, -1, 10**18 - 1, 10**18, 10**18 + 1, -10**18, -10**18 - 1]))
-def test_value_text_is_the_exact_decimal(total_scaled):
-    assert value_text(total_scaled) == reference_value(total_scaled)
+def test_totals_are_written_as_the_exact_decimal(total_scaled):
+    assert format_scaled(total_scaled) == reference_value(total_scaled)
 
 
 ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
