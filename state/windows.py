@@ -187,11 +187,16 @@ class WindowStore:
                                                              compress(totals, new), repeat(0)))))
         if not all(new):  # the next snapshot packs the window's new keys; these changed
             old = list(map(not_, new))
-            for key, aggregate, count, total in zip(compress(keys, old), compress(aggregates, old),
-                                                    compress(counts, old), compress(totals, old)):
-                aggregate[0] += count
-                aggregate[1] += total
-                self._change(start_ms, key)
+            self._add_to_known(start_ms, compress(keys, old), compress(aggregates, old),
+                               compress(counts, old), compress(totals, old))
+
+    def _add_to_known(self, start_ms: int, keys: Iterable[WindowKey], aggregates: Iterable[list[int]],
+                      counts: Iterable[int], totals: Iterable[int]) -> None:
+        """Add each group to the aggregate its key already has in the window."""
+        for key, aggregate, count, total in zip(keys, aggregates, counts, totals):
+            aggregate[0] += count
+            aggregate[1] += total
+            self._change(start_ms, key)
 
     def _change(self, start_ms: int, key: WindowKey) -> None:
         changed = self._changed.get(start_ms)
@@ -440,9 +445,9 @@ class _BorrowedWindowStore(WindowStore):
             keys[key] = [aggregate[0] + count, aggregate[1] + total_scaled, aggregate[2]]
             self._change(start_ms, key)
 
-    def add_groups(self, start_ms: int, keys: list[WindowKey], counts: list[int],
-                   totals: list[int]) -> None:
-        """``add_group`` for each of ``keys`` (distinct), the new ones inserted in bulk.
+    def _add_to_known(self, start_ms: int, keys: Iterable[WindowKey], aggregates: Iterable[list[int]],
+                      counts: Iterable[int], totals: Iterable[int]) -> None:
+        """Replace each aggregate the groups change (the lender keeps its own).
 
             >>> from state.window_kinds import TumblingWindows
             >>> store = WindowStore(TumblingWindows(60_000))
@@ -452,16 +457,8 @@ class _BorrowedWindowStore(WindowStore):
             >>> scratch._open[0], store._open[0]
             ({('o', 'c', 'x'): [4, 6, 0], ('o', 'd', 'x'): [2, 7, 0]}, {('o', 'c', 'x'): [1, 5, 0]})
         """
-        window = self._open.setdefault(start_ms, {})
-        aggregates = list(map(window.get, keys))
-        new = list(map(is_, aggregates, repeat(None)))
-        window.update(zip(compress(keys, new), map(list, zip(compress(counts, new),
-                                                             compress(totals, new), repeat(0)))))
-        if not all(new):
-            old = list(map(not_, new))
-            for key, count, total in zip(compress(keys, old), compress(counts, old),
-                                         compress(totals, old)):
-                self.add_group(start_ms, key, count, total)
+        for key, _aggregate, count, total in zip(keys, aggregates, counts, totals):
+            self.add_group(start_ms, key, count, total)
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         raise TypeError("a borrowed window store shares its aggregates: owe on the store it "
