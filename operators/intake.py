@@ -42,6 +42,20 @@ _VALUE = itemgetter(2)
 """A Kafka record's value."""
 
 
+def _compiled_scan() -> Callable | None:
+    """The compiled fast path's ``scan`` (``operators/_fastintake.c``, built by ``make install``),
+    or None where it was not built: the intake then runs in pure Python, slower, same results."""
+    try:
+        from operators._fastintake import scan
+    except ImportError:
+        return None
+    return scan if DIGEST_BIAS == 2**63 else None  # scan subtracts 2**63 itself
+
+
+_fast_scan = _compiled_scan()
+"""What :meth:`IntakeLogic.process_columns` uses; tests set it to None for the pure path."""
+
+
 def shard_of(organization_id: str, shards: int) -> int:
     """The shard that owns an organization's dedup state and windows (stable across processes)."""
     return zlib.crc32(organization_id.encode()) % shards
@@ -155,9 +169,9 @@ class IntakeLogic:
         ``Message.timestamp()`` gives it (kind 0: no timestamp; read only with ``MAX_FUTURE_SKEW``),
         ``letter_of(index)`` the record's ``(key, headers)``, asked only for a dead letter.
 
-        The hot path of the flow: the batch validated in one call (``validate_each``), locals
-        instead of attribute lookups, each organization's shard and digest prefix cached, each
-        shard's list appended to directly, the watermark tracked inline and written back once::
+        The hot path of the flow: the compiled ``scan`` finishes the usual events
+        (:meth:`_intake_fast`), the Python loop the rest (:meth:`_intake_span`, the whole poll
+        where the extension is not built); the watermark is written back once::
 
             >>> from state.window_kinds import TumblingWindows
             >>> intake = IntakeLogic("usage", partition=0, n_partitions=1, shards=1,
@@ -170,23 +184,79 @@ class IntakeLogic:
         batch = IntakeBatch(self.partition, self.n_partitions, self.shards, 0, at_end,
                             self.topic, idle)
         batch.consumed_count = len(values)
+        if self.max_future_skew_ms is None:  # no record timestamp is read
+            record_times = None
+        elif not isinstance(record_times, list):
+            record_times = list(record_times)
+        shard_events: list[list[ShardEvent]] = [[] for _ in range(self.shards)]
+        max_event = self.watermark.max_event_ms
+        if _fast_scan is None:
+            max_event = self._intake_span(batch, shard_events, offsets, values, record_times, letter_of,
+                                          0, len(values), max_event)
+        else:
+            max_event = self._intake_fast(batch, shard_events, offsets, values, record_times, letter_of,
+                                          max_event)
+        self.watermark.max_event_ms = max_event
+        batch.events_by_shard = {shard: events for shard, events in enumerate(shard_events) if events}
+        batch.valid_count = len(values) - len(batch.dead_letters)
+        batch.watermark = (NO_WATERMARK if max_event is None
+                           else max_event - self.watermark.max_out_of_orderness_ms)
+        return batch
+
+    def _intake_fast(self, batch: IntakeBatch, shard_events: list[list], offsets: list[int], values: list,
+                     record_times: list | None, letter_of: Callable[[int], tuple],
+                     max_event: int | None) -> int | None:
+        """:meth:`_intake_span` over the whole poll with the compiled fast path (``_fastintake``).
+
+        ``scan`` finishes the usual events and stops at the first message it leaves to the
+        general rule; that one message goes through :meth:`_intake_span`, then ``scan`` goes on
+        after it. Both paths give the same batch (``tests/test_fast_intake.py``).
+        """
+        step, end_offset = self.windows.last_end_steps()
+        end_offset += self.allowed_lateness_ms
+        codes = self._metrics_by_code
+        metric_codes = frozenset(codes) if codes else None
+        skew_limit = self.max_future_skew_ms or 0
+        values = values if isinstance(values, list) else list(values)
+        offsets = offsets if isinstance(offsets, list) else list(offsets)
+        index, count_ = 0, len(values)
+        while index < count_:
+            index, max_event = _fast_scan(
+                values, offsets, index, record_times, skew_limit, step, end_offset,
+                self.watermark.max_out_of_orderness_ms, max_event, self._routes, digest_hash,
+                ShardEvent, metric_codes, shard_events)
+            if index < count_:
+                max_event = self._intake_span(batch, shard_events, offsets, values, record_times,
+                                              letter_of, index, index + 1, max_event)
+                index += 1
+        return max_event
+
+    def _intake_span(self, batch: IntakeBatch, shard_events: list[list], offsets: list[int], values: list,
+                     record_times: list | None, letter_of: Callable[[int], tuple], start: int, stop: int,
+                     max_event: int | None) -> int | None:
+        """Validate ``values[start:stop]`` in Python, appending to ``shard_events`` and ``batch``;
+        the max event time after them.
+
+        The pure-Python hot path: the span validated in one call (``validate_each``), locals
+        instead of attribute lookups, each organization's shard and digest prefix cached, each
+        shard's list appended to directly, the watermark tracked inline.
+        """
         # due = last_end_for(timestamp) + lateness, inlined: timestamp - timestamp % step + offset
         step, end_offset = self.windows.last_end_steps()
         end_offset += self.allowed_lateness_ms
         out_of_orderness = self.watermark.max_out_of_orderness_ms
-        max_event = self.watermark.max_event_ms
         watermark = NO_WATERMARK if max_event is None else max_event - out_of_orderness
         routes, metric_codes = self._routes, self._metrics_by_code
         digest_of, bias = digest_hash, DIGEST_BIAS
         max_skew = self.max_future_skew_ms
-        if max_skew is None:  # no record timestamp is read
-            record_times, skew_limit = repeat((0, 0)), 0
+        if record_times is None:  # no record timestamp is read
+            times, skew_limit = repeat((0, 0)), 0
         else:
-            skew_limit = max_skew
+            times, skew_limit = record_times[start:stop], max_skew
         dead_letters = batch.dead_letters
-        shard_events: list[list[ShardEvent]] = [[] for _ in range(self.shards)]
         append_to = [events.append for events in shard_events]
-        for index, event, (has_time, record_ms) in zip(count(), validate_each(values), record_times):
+        spanned = values[start:stop] if start or stop < len(values) else values
+        for index, event, (has_time, record_ms) in zip(count(start), validate_each(spanned), times):
             if event.__class__ is Invalid:
                 dead_letters.append(self._dead_letter(offsets[index], values[index], letter_of(index), event))
                 continue
@@ -214,11 +284,7 @@ class IntakeLogic:
             if max_event is None or timestamp > max_event:
                 max_event = timestamp
                 watermark = max_event - out_of_orderness
-        self.watermark.max_event_ms = max_event
-        batch.events_by_shard = {shard: events for shard, events in enumerate(shard_events) if events}
-        batch.valid_count = len(values) - len(dead_letters)
-        batch.watermark = watermark
-        return batch
+        return max_event
 
     def _metric_values(self, event, batch: IntakeBatch) -> list:
         values = []
