@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import time
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from deploy.broker import ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import run_flow
@@ -145,3 +148,55 @@ def test_flow_writes_plan_per_row_and_migrates_an_existing_table(kafka_broker, c
     expected = recompute(raw, window_size_ms=60_000, max_out_of_orderness_ms=10_000)
     actual = {k: v for k, v in read_output(chdb_url).aggregates.items() if k[0] != "old"}
     assert diff(expected.aggregates, actual) == []
+
+
+def reference_attributes(client, customer: tuple[str, str], fields: tuple[str, ...]):
+    """What one customer's lookup must give, read command by command: None without a hash."""
+    def part(text: str) -> str:
+        return "".join(f"%{ord(c):02X}" if c in "%:" or ord(c) < 0x20 or ord(c) == 0x7F else c
+                       for c in text)
+    key = ":".join(["tallyflow", "customer", *map(part, customer)])
+    if not client.exists(key):
+        return None
+    return tuple("" if v is None else v.decode("utf-8", "replace") for v in client.hmget(key, fields))
+
+
+awkward_ids = st.text(st.characters(codec="utf-8", blacklist_categories=("Cs",)), min_size=1, max_size=6)
+awkward_values = st.binary(max_size=12) | st.text(max_size=8).map(str.encode) | st.sampled_from(
+    [b"", b'"', b"\\", b"/", b"\n\t\x00", b"\xe2\x82", b"caf\xc3\xa9", b"\xff\"x", b"null"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.tuples(awkward_ids, awkward_ids),
+                       st.none() | st.dictionaries(st.sampled_from(["plan", "region", "x"]),
+                                                   awkward_values, max_size=3),
+                       min_size=1, max_size=12))
+def test_lookups_read_what_the_hashes_hold_byte_for_byte(redis_server, customers):
+    """Differential: the one-JSON-argument script answers what EXISTS and HMGET give, command by
+    command, for any ids and any bytes in the values (not UTF-8: U+FFFD, as before)."""
+    client = redis_server.client()
+    client.flushall()
+    for customer, attributes in customers.items():
+        if attributes is not None:
+            client.hset(customer_key(*customer), mapping=attributes or {"other": "1"})
+    fields = ("plan", "region")
+    attributes = CustomerAttributes(redis_server.url, fields, ttl_ms=60_000)
+    try:
+        found = attributes._read(list(customers))
+        assert found == [(c, reference_attributes(client, c, fields)) for c in customers]
+    finally:
+        attributes.close()
+
+
+def test_lookups_of_many_customers_span_several_script_calls(redis_server):
+    client = redis_server.client()
+    customers = [("o", f"c{i}") for i in range(2_500)]
+    for org, customer in customers[::7]:
+        client.hset(customer_key(org, customer), "plan", f"p{customer}")
+    attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=60_000)
+    scripts_before = scripts_run(client)
+    found = attributes.lookup(customers)
+    assert scripts_run(client) - scripts_before == 3
+    assert found == {c: (f"p{c[1]}",) if i % 7 == 0 else ("",) for i, c in enumerate(customers)}
+    assert attributes.stats == {"fetched": 358, "unknown": 2_142}
+    attributes.close()
