@@ -6,8 +6,8 @@ the lateness (its *due* point), then decides them in (event time, partition, off
 its time, partition, offset and digest, its customer key and its value. So each due point keeps
 those in typed arrays (8 bytes an integer), the keys once per distinct key, and the value exactly
 as a whole part and a fraction of 10**18 (``whole * 10**18 + fraction``; a whole part beyond 64
-bits waits in a small dict). Keys are numbered once for all held events; numbers no held event
-uses any more are dropped when the table has doubled, and before a snapshot. Only events with catalog metric values keep their ``ShardEvent``.
+bits waits in a small dict). Each bucket numbers its own keys, so its table goes when the bucket
+is taken: nothing to compact. Only events with catalog metric values keep their ``ShardEvent``.
 Sliding and session windows add event by event and may write a late record, so with
 ``per_event`` each event also keeps its ``watermark_before`` and transaction id (as UTF-8), and its
 ``ShardEvent`` is rebuilt at its decision::
@@ -32,7 +32,6 @@ point per millisecond), taken whole once the watermark passes their last due poi
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 import heapq
 from itertools import repeat
@@ -47,11 +46,11 @@ VALUE_UNIT = 10**18
 """Values are held as ``whole * VALUE_UNIT + fraction`` with ``0 <= fraction < VALUE_UNIT``."""
 
 _MIN_GRANULE_MS = 1_000  # a bucket spans at least this much of due points
-_MIN_KEYS = 4_096  # the key table is not compacted below this size
 _HALF_UNIT = 10**9  # a fraction as two parts below 10**9: sums of int64 stay exact
 _INT64_MAX = 2**63 - 1
-_TYPECODES = {"times": "q", "partitions": "i", "offsets": "q", "digests": "q", "wholes": "q",
-              "fractions": "q", "key_ids": "i", "seen": "q", "txn_lengths": "i"}
+_DTYPES = {name: np.dtype(code) for name, code in (
+    ("times", "q"), ("partitions", "i"), ("offsets", "q"), ("digests", "q"), ("wholes", "q"),
+    ("fractions", "q"), ("key_ids", "i"), ("seen", "q"), ("txn_lengths", "i"))}
 _PER_EVENT_ONLY = ("seen", "txn_lengths")
 _DIGEST, _ORG, _CUSTOMER, _CODE, _TIME, _VALUE, _SEEN, _OFFSET, _TXN, _METRICS = map(
     ShardEvent.__struct_fields__.index, (
@@ -70,27 +69,76 @@ class HeldSnapshot:
     buckets: list  # ({column name: bytes}, wide values, events, transaction ids) each
 
 
-class _Bucket:
-    """The events of one span of due points (``first_due``, ``last_due``), in arrival order."""
+class _KeyTable:
+    """The keys ``(org, customer, code)`` of one bucket's events, numbered from 0 in the order
+    first seen, one copy of each org and code string among them."""
 
-    __slots__ = ("columns", "wide", "events", "txns", "first_due", "last_due")
+    __slots__ = ("keys", "ids", "strings")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple] = []
+        self.ids: dict[tuple, int] = {}
+        self.strings: dict[str, str] = {}
+
+    def numbers(self, keys: Iterable[tuple]) -> list[int]:
+        """The numbers of ``keys``, new keys numbered."""
+        ids, ids_get, all_keys, strings = self.ids, self.ids.get, self.keys, self.strings
+        found = []
+        for key in keys:
+            number = ids_get(key)
+            if number is None:  # a new key: its org and code shared with the other keys
+                org, customer, code = key
+                key = (strings.setdefault(org, org), customer, strings.setdefault(code, code))
+                number = ids[key] = len(all_keys)
+                all_keys.append(key)
+            found.append(number)
+        return found
+
+    def copy(self) -> _KeyTable:
+        twin = _KeyTable()
+        twin.keys, twin.ids, twin.strings = list(self.keys), dict(self.ids), dict(self.strings)
+        return twin
+
+
+class _Bucket:
+    """The events of one span of due points (``first_due``, ``last_due``), in arrival order:
+    each column a list of numpy chunks (one an ``add``), joined when read."""
+
+    __slots__ = ("chunks", "size", "table", "wide", "events", "txns", "first_due", "last_due")
 
     def __init__(self, per_event: bool) -> None:
-        self.columns = {name: array(code) for name, code in _TYPECODES.items()
-                        if per_event or name not in _PER_EVENT_ONLY}
+        self.chunks: dict[str, list[np.ndarray]] = {
+            name: [] for name in _DTYPES if per_event or name not in _PER_EVENT_ONLY}
+        self.size = 0
+        self.table = _KeyTable()  # what the ``key_ids`` column numbers
         self.wide: dict[int, int] = {}  # position -> value whose whole part needs more than 64 bits
         self.events: dict[int, ShardEvent] = {}  # position -> the event, kept whole
         self.txns: list[bytes] | None = [] if per_event else None  # UTF-8, one chunk an add
         self.first_due, self.last_due = _INT64_MAX, -_INT64_MAX
 
     def __len__(self) -> int:
-        return len(self.columns["times"])
+        return self.size
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        """Add a chunk of events, one array per column (all of one length)."""
+        for name, chunk in columns.items():
+            self.chunks[name].append(chunk)
+        self.size += len(columns["times"])
+
+    def column(self, name: str) -> np.ndarray:
+        """The column ``name`` as one array (its chunks joined once; never written in place)."""
+        chunks = self.chunks[name]
+        if len(chunks) != 1:
+            chunks[:] = [np.concatenate(chunks) if chunks else np.empty(0, _DTYPES[name])]
+        return chunks[0]
 
     def copy(self) -> _Bucket:
-        """A bucket with its own columns (the kept events are immutable, so shared)."""
+        """A bucket of its own (chunks are never written in place, kept events are immutable:
+        both shared)."""
         twin = _Bucket(self.txns is not None)
-        twin.columns = {name: column[:] for name, column in self.columns.items()}
-        twin.wide, twin.events = dict(self.wide), dict(self.events)
+        twin.table = self.table.copy()
+        twin.chunks = {name: list(chunks) for name, chunks in self.chunks.items()}
+        twin.size, twin.wide, twin.events = self.size, dict(self.wide), dict(self.events)
         twin.txns = None if self.txns is None else list(self.txns)
         twin.first_due, twin.last_due = self.first_due, self.last_due
         return twin
@@ -109,45 +157,18 @@ class HeldEvents:
         self.granule = step * -(-_MIN_GRANULE_MS // step)
         self._buckets: dict[int, _Bucket] = {}  # bucket_of(due) -> its events
         self._dues: list[int] = []  # a heap of the buckets' keys
-        self._keys: list[tuple] = []  # (org, customer, code) by number; replaced, never shrunk
-        self._key_ids: dict[tuple, int] = {}
-        self._strings: dict[str, str] = {}  # one copy of each org and code
-        self._compact_at = _MIN_KEYS
         if resume is not None:
             if resume.per_event != per_event:
                 raise ValueError(
                     f"held events were snapshotted with per_event={resume.per_event}, now "
                     f"{per_event}: the window kind changed; start a new recovery store")
-            self._number_keys([tuple(key) for key in resume.keys])
+            keys = [tuple(key) for key in resume.keys]
             if resume.buckets:  # bucketed again: the windows or the lateness may have changed
-                buckets = [_unpacked(packed, per_event, len(self._keys)) for packed in resume.buckets]
-                everything = _ready(buckets, self._keys)
+                buckets = [_unpacked(packed, per_event, len(keys)) for packed in resume.buckets]
+                everything = _ready(buckets, keys)
                 keys = self._dues_of(everything.times) // self.granule
                 for key in np.unique(keys).tolist():
                     self._put(key, self._part(everything, np.flatnonzero(keys == key)))
-
-    def _number_keys(self, keys: list[tuple]) -> None:
-        """Number ``keys`` from 0, one copy of each org and code string among them."""
-        strings: dict[str, str] = {}
-        self._keys = [(strings.setdefault(org, org), customer, strings.setdefault(code, code))
-                      for org, customer, code in keys]
-        self._key_ids = {key: number for number, key in enumerate(self._keys)}
-        self._strings = strings
-        self._compact_at = max(2 * len(keys), _MIN_KEYS)
-
-    def _compact_keys(self) -> None:
-        """Drop the keys no held event uses, and number the others again."""
-        columns = [bucket.columns["key_ids"] for bucket in self._buckets.values()]
-        used = np.unique(np.concatenate([np.array(column, dtype=np.int32) for column in columns]
-                                        or [np.empty(0, np.int32)]))
-        renumbered = np.full(len(self._keys), -1, dtype=np.int32)
-        renumbered[used] = np.arange(len(used), dtype=np.int32)
-        for column in columns:
-            new = renumbered[np.array(column, dtype=np.int32)]
-            del column[:]
-            column.frombytes(new.tobytes())
-        keys = self._keys
-        self._number_keys([keys[number] for number in used.tolist()])
 
     def bucket_of(self, due: int) -> int:
         """The key of the bucket that holds events due at ``due``."""
@@ -157,21 +178,21 @@ class HeldEvents:
         return times - times % self.step + self.offset
 
     def _put(self, key: int, bucket: _Bucket) -> None:
-        times = np.frombuffer(bucket.columns["times"], dtype=np.int64)
+        times = bucket.column("times")
         if len(times):
             dues = self._dues_of(np.array([times.min(), times.max()]))
             bucket.first_due, bucket.last_due = int(dues[0]), int(dues[1])
-        del times  # the array can grow again
         self._buckets[key] = bucket
         heapq.heappush(self._dues, key)
 
     def _part(self, ready: "Ready", positions: np.ndarray) -> _Bucket:
         """A bucket of the events of ``ready`` at ``positions`` (ascending)."""
+        used, key_ids = np.unique(ready.key_ids[positions], return_inverse=True)
         bucket = _Bucket(self.per_event)
-        for name, column in bucket.columns.items():
-            if name != "key_ids":
-                column.frombytes(getattr(ready, name)[positions].tobytes())
-        bucket.columns["key_ids"].frombytes(ready.key_ids[positions].tobytes())
+        numbers = bucket.table.numbers(map(ready.keys.__getitem__, used.tolist()))  # a key met twice: one number
+        columns = {name: getattr(ready, name)[positions] for name in bucket.chunks if name != "key_ids"}
+        columns["key_ids"] = np.array(numbers, dtype=np.int32)[key_ids.reshape(-1)]
+        bucket.append(columns)
         for kept, into in ((ready.wide, bucket.wide), (ready.events, bucket.events)):
             if kept:
                 where = np.searchsorted(positions, list(kept)).tolist()
@@ -196,58 +217,45 @@ class HeldEvents:
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(self.per_event)
             heapq.heappush(self._dues, key)
-        columns, n, start = bucket.columns, len(events), len(bucket)
+        start = len(bucket)
         fields = list(zip(*map(astuple, events)))  # one pass over the events: a tuple per field
-        times = fields[_TIME]
-        columns["times"].extend(times)
+        n = len(events)
+        times = np.fromiter(fields[_TIME], np.int64, n)
+        first, last = times.min(), times.max()  # due points grow with the time
         step, offset = self.step, self.offset
-        first, last = min(times), max(times)  # due points grow with the time
-        bucket.first_due = min(bucket.first_due, first - first % step + offset)
-        bucket.last_due = max(bucket.last_due, last - last % step + offset)
-        columns["partitions"].extend(array("i", (partition,)) * n)
-        columns["offsets"].extend(fields[_OFFSET])
-        columns["digests"].extend(fields[_DIGEST])
-        self._add_values(bucket, start, fields[_VALUE])
-        columns["key_ids"].extend(self._numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE])))
+        bucket.first_due = min(bucket.first_due, int(first - first % step + offset))
+        bucket.last_due = max(bucket.last_due, int(last - last % step + offset))
+        numbers = bucket.table.numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE]))
+        columns = {"times": times, "partitions": np.full(n, partition, dtype=np.int32),
+                   "offsets": np.fromiter(fields[_OFFSET], np.int64, n),
+                   "digests": np.fromiter(fields[_DIGEST], np.int64, n),
+                   "key_ids": np.fromiter(numbers, np.int32, n)}
+        columns["wholes"], columns["fractions"] = self._split_values(bucket, start, fields[_VALUE])
         if self.per_event:
-            columns["seen"].extend(fields[_SEEN])
+            columns["seen"] = np.fromiter(fields[_SEEN], np.int64, n)
             encoded = [txn.encode("utf-8", "surrogatepass") for txn in fields[_TXN]]
-            columns["txn_lengths"].extend(map(len, encoded))
+            columns["txn_lengths"] = np.fromiter(map(len, encoded), np.int32, n)
             bucket.txns.append(b"".join(encoded))
+        bucket.append(columns)
         if any(fields[_METRICS]):
             for position, event in enumerate(events, start):
                 if event.metric_values:
                     bucket.events[position] = event
 
     @staticmethod
-    def _add_values(bucket: _Bucket, start: int, values: tuple[int, ...]) -> None:
+    def _split_values(bucket: _Bucket, start: int, values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The whole parts and fractions of ``values`` (of the events from ``start`` on); a value
+        whose whole part passes 64 bits goes to ``bucket.wide`` (whole and fraction 0)."""
         wholes, fractions = zip(*map(divmod, values, repeat(VALUE_UNIT)))
         try:
-            wholes = array("q", wholes)
+            return np.fromiter(wholes, np.int64, len(values)), np.fromiter(fractions, np.int64, len(values))
         except OverflowError:  # a whole part beyond 64 bits: held aside, exactly
-            wholes, fractions = array("q", bytes(8 * len(values))), list(fractions)
+            wholes, fractions = list(wholes), list(fractions)
             for position, value in enumerate(values):
-                if -_INT64_MAX <= value // VALUE_UNIT <= _INT64_MAX:
-                    wholes[position] = value // VALUE_UNIT
-                else:
+                if not -_INT64_MAX <= wholes[position] <= _INT64_MAX:
                     bucket.wide[start + position] = value
-                    fractions[position] = 0
-        bucket.columns["wholes"].extend(wholes)
-        bucket.columns["fractions"].extend(array("q", fractions))
-
-    def _numbers(self, events_keys: Iterable[tuple]) -> list[int]:
-        """The numbers of the keys ``(org, customer, code)`` of events, new keys numbered."""
-        ids, ids_get, keys, strings = self._key_ids, self._key_ids.get, self._keys, self._strings
-        found = []
-        for key in events_keys:
-            number = ids_get(key)
-            if number is None:  # a new key: its org and code shared with the other keys
-                org, customer, code = key
-                key = (strings.setdefault(org, org), customer, strings.setdefault(code, code))
-                number = ids[key] = len(keys)
-                keys.append(key)
-            found.append(number)
-        return found
+                    wholes[position] = fractions[position] = 0
+            return np.array(wholes, dtype=np.int64), np.array(fractions, dtype=np.int64)
 
     def take_through(self, watermark: int) -> "Ready | None":
         """Remove every event due at or before ``watermark``; ``None`` when there is none."""
@@ -256,7 +264,7 @@ class HeldEvents:
             taken.append(buckets.pop(heapq.heappop(dues)))
         if dues and buckets[dues[0]].first_due <= watermark:  # later buckets hold later due points
             key = heapq.heappop(dues)
-            split = _ready([buckets.pop(key)], self._keys)
+            split = _ready([buckets.pop(key)])
             due = self._dues_of(split.times) <= watermark
             if due.any():
                 taken.append(self._part(split, np.flatnonzero(due)))
@@ -264,10 +272,7 @@ class HeldEvents:
                 self._put(key, self._part(split, np.flatnonzero(~due)))
         if not taken:
             return None
-        ready = _ready(taken, self._keys)  # keeps this list: compacting replaces it
-        if len(self._keys) >= self._compact_at:
-            self._compact_keys()
-        return ready
+        return _ready(taken)
 
     def copy(self) -> HeldEvents:
         """An independent copy (the provisional flush takes every event out of one).
@@ -280,14 +285,16 @@ class HeldEvents:
         twin = HeldEvents(self.per_event, self.step, self.offset)
         twin._buckets = {key: bucket.copy() for key, bucket in self._buckets.items()}
         twin._dues = list(self._dues)
-        twin._keys, twin._key_ids = list(self._keys), dict(self._key_ids)
-        twin._strings, twin._compact_at = dict(self._strings), self._compact_at
         return twin
 
     def snapshot(self) -> HeldSnapshot:
-        self._compact_keys()
-        return HeldSnapshot(self.per_event, list(self._keys),
-                            [_packed(bucket) for bucket in self._buckets.values()])
+        """The buckets' key tables one after the other (a key may come twice), each bucket's
+        numbers moved past the tables before it."""
+        keys, packed = [], []
+        for bucket in self._buckets.values():
+            packed.append(_packed(bucket, len(keys)))
+            keys += bucket.table.keys
+        return HeldSnapshot(self.per_event, keys, packed)
 
 
 @dataclass(frozen=True)
@@ -389,15 +396,18 @@ class Ready:
         return whole_sums, np.add.reduceat(highs, heads), np.add.reduceat(lows, heads), wide
 
 
-def _ready(buckets: list[_Bucket], keys: list[tuple]) -> Ready:
-    """The buckets' events merged and sorted for the decision."""
+def _ready(buckets: list[_Bucket], keys: list[tuple] | None = None) -> Ready:
+    """The buckets' events merged and sorted for the decision; their ``key_ids`` number
+    ``keys`` where given, else each bucket's own table (merged here)."""
     wide, events, base = {}, {}, 0
     for bucket in buckets:
         wide.update((base + position, value) for position, value in bucket.wide.items())
         events.update((base + position, event) for position, event in bucket.events.items())
         base += len(bucket)
-    columns = {name: np.concatenate([np.frombuffer(b.columns[name], dtype=_TYPECODES[name])
-                                     for b in buckets]) for name in buckets[0].columns}
+    if keys is None:
+        keys = _merged_tables(buckets)
+    columns = {name: np.concatenate([chunk for b in buckets for chunk in b.chunks[name]])
+               for name in buckets[0].chunks}
     order = np.lexsort((columns["offsets"], columns["partitions"], columns["times"]))
     if wide or events:
         new_position = np.empty(len(order), dtype=np.int64)
@@ -413,6 +423,18 @@ def _ready(buckets: list[_Bucket], keys: list[tuple]) -> Ready:
                  keys=keys, wide=wide, events=events, **txns)
 
 
+def _merged_tables(buckets: list[_Bucket]) -> list[tuple]:
+    """The keys of the buckets' tables as one list; every bucket's ``key_ids`` renumbered into
+    it (a key in two tables gets one number)."""
+    table = buckets[0].table
+    if len(buckets) > 1:
+        table = table.copy()
+        for bucket in buckets[1:]:
+            numbers = np.array(table.numbers(bucket.table.keys), dtype=np.int32)
+            bucket.chunks["key_ids"] = [numbers[bucket.column("key_ids")]]
+    return table.keys
+
+
 def _gathered(blob: bytes, starts: np.ndarray, lengths: np.ndarray) -> bytes:
     """The pieces ``blob[start:start + length]``, joined.
 
@@ -424,8 +446,11 @@ def _gathered(blob: bytes, starts: np.ndarray, lengths: np.ndarray) -> bytes:
     return np.frombuffer(blob, dtype=np.uint8)[places].tobytes()
 
 
-def _packed(bucket: _Bucket) -> tuple:
-    return ({name: column.tobytes() for name, column in bucket.columns.items()},
+def _packed(bucket: _Bucket, first_key: int) -> tuple:
+    """The bucket as bytes, its key numbers counted from ``first_key``."""
+    columns = {name: bucket.column(name) for name in bucket.chunks}
+    columns["key_ids"] = columns["key_ids"] + np.int32(first_key)
+    return ({name: column.tobytes() for name, column in columns.items()},
             dict(bucket.wide), dict(bucket.events),
             None if bucket.txns is None else b"".join(bucket.txns))
 
@@ -433,21 +458,21 @@ def _packed(bucket: _Bucket) -> tuple:
 def _unpacked(packed: tuple, per_event: bool, n_keys: int) -> _Bucket:
     column_bytes, wide, events, txns = packed
     bucket = _Bucket(per_event)
-    if set(column_bytes) != set(bucket.columns):
+    if set(column_bytes) != set(bucket.chunks):
         raise ValueError(f"held events: a snapshot with columns {sorted(column_bytes)}, expected "
-                         f"{sorted(bucket.columns)}; start a new recovery store")
-    for name, data in column_bytes.items():
-        bucket.columns[name].frombytes(data)
-    lengths = {len(column) for column in bucket.columns.values()}
+                         f"{sorted(bucket.chunks)}; start a new recovery store")
+    columns = {name: np.frombuffer(data, dtype=_DTYPES[name]).copy() for name, data in column_bytes.items()}
+    lengths = {len(column) for column in columns.values()}
     if len(lengths) != 1:
         raise ValueError(f"held events: columns of different lengths {sorted(lengths)} in a snapshot")
-    numbers = np.array(bucket.columns["key_ids"], dtype=np.int32)
+    bucket.append(columns)
+    numbers = columns["key_ids"]
     if len(numbers) and not 0 <= int(numbers.min()) <= int(numbers.max()) < n_keys:
         raise ValueError(f"held events: a key number outside the snapshot's {n_keys} keys")
     bucket.wide, bucket.events = dict(wide), dict(events)
     if per_event:
         bucket.txns = [bytes(txns)]
-        expected = sum(bucket.columns["txn_lengths"])
+        expected = int(columns["txn_lengths"].sum())
         if len(txns) != expected:
             raise ValueError(f"held events: {len(txns)} bytes of transaction ids, expected {expected}")
     return bucket

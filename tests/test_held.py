@@ -64,6 +64,8 @@ def check_ready(ready, taken: list, per_event: bool) -> None:
     assert [ready.value(i) for i in range(len(events))] == [e.value_scaled for e in events]
     assert [ready.keys[k] for k in ready.key_ids.tolist()] == \
         [(e.organization_id, e.external_customer_id, e.code) for e in events]
+    used = set(ready.key_ids.tolist())  # one number a key (decisions group by number), whichever bucket held it
+    assert len({ready.keys[k] for k in used}) == len(used)
     kept = {i: e for i, e in enumerate(events) if e.metric_values}
     assert ready.events == kept and list(ready.events) == sorted(kept)
     if per_event:
@@ -98,3 +100,20 @@ def test_a_snapshot_holds_columns_not_events():
     assert len(packed) < 60 * len(events), len(packed)  # 7 columns of 8 or 4 bytes; keys once
     assert HeldEvents(False, 60_000, 60_000, pickle.loads(packed)).take_through(60_000).times.tolist() == \
         [1_000 + i for i in range(1_000)]
+
+
+def test_a_key_held_in_several_buckets_has_one_number_when_taken_together_and_after_a_resume():
+    """Each bucket numbers its own keys: a take of several buckets, and a snapshot (which lists
+    every bucket's keys), still give one number a key."""
+    held = HeldEvents(per_event=False, step=60_000, offset=60_000)
+    for minute in range(3):
+        held.add(held.bucket_of((minute + 1) * 60_000), minute % 2, [
+            ShardEvent(minute, "org", customer, "api_calls", minute * 60_000 + 5, 10**18, 0, minute, "t", None)
+            for customer in ("a", "b", "a")])
+    snapshot = pickle.loads(pickle.dumps(held.snapshot()))
+    assert len(snapshot.keys) == 6  # two keys in each of three buckets
+    for holder in (held, HeldEvents(False, 60_000, 60_000, snapshot)):
+        ready = holder.take_through(180_000)
+        assert sorted(ready.keys[k] for k in set(ready.key_ids.tolist())) == \
+            [("org", "a", "api_calls"), ("org", "b", "api_calls")]
+        assert [ready.keys[k][1] for k in ready.key_ids.tolist()] == ["a", "b", "a"] * 3
