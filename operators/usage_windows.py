@@ -25,8 +25,8 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
-from itertools import groupby
-from operator import add, attrgetter
+from itertools import groupby, repeat
+from operator import add, attrgetter, mul
 from typing import Iterable
 
 import bytewax.operators as op
@@ -606,7 +606,7 @@ class _Sums:
     firsts: np.ndarray  # each group's first event, in decision order
     counts: np.ndarray
     latest: np.ndarray
-    parts: tuple  # the totals, as ``Ready.run_parts`` gives them
+    totals: list  # the exact sums (Python integers)
 
     @staticmethod
     def of(ready: Ready, fresh: np.ndarray, times: np.ndarray, key_ids: np.ndarray,
@@ -617,31 +617,25 @@ class _Sums:
         order, heads = _runs(starts, key_ids, len(ready.keys))
         firsts = order[heads]
         return _Sums(starts[firsts], key_ids[firsts], firsts, np.diff(np.append(heads, len(order))),
-                     np.maximum.reduceat(times[order], heads), ready.run_parts(fresh[order], heads))
+                     np.maximum.reduceat(times[order], heads),
+                     _exact_totals(*ready.run_parts(fresh[order], heads)))
 
-    def rolled_up(self, unit_ms: int, n_keys: int) -> _Sums | None:
-        """These sums per (period of ``unit_ms``, key), for periods that nest in it; ``None``
-        where a whole sum could pass 64 bits."""
-        wholes, highs, lows, wide = self.parts
-        if not isinstance(wholes, np.ndarray) or (
-                len(wholes) and int(np.abs(wholes).max()) >= _INT64_MAX // len(wholes) - 1):
-            return None
+    def rolled_up(self, unit_ms: int, n_keys: int) -> _Sums:
+        """These sums per (period of ``unit_ms``, key), for periods that nest in it. A group
+        alone in its period (most: a batch decides a window or two) keeps its total as it is."""
         starts = self.starts - self.starts % unit_ms
         order, heads = _runs(starts, self.key_ids, n_keys)
-        if wide:
-            runs = np.searchsorted(heads, np.argsort(order), side="right") - 1
-            rolled = {}
-            for group, value in wide.items():
-                run = int(runs[group])
-                rolled[run] = rolled.get(run, 0) + value
-            wide = rolled
+        totals = list(map(self.totals.__getitem__, order[heads].tolist()))
+        ends = np.append(heads[1:], len(order))
+        for run in np.flatnonzero(ends - heads > 1).tolist():
+            totals[run] = sum(map(self.totals.__getitem__, order[heads[run]:ends[run]].tolist()))
         firsts = order[heads]
         return _Sums(starts[firsts], self.key_ids[firsts], np.minimum.reduceat(self.firsts[order], heads),
                      np.add.reduceat(self.counts[order], heads), np.maximum.reduceat(self.latest[order], heads),
-                     tuple(np.add.reduceat(part[order], heads) for part in (wholes, highs, lows)) + (wide,))
+                     totals)
 
     def groups(self, keys: list[tuple]) -> _Groups:
-        """The sums as :class:`_Groups` (exact totals, in the order of their first event).
+        """The sums as :class:`_Groups` (in the order of their first event).
 
             >>> ready = Ready(*[np.array(c, dtype=np.int64) for c in ([5, 61_000, 62_000, 63_000],
             ...               [0] * 4, [0] * 4, [0] * 4, [1, 2, 3, 4], [0] * 4)],
@@ -652,31 +646,41 @@ class _Sums:
             >>> groups.totals == [10**18, 2 * 10**18, 7 * 10**18]
             True
         """
-        wholes, highs, lows, wide = self.parts
-        low_carry, lows = np.divmod(lows, _HALF_UNIT)
-        carry, highs = np.divmod(highs + low_carry, _HALF_UNIT)
-        fractions = (highs * _HALF_UNIT + lows).tolist()  # each below VALUE_UNIT
-        if isinstance(wholes, np.ndarray) and (not len(wholes) or int(np.abs(wholes).max())
-                                               < _INT64_MAX - int(carry.max())):
-            wholes = (wholes + carry).tolist()
-        else:  # as Python integers
-            wholes = [whole + extra for whole, extra in zip(wholes, carry.tolist())]
-        totals = [whole * VALUE_UNIT + fraction for whole, fraction in zip(wholes, fractions)]
-        for run, value in wide.items():
-            totals[run] += value
         by_first = np.argsort(self.firsts)
         return _Groups(self.starts[by_first].tolist(),
                        list(map(keys.__getitem__, self.key_ids[by_first].tolist())),
-                       self.counts[by_first].tolist(), list(map(totals.__getitem__, by_first.tolist())),
+                       self.counts[by_first].tolist(), list(map(self.totals.__getitem__, by_first.tolist())),
                        self.latest[by_first].tolist())
+
+
+def _exact_totals(wholes, highs: np.ndarray, lows: np.ndarray, wide: dict) -> list[int]:
+    """The exact sums of runs given in parts as ``Ready.run_parts`` gives them.
+
+        >>> _exact_totals(np.array([1, -1]), np.array([0, 2 * 10**9 - 1]), np.array([3, 10**9 + 5]),
+        ...               {1: 10**40}) == [10**18 + 3, 10**40 + 10**18 + 5]  # -1 + 2 * 10**9 * 10**9 = 1 whole
+        True
+    """
+    low_carry, lows = np.divmod(lows, _HALF_UNIT)
+    carry, highs = np.divmod(highs + low_carry, _HALF_UNIT)
+    fractions = (highs * _HALF_UNIT + lows).tolist()  # each below VALUE_UNIT
+    if isinstance(wholes, np.ndarray) and (not len(wholes) or int(np.abs(wholes).max())
+                                           < _INT64_MAX - int(carry.max())):
+        wholes = (wholes + carry).tolist()
+    else:  # as Python integers
+        wholes = list(map(add, wholes, carry.tolist()))
+    totals = list(map(add, map(mul, wholes, repeat(VALUE_UNIT)), fractions))
+    for run, value in wide.items():
+        totals[run] += value
+    return totals
 
 
 def _grain_groups(ready: Ready, fresh: np.ndarray, windows: _Sums, unit_ms: int,
                   size_ms: int) -> _Groups:
     """The counted events (positions ``fresh`` of ``ready``) summed per (period of ``unit_ms``,
     key): from the ``windows`` sums where windows of ``size_ms`` nest in the periods."""
-    sums = windows.rolled_up(unit_ms, len(ready.keys)) if unit_ms % size_ms == 0 else None
-    if sums is None:
+    if unit_ms % size_ms == 0:
+        sums = windows.rolled_up(unit_ms, len(ready.keys))
+    else:
         sums = _Sums.of(ready, fresh, ready.times[fresh], ready.key_ids[fresh], unit_ms)
     return sums.groups(ready.keys)
 
