@@ -438,8 +438,8 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         scratch.pending_late = {at: list(entries) for at, entries in self.pending_late.items()}
         scratch._late_points = list(self._late_points)
         scratch._pruned_at = NO_WATERMARK
-        scratch.usage = _scratch_store(self.usage)
-        scratch.rollups = {grain: store.borrowed() for grain, store in self.rollups.items()}
+        scratch.usage = self.usage.copy()
+        scratch.rollups = {grain: store.copy() for grain, store in self.rollups.items()}
         scratch.metric_stores = [store.copy() for store in self.metric_stores]
         scratch.window_tracing = tracing.WindowTracing()
         return scratch
@@ -757,11 +757,6 @@ def _held(windows: WindowKind, step: int, offset: int,
         for timestamp, partition, _o, _d, event in entries:
             held.add(held.bucket_of(timestamp - timestamp % step + offset), partition, [event])
     return held
-
-
-def _scratch_store(store):
-    """A copy of ``store`` for the provisional flush (which emits it once, then drops it)."""
-    return store.borrowed() if isinstance(store, WindowStore) else store.copy()
 
 
 def _longest_window(windows: WindowKind) -> int:

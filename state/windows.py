@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections import deque
 from dataclasses import dataclass, field
-from itertools import compress, groupby, islice, repeat
-from operator import attrgetter, is_, itemgetter, not_, setitem
+from itertools import compress, groupby, repeat
+from operator import attrgetter, is_, ne, not_
 from typing import Iterable
 
-from state.packing import pack_columns, pack_entries, unpack_entries
+from state.packing import pack_key_columns, unpack_entries, unpack_key_columns
 from state.records import WindowRow, WindowRowBlock
 from state.window_kinds import WindowKind
 
@@ -31,7 +30,6 @@ OWED = -1
 """``emitted_count`` of a row a provisional flush wrote: re-emit it (or its tombstone) for real."""
 
 _ROW_START = attrgetter("window_start_ms")
-_EMITTED = itemgetter(2)  # of an aggregate [count, total_scaled, emitted_count]
 _ROW_KEY = attrgetter("organization_id", "external_customer_id", "code")
 
 
@@ -68,26 +66,116 @@ class WindowSnapshot:
 
 
 def pack_window(keys: dict[WindowKey, list[int]]) -> bytes:
-    """One window's ``{key: [count, total_scaled, emitted]}`` as compact bytes (``state.packing``).
+    """One window's ``{key: [count, total_scaled, emitted]}`` as compact bytes (``state.packing``
+    format 3, what a store's snapshots hold).
 
         >>> packed = pack_window({("o", "c", "x"): [2, -10**40, 1], ("o", "d", "x"): [1, 5, 0]})
         >>> unpack_window(packed)
         {('o', 'c', 'x'): [2, -10000000000000000000000000000000000000000, 1], ('o', 'd', 'x'): [1, 5, 0]}
     """
-    return pack_entries(keys, key_width=3, big=1)
+    return _Window.of(keys).packed(0, [])
 
 
 def unpack_window(packed: bytes) -> dict[WindowKey, list[int]]:
-    """The aggregates ``pack_window`` packed, as ``{key: [count, total_scaled, emitted]}``."""
+    """The aggregates ``pack_window`` packed (or an earlier release), as ``{key: [count,
+    total_scaled, emitted]}``."""
     return unpack_entries(packed, key_width=3)
+
+
+class _Window:
+    """One window's aggregates as columns: its ``keys`` in the order they came, ``positions``
+    (key → index in ``keys``), and per index the event count, the scaled sum and the emitted
+    count (``OWED``: see ``WindowStore.owe``). Keys leave only with their window, so a key's
+    index never changes: a snapshot packs the keys after the first ``done`` as the new ones.
+
+    Columns of integers, not a ``[count, total, emitted]`` list per key: adding a window's new
+    keys appends to four lists, a first emission reads and records its columns whole, and a
+    copy copies five containers instead of a list per key.
+
+        >>> window = _Window()
+        >>> window.extend([("o", "c", "x"), ("o", "d", "x")], [2, 1], [7, 3])
+        >>> window.aggregates()
+        {('o', 'c', 'x'): [2, 7, 0], ('o', 'd', 'x'): [1, 3, 0]}
+    """
+
+    __slots__ = ("keys", "positions", "counts", "totals", "emitted")
+
+    def __init__(self) -> None:
+        self.keys: list[WindowKey] = []
+        self.positions: dict[WindowKey, int] = {}
+        self.counts: list[int] = []
+        self.totals: list[int] = []
+        self.emitted: list[int] = []
+
+    @classmethod
+    def of(cls, aggregates: dict[WindowKey, Iterable[int]]) -> _Window:
+        """The window of ``{key: (count, total_scaled, emitted)}``, in its order."""
+        window = cls()
+        if aggregates:
+            window.extend(list(aggregates), *zip(*aggregates.values()))
+        return window
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Window) and (self.keys, self.counts, self.totals, self.emitted) == \
+            (other.keys, other.counts, other.totals, other.emitted)
+
+    def extend(self, keys: list[WindowKey], counts: Iterable[int], totals: Iterable[int],
+               emitted: Iterable[int] | None = None) -> None:
+        """Append new ``keys`` (none already here) with their aggregates (emitted 0 unless given)."""
+        held = len(self.keys)
+        self.keys += keys
+        self.positions.update(zip(keys, range(held, len(self.keys))))
+        self.counts += counts
+        self.totals += totals
+        self.emitted += repeat(0, len(keys)) if emitted is None else emitted
+
+    def aggregates(self) -> dict[WindowKey, list[int]]:
+        """``{key: [count, total_scaled, emitted]}``, in order."""
+        return dict(zip(self.keys, map(list, zip(self.counts, self.totals, self.emitted))))
+
+    def merge(self, keys: list[WindowKey], counts: list[int], totals: list[int],
+              emitted: list[int]) -> None:
+        """Take ``keys``' aggregates (a later snapshot segment's), replacing those it holds."""
+        if not self.keys:
+            self.extend(keys, counts, totals, emitted)
+            return
+        positions = list(map(self.positions.get, keys))
+        new = list(map(is_, positions, repeat(None)))
+        self.extend(list(compress(keys, new)), compress(counts, new), compress(totals, new),
+                    compress(emitted, new))
+        for position, count, total, was_emitted in zip(positions, counts, totals, emitted):
+            if position is not None:
+                self.counts[position], self.totals[position] = count, total
+                self.emitted[position] = was_emitted
+
+    def packed(self, done: int, before: list[int]) -> bytes:
+        """The keys after the first ``done``, then those at positions ``before`` (below
+        ``done``), with their aggregates, as bytes (``pack_key_columns``); the columns
+        themselves when that is every key."""
+        keys, counts, totals, emitted = self.keys, self.counts, self.totals, self.emitted
+        if done or before:
+            keys, counts, totals, emitted = (
+                column[done:] + list(map(column.__getitem__, before))
+                for column in (keys, counts, totals, emitted))
+        return pack_key_columns(keys, (counts, totals, emitted))
+
+    def copy(self) -> _Window:
+        twin = _Window()
+        twin.keys, twin.positions = self.keys[:], self.positions.copy()
+        twin.counts, twin.totals, twin.emitted = self.counts[:], self.totals[:], self.emitted[:]
+        return twin
 
 
 class WindowStore:
     """Keeps aggregates until the watermark passes a window's end, then emits its rows.
 
-    Each aggregate is ``[count, total_scaled, emitted_count]``. A row's version
-    comes from the watermark it is emitted at (:func:`row_version`), so a later
-    emission always replaces an earlier one in ClickHouse, across replays too.
+    Each aggregate is ``[count, total_scaled, emitted_count]`` (a window holds them as
+    columns: ``_Window``). A row's version comes from the watermark it is emitted at
+    (:func:`row_version`), so a later emission always replaces an earlier one in ClickHouse,
+    across replays too.
     """
 
     def __init__(self, windows: WindowKind, resume: WindowSnapshot | None = None,
@@ -101,15 +189,15 @@ class WindowStore:
         self.emit_after_ms = emit_after_ms
         self.grain = grain
         self.owed_after = resume.owed_after if resume is not None else NO_OWED
-        self._open: dict[int, dict[WindowKey, list[int]]] = {}
+        self._open: dict[int, _Window] = {}
         self._segments: dict[int, list[bytes]] = {}  # what the snapshots hold, per window
         self._segment_entries: dict[int, int] = {}  # aggregates in a window's segments
-        # What the next snapshot packs: a window's keys after its first ``_packed[start]`` (keys
-        # leave only with their window, so those are the ones added since the last snapshot, in
-        # order: nothing per key to note when adding), and ``_changed[start]``, the keys of
-        # aggregates changed since. A window missing from ``_packed`` is packed whole.
+        # What the next snapshot packs: a window's keys after its first ``_packed[start]``
+        # (those added since the last snapshot: nothing per key to note when adding), and
+        # ``_changed[start]``, the positions of aggregates changed since, in the order they
+        # changed. A window missing from ``_packed`` is packed whole.
         self._packed: dict[int, int] = {}
-        self._changed: dict[int, dict[WindowKey, None]] = {}
+        self._changed: dict[int, dict[int, None]] = {}
         if resume is not None:
             if resume.fingerprint != windows.fingerprint:
                 raise ValueError(
@@ -121,88 +209,82 @@ class WindowStore:
 
     def _resume_window(self, start: int, packed) -> None:
         if isinstance(packed, dict):  # a snapshot from before packing: packed at the next one
-            self._open[start] = {key: list(agg) for key, agg in packed.items()}
+            self._open[start] = _Window.of(packed)
             return
         segments = [packed] if isinstance(packed, bytes) else list(packed)
-        keys: dict[WindowKey, list[int]] = {}
-        entries = 0
+        window, entries = _Window(), 0
         for segment in segments:
             if segment.__class__ is int:  # OWED: every aggregate so far
-                deque(map(setitem, keys.values(), repeat(2), repeat(OWED)), maxlen=0)
+                window.emitted = [OWED] * len(window)
                 continue
-            aggregates = unpack_window(segment)
-            entries += len(aggregates)
-            keys.update(aggregates)
-        self._open[start], self._segments[start] = keys, segments
-        self._segment_entries[start], self._packed[start] = entries, len(keys)
+            keys, columns = unpack_key_columns(segment)
+            if keys:
+                window.merge(keys, *columns)
+            entries += len(keys)
+        self._open[start], self._segments[start] = window, segments
+        self._segment_entries[start], self._packed[start] = entries, len(window)
+
+    def _window(self, start_ms: int) -> _Window:
+        window = self._open.get(start_ms)
+        if window is None:
+            window = self._open[start_ms] = _Window()
+        return window
 
     def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
-        keys = self._open.get(start_ms)
-        if keys is None:
-            keys = self._open[start_ms] = {}
-        aggregate = keys.get(key)
-        if aggregate is None:
-            keys[key] = [1, value_scaled, 0]  # the next snapshot packs the window's new keys
-        else:
-            aggregate[0] += 1
-            aggregate[1] += value_scaled
-            self._change(start_ms, key)
+        self.add_group(start_ms, key, 1, value_scaled)
 
     def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
         """Add ``count`` events summing to ``total_scaled`` at once (a batch pre-aggregated)."""
-        keys = self._open.get(start_ms)
-        if keys is None:
-            keys = self._open[start_ms] = {}
-        aggregate = keys.get(key)
-        if aggregate is None:
-            keys[key] = [count, total_scaled, 0]  # the next snapshot packs the window's new keys
+        window = self._window(start_ms)
+        position = window.positions.get(key)
+        if position is None:  # the next snapshot packs the window's new keys
+            window.extend([key], (count,), (total_scaled,))
         else:
-            aggregate[0] += count
-            aggregate[1] += total_scaled
-            self._change(start_ms, key)
+            window.counts[position] += count
+            window.totals[position] += total_scaled
+            self._changed_in(start_ms)[position] = None
 
     def add_groups(self, start_ms: int, keys: list[WindowKey], counts: list[int],
                    totals: list[int]) -> None:
         """``add_group`` for each of ``keys`` (distinct) in order, at once: the window's new
-        keys are inserted in bulk.
+        keys are appended in bulk.
 
             >>> from state.window_kinds import TumblingWindows
             >>> store = WindowStore(TumblingWindows(60_000))
             >>> store.add(0, ("o", "c", "x"), 5)
             >>> store.add_groups(0, [("o", "d", "x"), ("o", "c", "x")], [2, 3], [7, 1])
-            >>> store._open[0]
+            >>> store._open[0].aggregates()
             {('o', 'c', 'x'): [4, 6, 0], ('o', 'd', 'x'): [2, 7, 0]}
         """
         if not keys:
             return
-        window = self._open.get(start_ms)
-        if window is None:
-            window = self._open[start_ms] = {}
-        if not window:  # every key is new
-            window.update(zip(keys, map(list, zip(counts, totals, repeat(0)))))
+        window = self._window(start_ms)
+        if not window.positions:  # every key is new
+            window.extend(keys, counts, totals)
             return
-        aggregates = list(map(window.get, keys))
-        new = list(map(is_, aggregates, repeat(None)))
-        window.update(zip(compress(keys, new), map(list, zip(compress(counts, new),
-                                                             compress(totals, new), repeat(0)))))
-        if not all(new):  # the next snapshot packs the window's new keys; these changed
+        positions = list(map(window.positions.get, keys))
+        new = list(map(is_, positions, repeat(None)))
+        if any(new):  # the next snapshot packs the window's new keys
+            window.extend(list(compress(keys, new)), compress(counts, new), compress(totals, new))
+        if not all(new):  # these changed
             old = list(map(not_, new))
-            self._add_to_known(start_ms, compress(keys, old), compress(aggregates, old),
+            self._add_to_known(start_ms, window, list(compress(positions, old)),
                                compress(counts, old), compress(totals, old))
 
-    def _add_to_known(self, start_ms: int, keys: Iterable[WindowKey], aggregates: Iterable[list[int]],
+    def _add_to_known(self, start_ms: int, window: _Window, positions: list[int],
                       counts: Iterable[int], totals: Iterable[int]) -> None:
-        """Add each group to the aggregate its key already has in the window."""
-        for key, aggregate, count, total in zip(keys, aggregates, counts, totals):
-            aggregate[0] += count
-            aggregate[1] += total
-            self._change(start_ms, key)
+        """Add each group to the aggregate at its key's position in the window."""
+        window_counts, window_totals = window.counts, window.totals
+        for position, count, total in zip(positions, counts, totals):
+            window_counts[position] += count
+            window_totals[position] += total
+        self._changed_in(start_ms).update(dict.fromkeys(positions))
 
-    def _change(self, start_ms: int, key: WindowKey) -> None:
+    def _changed_in(self, start_ms: int) -> dict[int, None]:
         changed = self._changed.get(start_ms)
         if changed is None:
             changed = self._changed[start_ms] = {}
-        changed[key] = None
+        return changed
 
     def emit_closed(self, closing_ms: int, watermark_ms: int, provisional: bool = False,
                     blocks: bool = False) -> list[WindowRow | WindowRowBlock]:
@@ -223,55 +305,53 @@ class WindowStore:
             end = self.windows.window_end(start)
             if end > complete:
                 break
-            keys = self._open[start]
-            emitted, emitted_keys = self._rows(start, end, keys, self.grain, version, owed_now,
-                                               record=not provisional, blocks=blocks)
+            window = self._open[start]
+            emitted, positions = self._rows(start, end, window, self.grain, version, owed_now,
+                                            record=not provisional, blocks=blocks)
             if provisional:  # changes nothing: the caller owes the rows (see owe)
                 rows.extend(emitted)
                 continue
             if end + self.allowed_lateness_ms + self.keep_ms <= watermark_ms and \
-                    OWED not in map(_EMITTED, keys.values()):  # no provisional row still waits
+                    OWED not in window.emitted:  # no provisional row still waits
                 del self._open[start]
                 self._segments.pop(start, None)
                 self._segment_entries.pop(start, None)
                 self._changed.pop(start, None)
             elif emitted:  # their emitted counts changed
-                self._changed.setdefault(start, {}).update(dict.fromkeys(emitted_keys))
+                self._changed_in(start).update(dict.fromkeys(positions))
             rows.extend(emitted)
         return rows
 
     @staticmethod
-    def _rows(start: int, end: int, keys: dict[WindowKey, list[int]], grain: str,
-              version: int, owed_now: bool, record: bool,
-              blocks: bool = False) -> tuple[list[WindowRow | WindowRowBlock], list[WindowKey]]:
-        """The window's rows to write, and their keys; with ``record``, noted as emitted; with
-        ``blocks``, a first emission as one ``WindowRowBlock``."""
-        counts, totals, emitted = zip(*keys.values()) if keys else ((), (), ())
+    def _rows(start: int, end: int, window: _Window, grain: str, version: int, owed_now: bool,
+              record: bool, blocks: bool = False) -> tuple[list[WindowRow | WindowRowBlock], Iterable[int]]:
+        """The window's rows to write, and their positions; with ``record``, noted as emitted;
+        with ``blocks``, a first emission as one ``WindowRowBlock``."""
+        counts, totals, emitted = window.counts, window.totals, window.emitted
         if counts == emitted:  # nothing changed since the last emission
-            return [], []
+            return [], ()
         if not any(emitted) and 0 not in counts:  # a first emission: every key, in bulk
-            key_list = list(keys)
-            if record:
-                for aggregate in keys.values():
-                    aggregate[2] = aggregate[0]
-            if blocks:
-                return [WindowRowBlock(grain, start, end, version, key_list, counts, totals)], key_list
-            orgs, customers, codes = zip(*key_list)
             n = len(counts)
+            key_list, counts, totals = window.keys[:], tuple(counts), tuple(totals)
+            if record:
+                window.emitted = list(counts)
+            if blocks:
+                return [WindowRowBlock(grain, start, end, version, key_list, counts, totals)], range(n)
+            orgs, customers, codes = zip(*key_list)
             rows = list(map(WindowRow, orgs, customers, codes, repeat(start, n), repeat(end, n), counts,
                             totals, repeat(version, n), repeat(False, n), repeat(grain, n)))
-            return rows, key_list
-        rows, emitted_keys = [], []
-        for key, aggregate in keys.items():
-            count, total, emitted = aggregate
-            if count != emitted and (emitted != OWED or owed_now):
-                org, customer, code = key
-                rows.append(WindowRow(org, customer, code, start, end, count, total, version,
-                                      count == 0, grain))
-                emitted_keys.append(key)
-                if record:
-                    aggregate[2] = count
-        return rows, emitted_keys
+            return rows, range(n)
+        due = [position for position in compress(range(len(counts)), map(ne, counts, emitted))
+               if owed_now or emitted[position] != OWED]
+        rows = []
+        for position in due:
+            org, customer, code = window.keys[position]
+            count = counts[position]
+            rows.append(WindowRow(org, customer, code, start, end, count, totals[position], version,
+                                  count == 0, grain))
+            if record:
+                emitted[position] = count
+        return rows, due
 
     def owe(self, rows: Iterable, watermark_ms: int) -> None:
         """A provisional flush wrote ``rows``: write each again, for real (or delete it), at
@@ -281,8 +361,8 @@ class WindowStore:
             >>> store = WindowStore(TumblingWindows(60_000))
             >>> store.add(0, ("o", "c", "x"), 5)
             >>> store.owe([WindowRowBlock("", 0, 60_000, 3, [("o", "c", "x"), ("o", "d", "x")], (1, 1), (5, 2))], 0)
-            >>> store._open
-            {0: {('o', 'c', 'x'): [1, 5, -1], ('o', 'd', 'x'): [0, 0, -1]}}
+            >>> store._open[0].aggregates()
+            {('o', 'c', 'x'): [1, 5, -1], ('o', 'd', 'x'): [0, 0, -1]}
         """
         self.owed_after = watermark_ms
         for start, window_rows in groupby(rows, _ROW_START):  # rows come window by window
@@ -302,24 +382,24 @@ class WindowStore:
         """Mark the window's ``owed`` keys (distinct) OWED in bulk; keys it lacks get
         ``[0, 0, OWED]``. A window owed whole is not packed again: a segment ``OWED`` marks
         what its snapshots hold owed (the next snapshot packs only its new keys)."""
-        keys = self._open.get(start)
-        if keys is None:
-            keys = self._open[start] = {}
-        held = len(keys)
-        if held <= len(owed) and list(keys) == owed[:held]:  # the scratch's window: ours, then new keys
-            deque(map(setitem, keys.values(), repeat(2), repeat(OWED)), maxlen=0)
-            keys.update(zip(islice(owed, held, None), map(list, repeat((0, 0, OWED)))))
+        window = self._window(start)
+        held = len(window)
+        if held <= len(owed) and window.keys == owed[:held]:  # the scratch's window: ours, then new keys
+            window.emitted = [OWED] * held
+            new = owed[held:]
         else:
-            aggregates = list(map(keys.get, owed))
-            deque(map(setitem, filter(None, aggregates), repeat(2), repeat(OWED)), maxlen=0)
-            if None in aggregates:
-                keys.update(zip(compress(owed, map(is_, aggregates, repeat(None))),
-                                map(list, repeat((0, 0, OWED)))))
-        if len(keys) == len(owed):  # every key (a window never packed is packed whole anyway)
+            positions = list(map(window.positions.get, owed))
+            emitted = window.emitted
+            for position in positions:
+                if position is not None:
+                    emitted[position] = OWED
+            new = list(compress(owed, map(is_, positions, repeat(None))))
+        window.extend(new, repeat(0, len(new)), repeat(0, len(new)), repeat(OWED, len(new)))
+        if len(window) == len(owed):  # every key (a window never packed is packed whole anyway)
             if start in self._segments:
                 self._segments[start].append(OWED)
         else:
-            self._changed.setdefault(start, {}).update(dict.fromkeys(owed))
+            self._changed_in(start).update(dict.fromkeys(map(window.positions.__getitem__, owed)))
 
     def accepts(self, start_ms: int, watermark_before: int) -> bool:
         """Whether an event seen at ``watermark_before`` still counts in this window."""
@@ -330,44 +410,21 @@ class WindowStore:
 
     def copy(self) -> WindowStore:
         """An independent copy (the provisional flush decides and emits on one), as a resume
-        from :meth:`snapshot` would build, without packing every window to bytes and back.
+        from :meth:`snapshot` would build, without packing every window to bytes and back:
+        each window's columns copied, not an aggregate per key.
 
             >>> from state.window_kinds import TumblingWindows
             >>> store = WindowStore(TumblingWindows(60_000))
             >>> store.add(0, ("o", "c", "x"), 5)
             >>> scratch = store.copy()
-            >>> scratch.add(0, ("o", "c", "x"), 1)
-            >>> [r.total_scaled for r in scratch.emit_closed(60_000, 0)], [r.total_scaled for r in store.emit_closed(60_000, 0)]
-            ([6], [5])
-        """
-        twin = self._twin(WindowStore)
-        twin._open = {start: dict(zip(keys, map(list, keys.values())))
-                      for start, keys in self._open.items()}
-        return twin
-
-    def borrowed(self) -> WindowStore:
-        """A copy that shares this store's aggregates and copies one only when an add changes
-        it, for a computation done before this store changes again (the provisional flush: a
-        copy of every aggregate cost as much as writing its row). Its provisional emissions
-        change nothing either.
-
-            >>> from state.window_kinds import TumblingWindows
-            >>> store = WindowStore(TumblingWindows(60_000))
-            >>> store.add(0, ("o", "c", "x"), 5)
-            >>> scratch = store.borrowed()
             >>> scratch.add(0, ("o", "c", "x"), 1); scratch.add(0, ("o", "d", "x"), 2)
-            >>> [r.total_scaled for r in scratch.emit_closed(60_000, 0, provisional=True)], store._open
-            ([6, 2], {0: {('o', 'c', 'x'): [1, 5, 0]}})
+            >>> [r.total_scaled for r in scratch.emit_closed(60_000, 0, provisional=True)], store._open[0].aggregates()
+            ([6, 2], {('o', 'c', 'x'): [1, 5, 0]})
         """
-        twin = self._twin(_BorrowedWindowStore)
-        twin._open = {start: dict(keys) for start, keys in self._open.items()}
-        return twin
-
-    def _twin(self, kind: type) -> WindowStore:
-        """A store of ``kind`` with this one's settings and snapshot bookkeeping, no windows."""
-        twin = kind(self.windows, None, self.allowed_lateness_ms, self.grain, self.keep_ms,
-                    self.emit_after_ms)
+        twin = WindowStore(self.windows, None, self.allowed_lateness_ms, self.grain, self.keep_ms,
+                           self.emit_after_ms)
         twin.owed_after = self.owed_after
+        twin._open = {start: window.copy() for start, window in self._open.items()}
         twin._segments = {start: list(segments) for start, segments in self._segments.items()}
         twin._segment_entries = dict(self._segment_entries)
         twin._packed = dict(self._packed)
@@ -393,76 +450,31 @@ class WindowStore:
             [4, 1]
         """
         changed, self._changed = self._changed, {}
-        for start, keys in self._open.items():
+        for start, window in self._open.items():
             if start not in self._segments:  # never packed, or forgotten and opened again
-                self._pack_changes(start, keys, 0, changed.get(start, {}))
-            elif (done := self._packed.get(start, 0)) < len(keys) or start in changed:
-                self._pack_changes(start, keys, done, changed.get(start, {}))
-        self._packed = {start: len(keys) for start, keys in self._open.items()}
+                self._pack_changes(start, window, 0, changed.get(start, {}))
+            elif (done := self._packed.get(start, 0)) < len(window) or start in changed:
+                self._pack_changes(start, window, done, changed.get(start, {}))
+        self._packed = {start: len(window) for start, window in self._open.items()}
         return WindowSnapshot(self.windows.fingerprint,
                               {start: tuple(segments) for start, segments in self._segments.items()},
                               self.owed_after)
 
-    def _pack_changes(self, start: int, keys: dict[WindowKey, list[int]], done: int,
-                      changed: dict[WindowKey, None]) -> None:
+    def _pack_changes(self, start: int, window: _Window, done: int, changed: dict[int, None]) -> None:
         """Append a segment of the window's aggregates added or changed since its first
         ``done`` keys were packed; or pack the window afresh, if its segments would then hold
         more than twice its aggregates, or if more than half of them changed (emitted), or if
         none is packed (the same bytes as one segment of every key)."""
-        added = len(keys) - done
+        held = len(window)
         segments = self._segments.setdefault(start, [])
-        entries = self._segment_entries.get(start, 0) + added + len(changed)  # at most
-        if entries > 2 * len(keys) or 2 * len(changed) > len(keys) or not (segments or done):
-            segments[:] = [pack_window(keys)]
-            self._segment_entries[start] = len(keys)
+        entries = self._segment_entries.get(start, 0) + held - done + len(changed)  # at most
+        if entries > 2 * held or 2 * len(changed) > held or not (segments or done):
+            segments[:] = [window.packed(0, [])]
+            self._segment_entries[start] = held
             return
-        new_keys = list(islice(reversed(keys), added))
-        values = list(islice(reversed(keys.values()), added))
-        new_keys.reverse()
-        values.reverse()
-        if changed:  # aggregates packed before and changed since, once each, in order
-            new = set(new_keys)
-            before = [key for key in changed if key not in new]
-            new_keys.extend(before)
-            values.extend(map(keys.__getitem__, before))
-        segments.append(pack_columns(new_keys, values, key_width=3, big=1))
-        self._segment_entries[start] = self._segment_entries.get(start, 0) + len(new_keys)
-
-
-class _BorrowedWindowStore(WindowStore):
-    """A ``WindowStore`` sharing its aggregates with another (see ``WindowStore.borrowed``):
-    an add replaces the aggregate it changes instead of changing it in place."""
-
-    def add(self, start_ms: int, key: WindowKey, value_scaled: int) -> None:
-        self.add_group(start_ms, key, 1, value_scaled)
-
-    def add_group(self, start_ms: int, key: WindowKey, count: int, total_scaled: int) -> None:
-        keys = self._open.setdefault(start_ms, {})
-        aggregate = keys.get(key)
-        if aggregate is None:
-            keys[key] = [count, total_scaled, 0]
-        else:
-            keys[key] = [aggregate[0] + count, aggregate[1] + total_scaled, aggregate[2]]
-            self._change(start_ms, key)
-
-    def _add_to_known(self, start_ms: int, keys: Iterable[WindowKey], aggregates: Iterable[list[int]],
-                      counts: Iterable[int], totals: Iterable[int]) -> None:
-        """Replace each aggregate the groups change (the lender keeps its own).
-
-            >>> from state.window_kinds import TumblingWindows
-            >>> store = WindowStore(TumblingWindows(60_000))
-            >>> store.add(0, ("o", "c", "x"), 5)
-            >>> scratch = store.borrowed()
-            >>> scratch.add_groups(0, [("o", "d", "x"), ("o", "c", "x")], [2, 3], [7, 1])
-            >>> scratch._open[0], store._open[0]
-            ({('o', 'c', 'x'): [4, 6, 0], ('o', 'd', 'x'): [2, 7, 0]}, {('o', 'c', 'x'): [1, 5, 0]})
-        """
-        for key, _aggregate, count, total in zip(keys, aggregates, counts, totals):
-            self.add_group(start_ms, key, count, total)
-
-    def owe(self, rows: Iterable, watermark_ms: int) -> None:
-        raise TypeError("a borrowed window store shares its aggregates: owe on the store it "
-                        "was borrowed from")
+        before = [position for position in changed if position < done]  # once each, in order
+        segments.append(window.packed(done, before))
+        self._segment_entries[start] = self._segment_entries.get(start, 0) + held - done + len(before)
 
 
 @dataclass(frozen=True)

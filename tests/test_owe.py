@@ -25,12 +25,12 @@ class OneRowAtATime(WindowStore):
             pairs = [(k, row.window_start_ms) for k in row.keys] if isinstance(row, WindowRowBlock) \
                 else [((row.organization_id, row.external_customer_id, row.code), row.window_start_ms)]
             for key, start in pairs:
-                self._changed.setdefault(start, {})[key] = None
-                keys = self._open.setdefault(start, {})
-                if key in keys:
-                    keys[key][2] = OWED
-                else:
-                    keys[key] = [0, 0, OWED]
+                window = self._window(start)
+                if key not in window.positions:
+                    window.extend([key], [0], [0], [OWED])
+                position = window.positions[key]
+                self._changed_in(start)[position] = None
+                window.emitted[position] = OWED
 
 
 KEYS = [("o", c, x) for c in "abcdef" for x in "xy"]
@@ -53,7 +53,7 @@ def test_bulk_owe_holds_and_packs_what_one_row_at_a_time_did(before, emitted_at,
             store.add_groups(start, [key], [count], [total])
         if snap:
             store.snapshot()
-        scratch = store.borrowed()
+        scratch = store.copy()
         for start, key, count, total in scratch_adds:
             scratch.add_groups(start, [key], [count], [total])
         store.owe(scratch.emit_closed(closing, emitted_at, provisional=True, blocks=blocks), emitted_at)
@@ -72,7 +72,7 @@ def test_a_window_owed_whole_is_marked_not_packed_again():
     store = WindowStore(TumblingWindows(60_000))
     store.add(0, ("o", "c", "x"), 5)
     store.snapshot()
-    scratch = store.borrowed()
+    scratch = store.copy()
     scratch.add(0, ("o", "d", "x"), 2)
     store.owe(scratch.emit_closed(60_000, 0, provisional=True, blocks=True), 0)
     first, mark, new = store.snapshot().windows[0]
@@ -82,7 +82,7 @@ def test_a_window_owed_whole_is_marked_not_packed_again():
 
 
 def live(store: WindowStore) -> list:
-    return [(start, list(keys.items())) for start, keys in store._open.items()]
+    return [(start, list(window.aggregates().items())) for start, window in store._open.items()]
 
 
 def resumed(store: WindowStore) -> WindowStore:

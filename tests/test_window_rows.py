@@ -1,4 +1,4 @@
-"""``WindowStore._rows`` (bulk paths for a first emission and for a window with nothing new)
+"""``WindowStore._rows`` on a window's columns (bulk paths for a first emission and for a window with nothing new)
 against the rule written out one aggregate at a time."""
 
 import copy
@@ -6,7 +6,7 @@ import copy
 from hypothesis import given, settings, strategies as st
 
 from state.records import WindowRow
-from state.windows import OWED, WindowStore
+from state.windows import OWED, WindowStore, _Window
 
 AGGREGATE = st.tuples(st.integers(0, 3), st.integers(-10**30, 10**30), st.sampled_from([0, 0, 1, 2, OWED]))
 
@@ -31,7 +31,8 @@ def test_rows_equal_the_rule_one_aggregate_at_a_time(aggregates, first, same, ow
     if same:  # a window emitted and unchanged since
         aggregates = [(count, total, count) for count, total, _ in aggregates]
     keys = {("o", f"c{i}", "x"): list(aggregate) for i, aggregate in enumerate(aggregates)}
-    expected_keys = copy.deepcopy(keys)
-    assert WindowStore._rows(0, 60_000, keys, "hour", 9, owed_now, record) == \
+    window, expected_keys = _Window.of(keys), copy.deepcopy(keys)
+    rows, positions = WindowStore._rows(0, 60_000, window, "hour", 9, owed_now, record)
+    assert (rows, [window.keys[p] for p in positions]) == \
         reference(0, 60_000, expected_keys, "hour", 9, owed_now, record)
-    assert keys == expected_keys
+    assert window.aggregates() == expected_keys
