@@ -32,8 +32,8 @@ insert and the HTTP interface take.
 from __future__ import annotations
 
 import re
-from itertools import chain, repeat
-from operator import attrgetter
+from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Sequence
 
 from sinks.encoding import DATETIME64_MAX_MS, DATETIME64_MIN_MS
@@ -47,6 +47,7 @@ SCALE_DIGITS = 18  # the flow's sums are integers scaled by 10**18
 _DECIMAL_RE = re.compile(r"^Decimal\((\d+),\s*(\d+)\)$")
 _UNSIGNED = {"UInt8", "UInt16", "UInt32", "UInt64"}
 _DATETIME = "DateTime64(3, 'UTC')"
+_LOW_WORD = 2**64 - 1
 
 
 class DecimalOverflow(ValueError):
@@ -83,10 +84,11 @@ def arrow_type(kind: str):
 def decimal_array(values: Sequence[int], kind: str, column: str):
     """Scaled integers (``value * 10**18``) as an Arrow decimal array of ``kind``.
 
-    Sums that fit 64 bits are widened to Arrow's two's complement words in bulk; larger ones
-    are read by Arrow as ``Decimal(P, 0)`` integers, whose bytes are those of
-    ``Decimal(P, 18)`` (the scale only labels them). Both check that every value fits ``P``
-    digits, and a value that does not raises ``DecimalOverflow`` naming the column.
+    Sums that fit 64 or 128 bits (a sum of 9.3 units or more needs more than 64) are split
+    into, and sign-extended to, Arrow's two's complement words in bulk; larger ones are read
+    by Arrow as ``Decimal(P, 0)`` integers, whose bytes are those of ``Decimal(P, 18)`` (the
+    scale only labels them). Both check that every value fits ``P`` digits, and a value that
+    does not raises ``DecimalOverflow`` naming the column.
 
     >>> decimal_array([1, -1, 10**38 - 1], "Decimal(38, 18)", "v").to_pylist()[:2]
     [Decimal('1E-18'), Decimal('-1E-18')]
@@ -103,11 +105,12 @@ def decimal_array(values: Sequence[int], kind: str, column: str):
     if kind_type.scale != SCALE_DIGITS:
         raise ValueError(f"{column}: {kind} has scale {kind_type.scale}; the flow's sums have "
                          f"{SCALE_DIGITS} decimal places")
-    words = _int64_words(values, kind_type.byte_width // 8)
-    if words is not None:
-        if 10**kind_type.precision <= 2**63:  # a 64-bit value may not fit: check them all
-            _check_digits(values, kind_type.precision, kind, column)
-        return pa.Array.from_buffers(kind_type, len(values), [None, pa.py_buffer(words)])
+    for bits, split in ((64, _int64_words), (128, _int128_words)):
+        words = split(values, kind_type.byte_width // 8)
+        if words is not None:
+            if 10**kind_type.precision <= 2**(bits - 1):  # a value this wide may not fit: check them all
+                _check_digits(values, kind_type.precision, kind, column)
+            return pa.Array.from_buffers(kind_type, len(values), [None, pa.py_buffer(words)])
     unscaled_type = (pa.decimal128 if kind_type.byte_width == 16 else pa.decimal256)(
         kind_type.precision, 0)
     try:
@@ -134,6 +137,30 @@ def _int64_words(values: Sequence[int], words: int):
     out = np.empty((len(values), words), np.int64)
     out[:, 0] = low
     out[:, 1:] = (low >> 63)[:, None]  # the sign, extended
+    return out
+
+
+def _int128_words(values: Sequence[int], words: int):
+    """``values`` as rows of ``words`` (2 or more) little-endian 64-bit words (two's
+    complement), or ``None`` when one of them does not fit 128 bits.
+
+    The shift and mask run in numpy over the ints as objects: about half what Arrow's
+    conversion of Python ints to decimals costs.
+
+    >>> _int128_words([2**64 + 3, -1], 4).tolist(), _int128_words([2**127], 2)
+    ([[3, 1, 0, 0], [-1, -1, -1, -1]], None)
+    """
+    import numpy as np
+
+    objects = np.fromiter(values, object, len(values))
+    try:
+        high = (objects >> 64).astype(np.int64)
+    except OverflowError:
+        return None
+    out = np.empty((len(values), words), np.int64)
+    out[:, 0] = (objects & _LOW_WORD).astype(np.uint64).view(np.int64)
+    out[:, 1] = high
+    out[:, 2:] = (high >> 63)[:, None]  # the sign, extended
     return out
 
 
@@ -315,23 +342,53 @@ def block_batch(blocks: list, table: str, enrichment: tuple[tuple[str, ...], dic
         True
     """
     keys = list(chain.from_iterable(block.keys for block in blocks))
-    orgs, customers, codes = (list(column) for column in zip(*keys)) if keys else ([], [], [])
-
-    def shared(attribute: str) -> list:  # a value every row of a block shares, per row
-        return list(chain.from_iterable(repeat(getattr(block, attribute), len(block)) for block in blocks))
-
-    columns = {
-        "organization_id": orgs, "external_customer_id": customers, "code": codes,
-        "window_start": shared("window_start_ms"), "window_end": shared("window_end_ms"),
-        "event_count": list(chain.from_iterable(block.counts for block in blocks)),
-        "total_value": list(chain.from_iterable(block.totals for block in blocks)),
-        "version": shared("version"), "is_deleted": [False] * len(keys),
-    }
     kinds = dict(TABLES_BY_NAME[table].columns)
-    arrays = {name: column_array(values, kinds[name], name) for name, values in columns.items()}
+    shared = {"window_start": [block.window_start_ms for block in blocks],
+              "window_end": [block.window_end_ms for block in blocks],
+              "version": [block.version for block in blocks], "is_deleted": [False] * len(blocks)}
+    arrays = {**text_columns(keys, _BLOCK_KEY), **_per_block(shared, blocks, kinds)}
+    for column, attribute in (("event_count", "counts"), ("total_value", "totals")):
+        values = list(chain.from_iterable(getattr(block, attribute) for block in blocks))
+        arrays[column] = column_array(values, kinds[column], column)
+    arrays = {column: arrays[column] for column in _WINDOW_ROW}  # the table's order
     if enrichment is not None:
-        _add_enrichment(arrays, zip(orgs, customers), enrichment)
+        _add_enrichment(arrays, map(_CUSTOMER, keys), enrichment)
     return _arrays_batch(arrays)
+
+
+_BLOCK_KEY = ("organization_id", "external_customer_id", "code")  # a block's key, in order
+_CUSTOMER = itemgetter(0, 1)  # (organization_id, external_customer_id) of a key
+
+
+def _per_block(columns: dict[str, list], blocks: list, kinds: dict[str, str]) -> dict:
+    """Columns of one value per block (``columns``), encoded once per block and repeated for
+    each of its rows by Arrow (``take``): the same values, typed and clamped alike."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows_block = pa.array(np.repeat(np.arange(len(blocks)), [len(block) for block in blocks]))
+    return {name: column_array(values, kinds[name], name).take(rows_block)
+            for name, values in columns.items()}
+
+
+def text_columns(rows: list, names: Sequence[str]) -> dict:
+    """Tuples of strings (``rows``) as a ``String`` array per position, named ``names``.
+
+    Arrow reads the tuples as a struct, in one pass, with no list per column; a lone
+    surrogate (which UTF-8 cannot hold) is replaced as :func:`column_array` does.
+
+    >>> {name: array.to_pylist() for name, array in text_columns([("o", "a"), ("p", "lone\\ud800")], ("x", "y")).items()}
+    {'x': ['o', 'p'], 'y': ['a', 'lone?']}
+    """
+    import pyarrow as pa
+
+    if not names:
+        return {}
+    try:
+        struct = pa.array(rows, pa.struct([(name, pa.string()) for name in names]))
+    except UnicodeEncodeError:
+        return {name: column_array([row[i] for row in rows], "String", name) for i, name in enumerate(names)}
+    return dict(zip(names, struct.flatten()))
 
 
 def _add_enrichment(arrays: dict, customers, enrichment: tuple[tuple[str, ...], dict]) -> None:
@@ -339,9 +396,7 @@ def _add_enrichment(arrays: dict, customers, enrichment: tuple[tuple[str, ...], 
     external_customer_id)`` pairs ``customers`` (empty strings where the attributes have none)."""
     fields, attributes = enrichment
     empty = ("",) * len(fields)
-    found = [attributes.get(pair, empty) for pair in customers]
-    for i, field in enumerate(fields):
-        arrays[field] = column_array([values[i] for values in found], "String", field)
+    arrays.update(text_columns([attributes.get(pair, empty) for pair in customers], fields))
 
 
 def metric_batch(rows: list, table: str):
