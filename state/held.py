@@ -35,7 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import heapq
 from itertools import repeat
-from typing import Iterable
+from operator import attrgetter
+from typing import Callable, Iterable
 
 from msgspec.structs import astuple
 import numpy as np
@@ -48,14 +49,19 @@ VALUE_UNIT = 10**18
 _MIN_GRANULE_MS = 1_000  # a bucket spans at least this much of due points
 _HALF_UNIT = 10**9  # a fraction as two parts below 10**9: sums of int64 stay exact
 _INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)  # a whole part of exactly this is held aside too: its absolute value is no int64
 _DTYPES = {name: np.dtype(code) for name, code in (
     ("times", "q"), ("partitions", "i"), ("offsets", "q"), ("digests", "q"), ("wholes", "q"),
     ("fractions", "q"), ("key_ids", "i"), ("seen", "q"), ("txn_lengths", "i"))}
 _PER_EVENT_ONLY = ("seen", "txn_lengths")
-_DIGEST, _ORG, _CUSTOMER, _CODE, _TIME, _VALUE, _SEEN, _OFFSET, _TXN, _METRICS = map(
+_DIGEST, _ORG, _CUSTOMER, _CODE, _TIME, _VALUE, _OFFSET, _METRICS = map(
     ShardEvent.__struct_fields__.index, (
         "digest", "organization_id", "external_customer_id", "code", "timestamp_ms", "value_scaled",
-        "watermark_before", "offset", "transaction_id", "metric_values"))  # places in astuple(event)
+        "offset", "metric_values"))  # places in astuple(event)
+_SLOTS = tuple(ShardEvent.__dict__[name] for name in (  # where the compiled path reads each field
+    "digest", "organization_id", "external_customer_id", "code", "timestamp_ms", "value_scaled", "offset",
+    "metric_values"))
+_SEEN_OF = attrgetter("watermark_before")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,63 @@ class _KeyTable:
         twin = _KeyTable()
         twin.keys, twin.ids, twin.strings = list(self.keys), dict(self.ids), dict(self.strings)
         return twin
+
+
+def _columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, list[int], bool]:
+    """The columns of ``events`` that every bucket holds (times, offsets, digests, values in
+    parts, key numbers in ``table``), the positions of the values too wide for them, and whether
+    any event has catalog metric values."""
+    fields = list(zip(*map(astuple, events)))  # one pass over the events: a tuple per field
+    n = len(events)
+    columns = {"times": np.fromiter(fields[_TIME], np.int64, n),
+               "offsets": np.fromiter(fields[_OFFSET], np.int64, n),
+               "digests": np.fromiter(fields[_DIGEST], np.int64, n),
+               "key_ids": np.fromiter(table.numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE])),
+                                      np.int32, n)}
+    columns["wholes"], columns["fractions"], wide = _split_values(fields[_VALUE])
+    return columns, wide, any(fields[_METRICS])
+
+
+def _split_values(values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The whole parts and fractions of ``values``, and the positions of those whose whole part
+    is not within ``±(2**63 - 1)`` (their whole and fraction 0: held aside)."""
+    wholes, fractions = zip(*map(divmod, values, repeat(VALUE_UNIT)))
+    try:
+        whole_column = np.fromiter(wholes, np.int64, len(values))
+        if whole_column.min() > _INT64_MIN:
+            return whole_column, np.fromiter(fractions, np.int64, len(values)), []
+    except OverflowError:
+        pass
+    wholes, fractions, wide = list(wholes), list(fractions), []
+    for position, whole in enumerate(wholes):
+        if not -_INT64_MAX <= whole <= _INT64_MAX:
+            wide.append(position)
+            wholes[position] = fractions[position] = 0
+    return np.array(wholes, dtype=np.int64), np.array(fractions, dtype=np.int64), wide
+
+
+def _compiled_columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, list[int], bool]:
+    """:func:`_columns`, by the compiled fast path (``state/_fastheld.c``)."""
+    times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics = _fast_columns(
+        events, ShardEvent, _SLOTS, table.ids, table.keys, table.strings)
+    return ({"times": np.frombuffer(times, np.int64), "offsets": np.frombuffer(offsets, np.int64),
+             "digests": np.frombuffer(digests, np.int64), "wholes": np.frombuffer(wholes, np.int64),
+             "fractions": np.frombuffer(fractions, np.int64), "key_ids": np.frombuffer(key_ids, np.int32)},
+            wide, has_metrics)
+
+
+def _compiled() -> Callable | None:
+    """The compiled fast path's ``columns`` (``state/_fastheld.c``, built by ``make install``), or
+    None where it was not built: events are then held in pure Python, slower, the same."""
+    try:
+        from state._fastheld import columns
+    except ImportError:
+        return None
+    return columns
+
+
+_fast_columns = _compiled()
+"""What :meth:`HeldEvents.add` uses; tests set it to None for the pure path."""
 
 
 class _Bucket:
@@ -217,45 +280,26 @@ class HeldEvents:
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(self.per_event)
             heapq.heappush(self._dues, key)
-        start = len(bucket)
-        fields = list(zip(*map(astuple, events)))  # one pass over the events: a tuple per field
-        n = len(events)
-        times = np.fromiter(fields[_TIME], np.int64, n)
-        first, last = times.min(), times.max()  # due points grow with the time
+        start, n = len(bucket), len(events)
+        columns, wide, has_metrics = (_columns if _fast_columns is None else _compiled_columns)(
+            events, bucket.table)
+        times = columns["times"]
+        first, last = int(times.min()), int(times.max())  # due points grow with the time
         step, offset = self.step, self.offset
-        bucket.first_due = min(bucket.first_due, int(first - first % step + offset))
-        bucket.last_due = max(bucket.last_due, int(last - last % step + offset))
-        numbers = bucket.table.numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE]))
-        columns = {"times": times, "partitions": np.full(n, partition, dtype=np.int32),
-                   "offsets": np.fromiter(fields[_OFFSET], np.int64, n),
-                   "digests": np.fromiter(fields[_DIGEST], np.int64, n),
-                   "key_ids": np.fromiter(numbers, np.int32, n)}
-        columns["wholes"], columns["fractions"] = self._split_values(bucket, start, fields[_VALUE])
+        bucket.first_due = min(bucket.first_due, first - first % step + offset)
+        bucket.last_due = max(bucket.last_due, last - last % step + offset)
+        columns["partitions"] = np.full(n, partition, dtype=np.int32)
         if self.per_event:
-            columns["seen"] = np.fromiter(fields[_SEEN], np.int64, n)
-            encoded = [txn.encode("utf-8", "surrogatepass") for txn in fields[_TXN]]
+            columns["seen"] = np.fromiter(map(_SEEN_OF, events), np.int64, n)
+            encoded = [event.transaction_id.encode("utf-8", "surrogatepass") for event in events]
             columns["txn_lengths"] = np.fromiter(map(len, encoded), np.int32, n)
             bucket.txns.append(b"".join(encoded))
         bucket.append(columns)
-        if any(fields[_METRICS]):
+        bucket.wide.update((start + position, events[position].value_scaled) for position in wide)
+        if has_metrics:
             for position, event in enumerate(events, start):
                 if event.metric_values:
                     bucket.events[position] = event
-
-    @staticmethod
-    def _split_values(bucket: _Bucket, start: int, values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """The whole parts and fractions of ``values`` (of the events from ``start`` on); a value
-        whose whole part passes 64 bits goes to ``bucket.wide`` (whole and fraction 0)."""
-        wholes, fractions = zip(*map(divmod, values, repeat(VALUE_UNIT)))
-        try:
-            return np.fromiter(wholes, np.int64, len(values)), np.fromiter(fractions, np.int64, len(values))
-        except OverflowError:  # a whole part beyond 64 bits: held aside, exactly
-            wholes, fractions = list(wholes), list(fractions)
-            for position, value in enumerate(values):
-                if not -_INT64_MAX <= wholes[position] <= _INT64_MAX:
-                    bucket.wide[start + position] = value
-                    wholes[position] = fractions[position] = 0
-            return np.array(wholes, dtype=np.int64), np.array(fractions, dtype=np.int64)
 
     def take_through(self, watermark: int) -> "Ready | None":
         """Remove every event due at or before ``watermark``; ``None`` when there is none."""

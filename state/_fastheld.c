@@ -1,0 +1,192 @@
+/* The held events' compiled fast path: a batch of ShardEvents as the columns HeldEvents holds.
+ *
+ * state/held.py asks columns() for the events of one add: it reads each event's fields by their
+ * slot (the struct's member descriptors give the places), splits each value exactly into a whole
+ * part and a fraction of 10**18, and numbers each key (org, customer, code) in the bucket's
+ * table the way _KeyTable.numbers does (a new key with its org and code shared through the
+ * table's strings). What it cannot hold in a column (a whole part beyond 64 bits) it names by
+ * position; held.py keeps those values aside, exactly as its pure-Python path does.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+
+#define VALUE_UNIT 1000000000000000000LL
+
+enum { F_DIGEST, F_ORG, F_CUSTOMER, F_CODE, F_TIME, F_VALUE, F_OFFSET, F_METRICS, N_FIELDS };
+
+/* The slot offsets of the fields, from a tuple of member descriptors; 0 on error. */
+static int slot_offsets(PyObject *descriptors, Py_ssize_t *offsets) {
+    if (!PyTuple_Check(descriptors) || PyTuple_GET_SIZE(descriptors) != N_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "columns(): expected a tuple of 8 member descriptors");
+        return 0;
+    }
+    for (int i = 0; i < N_FIELDS; i++) {
+        PyObject *descriptor = PyTuple_GET_ITEM(descriptors, i);
+        if (!Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
+            PyErr_SetString(PyExc_TypeError, "columns(): a field is not a member descriptor");
+            return 0;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+        if (member->type != T_OBJECT_EX && member->type != T_OBJECT) {
+            PyErr_SetString(PyExc_TypeError, "columns(): a field is not an object slot");
+            return 0;
+        }
+        offsets[i] = member->offset;
+    }
+    return 1;
+}
+
+static inline PyObject *slot(PyObject *event, Py_ssize_t offset) {
+    return *(PyObject **)((char *)event + offset);
+}
+
+/* Split value into whole * 10**18 + fraction (0 <= fraction < 10**18); 0 where the whole part
+ * is not in [-(2**63 - 1), 2**63 - 1], -1 on error. */
+static int split_value(PyObject *value, int64_t *whole, int64_t *fraction) {
+    int overflow = 0;
+    long long small = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (small == -1 && PyErr_Occurred()) return -1;
+    __int128 wide;
+    if (!overflow) {
+        wide = small;
+    } else {
+        unsigned char bytes[16];
+        if (_PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 1) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            return 0; /* beyond 128 bits */
+        }
+        memcpy(&wide, bytes, 16); /* little-endian, two's complement: this machine's int128 */
+    }
+    __int128 quotient = wide / VALUE_UNIT, rest = wide % VALUE_UNIT;
+    if (rest < 0) {
+        rest += VALUE_UNIT;
+        quotient -= 1;
+    }
+    if (quotient > INT64_MAX || quotient < -INT64_MAX) return 0;
+    *whole = (int64_t)quotient;
+    *fraction = (int64_t)rest;
+    return 1;
+}
+
+/* The number of (org, customer, code) in the table, a new key numbered; -1 on error. */
+static long long key_number(PyObject *org, PyObject *customer, PyObject *code, PyObject *ids,
+                            PyObject *keys, PyObject *strings) {
+    PyObject *key = PyTuple_Pack(3, org, customer, code);
+    if (key == NULL) return -1;
+    PyObject *found = PyDict_GetItemWithError(ids, key); /* borrowed */
+    Py_DECREF(key);
+    if (found != NULL) return PyLong_AsLongLong(found);
+    if (PyErr_Occurred()) return -1;
+    PyObject *shared_org = PyDict_SetDefault(strings, org, org); /* borrowed */
+    if (shared_org == NULL) return -1;
+    PyObject *shared_code = PyDict_SetDefault(strings, code, code);
+    if (shared_code == NULL) return -1;
+    key = PyTuple_Pack(3, shared_org, customer, shared_code);
+    if (key == NULL) return -1;
+    Py_ssize_t number = PyList_GET_SIZE(keys);
+    PyObject *boxed = PyLong_FromSsize_t(number);
+    int failed = boxed == NULL || PyDict_SetItem(ids, key, boxed) < 0 || PyList_Append(keys, key) < 0;
+    Py_XDECREF(boxed);
+    Py_DECREF(key);
+    return failed ? -1 : number;
+}
+
+static int64_t as_int64(PyObject *number, int *failed) {
+    long long value = PyLong_AsLongLong(number);
+    if (value == -1 && PyErr_Occurred()) *failed = 1;
+    return value;
+}
+
+PyDoc_STRVAR(columns_doc,
+"columns(events, struct_type, descriptors, ids, keys, strings)\n"
+"    -> (times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics)\n"
+"\n"
+"The columns of events (a list of struct_type), as bytes of native int64 (key_ids: int32);\n"
+"wide: the positions whose whole part needs more than 64 bits (their whole and fraction 0);\n"
+"keys numbered in (ids, keys, strings), the bucket's key table, new keys appended.");
+
+static PyObject *columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "columns() takes 6 arguments");
+        return NULL;
+    }
+    PyObject *events = args[0], *struct_type = args[1], *ids = args[3], *keys = args[4],
+             *strings = args[5];
+    Py_ssize_t offsets[N_FIELDS];
+    if (!PyList_Check(events) || !PyType_Check(struct_type) || !PyDict_Check(ids) ||
+        !PyList_Check(keys) || !PyDict_Check(strings)) {
+        PyErr_SetString(PyExc_TypeError, "columns(): expected a list, a type, a dict, a list and a dict");
+        return NULL;
+    }
+    if (!slot_offsets(args[2], offsets)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(events);
+    PyObject *out[6] = {NULL};
+    PyObject *wide = PyList_New(0), *result = NULL;
+    if (wide == NULL) return NULL;
+    for (int i = 0; i < 6; i++) {
+        out[i] = PyBytes_FromStringAndSize(NULL, n * (i == 5 ? 4 : 8));
+        if (out[i] == NULL) goto done;
+    }
+    int64_t *times = (int64_t *)PyBytes_AS_STRING(out[0]), *places = (int64_t *)PyBytes_AS_STRING(out[1]),
+            *digests = (int64_t *)PyBytes_AS_STRING(out[2]), *wholes = (int64_t *)PyBytes_AS_STRING(out[3]),
+            *fractions = (int64_t *)PyBytes_AS_STRING(out[4]);
+    int32_t *key_ids = (int32_t *)PyBytes_AS_STRING(out[5]);
+    int has_metrics = 0, failed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if (!Py_IS_TYPE(event, (PyTypeObject *)struct_type)) {
+            PyErr_SetString(PyExc_TypeError, "columns(): an event of another type");
+            goto done;
+        }
+        PyObject *fields[N_FIELDS];
+        for (int f = 0; f < N_FIELDS; f++) {
+            fields[f] = slot(event, offsets[f]);
+            if (fields[f] == NULL) {
+                PyErr_SetString(PyExc_AttributeError, "columns(): an event with a field unset");
+                goto done;
+            }
+        }
+        times[i] = as_int64(fields[F_TIME], &failed);
+        places[i] = as_int64(fields[F_OFFSET], &failed);
+        digests[i] = as_int64(fields[F_DIGEST], &failed);
+        if (failed) goto done;
+        int split = split_value(fields[F_VALUE], &wholes[i], &fractions[i]);
+        if (split < 0) goto done;
+        if (split == 0) {
+            wholes[i] = fractions[i] = 0;
+            PyObject *position = PyLong_FromSsize_t(i);
+            int appended = position != NULL && PyList_Append(wide, position) == 0;
+            Py_XDECREF(position);
+            if (!appended) goto done;
+        }
+        long long number = key_number(fields[F_ORG], fields[F_CUSTOMER], fields[F_CODE], ids, keys, strings);
+        if (number < 0) goto done;
+        if (number > INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "columns(): more than 2**31 keys in a bucket");
+            goto done;
+        }
+        key_ids[i] = (int32_t)number;
+        if (fields[F_METRICS] != Py_None) has_metrics = 1;
+    }
+    result = Py_BuildValue("(OOOOOOOO)", out[0], out[1], out[2], out[3], out[4], out[5], wide,
+                           has_metrics ? Py_True : Py_False);
+done:
+    for (int i = 0; i < 6; i++) Py_XDECREF(out[i]);
+    Py_DECREF(wide);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL, columns_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "state._fastheld",
+    "The held events' compiled fast path (see state/held.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastheld(void) { return PyModule_Create(&module); }
