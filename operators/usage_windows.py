@@ -323,16 +323,17 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
                     self._add_metrics(int(partitions[position]), event, event.watermark_before, out)
         size = self.params.windows.size_ms
         windows = _Sums.of(ready, fresh, times, key_ids, size)
-        _add_groups(self.usage, windows.groups(ready.keys))
+        window_groups = windows.groups(ready.keys)
+        _add_groups(self.usage, window_groups)
         days = None
         for grain, store in self.rollups.items():
-            groups = _grain_groups(ready, fresh, windows, ROLLUP_SIZES_MS[grain], size)
+            groups = _grain_groups(ready, fresh, windows, window_groups, ROLLUP_SIZES_MS[grain], size)
             _add_groups(store, groups)
             if grain == "day":
                 days = groups
         if counted is not None:
             if days is None:
-                days = _grain_groups(ready, fresh, windows, _DAY_MS, size)
+                days = _grain_groups(ready, fresh, windows, window_groups, _DAY_MS, size)
             _add_days(counted, days)
 
     def _count_one(self, partition: int, event: ShardEvent, out: list, counted: dict | None) -> None:
@@ -674,11 +675,17 @@ def _exact_totals(wholes, highs: np.ndarray, lows: np.ndarray, wide: dict) -> li
     return totals
 
 
-def _grain_groups(ready: Ready, fresh: np.ndarray, windows: _Sums, unit_ms: int,
+def _grain_groups(ready: Ready, fresh: np.ndarray, windows: _Sums, window_groups: _Groups, unit_ms: int,
                   size_ms: int) -> _Groups:
     """The counted events (positions ``fresh`` of ``ready``) summed per (period of ``unit_ms``,
-    key): from the ``windows`` sums where windows of ``size_ms`` nest in the periods."""
+    key): from the ``windows`` sums (``window_groups`` as groups) where windows of ``size_ms``
+    nest in the periods; where the batch decided a single window (most do), its groups are the
+    period's, with the period's start."""
     if unit_ms % size_ms == 0:
+        if windows.starts.min() == windows.starts.max():
+            start = int(windows.starts[0])
+            return _Groups([start - start % unit_ms] * len(window_groups.starts), window_groups.keys,
+                           window_groups.counts, window_groups.totals, window_groups.latest)
         sums = windows.rolled_up(unit_ms, len(ready.keys))
     else:
         sums = _Sums.of(ready, fresh, ready.times[fresh], ready.key_ids[fresh], unit_ms)

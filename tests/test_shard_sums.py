@@ -57,9 +57,28 @@ def test_window_hour_and_day_sums_equal_the_reference(events, size_ms):
     if not len(fresh):
         return
     windows = _Sums.of(ready, fresh, ready.times[fresh], ready.key_ids[fresh], size_ms)
-    assert listed(windows.groups(ready.keys)) == reference(events, size_ms)
+    window_groups = windows.groups(ready.keys)
+    assert listed(window_groups) == reference(events, size_ms)
     for unit_ms in (3_600_000, 86_400_000):
-        assert listed(_grain_groups(ready, fresh, windows, unit_ms, size_ms)) == reference(events, unit_ms)
+        assert listed(_grain_groups(ready, fresh, windows, window_groups, unit_ms, size_ms)) == reference(events, unit_ms)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 59_999), st.integers(0, len(KEYS) - 1), VALUES, st.booleans()),
+                min_size=1, max_size=60), st.integers(0, 3 * 24 * 60))
+def test_a_batch_of_one_window_gives_its_groups_to_the_hour_and_the_day(events, window):
+    """Most batches decide one window: its groups are taken as the hour's and the day's."""
+    events = [(window * 60_000 + time, key_id, value, counted) for time, key_id, value, counted in events]
+    ready = ready_of(events)
+    fresh = np.array([i for i, e in enumerate(sorted(events, key=lambda e: e[0])) if e[3]], dtype=np.int64)
+    if not len(fresh):
+        return
+    windows = _Sums.of(ready, fresh, ready.times[fresh], ready.key_ids[fresh], 60_000)
+    window_groups = windows.groups(ready.keys)
+    assert listed(window_groups) == reference(events, 60_000)
+    for unit_ms in (3_600_000, 86_400_000):
+        assert listed(_grain_groups(ready, fresh, windows, window_groups, unit_ms, 60_000)) == \
+            reference(events, unit_ms)
 
 
 def test_sums_near_64_bits_of_whole_units_stay_exact():
@@ -69,5 +88,7 @@ def test_sums_near_64_bits_of_whole_units_stay_exact():
     ready = ready_of(events)
     fresh = np.arange(len(events))
     windows = _Sums.of(ready, fresh, ready.times, ready.key_ids, 60_000)
-    assert listed(windows.groups(ready.keys)) == reference(events, 60_000)
-    assert listed(_grain_groups(ready, fresh, windows, 3_600_000, 60_000)) == reference(events, 3_600_000)
+    window_groups = windows.groups(ready.keys)
+    assert listed(window_groups) == reference(events, 60_000)
+    assert listed(_grain_groups(ready, fresh, windows, window_groups, 3_600_000, 60_000)) == \
+        reference(events, 3_600_000)
