@@ -57,13 +57,15 @@ def key_part(component: str) -> str:
 
 
 def plain(text: str) -> bool:
-    """True when :func:`key_part` keeps ``text`` as it is (no ``%``, ``:`` or control character);
-    a key builder checks the concatenated ids at once and formats them directly.
+    """True only when :func:`key_part` keeps ``text`` as it is: no ``%`` or ``:``, and printable
+    (so no control character); a key builder checks the concatenated ids at once and formats
+    them directly, and leaves any other text to :func:`key_part` (which keeps, say, a no-break
+    space as it is). Three scans in C: a third of the pattern's cost.
 
-    >>> plain("acme" "cust_0042"), plain("acme" "eu:42")
-    (True, False)
+    >>> plain("acme" "cust_0042"), plain("acme" "eu:42"), plain("tab\\t"), plain("no\\xa0break")
+    (True, False, False, False)
     """
-    return _ESCAPED.search(text) is None
+    return "%" not in text and ":" not in text and text.isprintable()
 
 
 def redis_key(prefix: str, *components: str) -> str:

@@ -13,11 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deploy.broker import ensure_topic
 from operators.live_totals import QuotaAlert
 from sinks.alerts import AlertsPartition, fence_key
 from sinks.enrichment import CustomerAttributes
+from sinks.redis_client import key_part, plain
 from sinks.redis_sink import RedisTotalsWriter
 from support.kafka import read_all, unique_topic
 from support.redis import redis_server  # noqa: F401
@@ -118,3 +121,13 @@ def test_the_readme_shell_function_builds_the_same_key(org, customer):
     built = subprocess.run(["bash", "-c", script, "key", org, customer], capture_output=True,
                            check=True, text=True).stdout
     assert built == f"{gateway_part(org)}:{gateway_part(customer)}"
+
+
+@given(st.text(st.characters(codec="utf-8")))
+def test_text_called_plain_is_kept_as_it_is(text):
+    """``plain`` is the key builders' shortcut: it may say False for text ``key_part`` keeps,
+    never True for text it encodes."""
+    if plain(text):
+        assert key_part(text) == text
+    if text.isascii() and text.isprintable():  # there it says exactly whether text is kept
+        assert plain(text) == (key_part(text) == text)
