@@ -186,29 +186,7 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         """Put the batch's on-time events and late copies where they wait for their decision."""
         if batch.topic:
             self.topic = batch.topic
-        partition, decided = batch.partition, self.decided_through
-        step, offset, by_bucket = self._due_step, self._due_offset, {}
-        granule = self.held.granule  # a bucket holds every due point in a granule
-        bucket = self._one_bucket(batch.events)
-        if bucket is not None:
-            self.held.add(bucket, partition, batch.events)
-        last_due, entries = None, None  # a batch's events mostly share a few windows
-        for event in batch.events if bucket is None else ():
-            timestamp = event.timestamp_ms
-            due = timestamp - timestamp % step + offset
-            if due != last_due:
-                if due <= decided:  # only after IDLE_TIMEOUT let the watermark run ahead of a partition
-                    out.append(self._late_at_shard(partition, event, "window_closed_idle_partition",
-                                                   decided))
-                    metrics.record_late(1)
-                    continue
-                entries = by_bucket.get(due // granule)
-                if entries is None:
-                    entries = by_bucket[due // granule] = []
-                last_due = due
-            entries.append(event)
-        for key, events in by_bucket.items():
-            self.held.add(key, partition, events)
+        self._hold(batch.partition, batch.events, out)
         for _due, digest, record in batch.late:
             point = self._late_point(record.timestamp_ms)
             if record.watermark_ms >= point:
@@ -221,18 +199,28 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
             entries.append((record.timestamp_ms, record.source_partition, record.source_offset,
                             digest, record))
 
-    def _one_bucket(self, events: list[ShardEvent]) -> int | None:
-        """The held bucket of all ``events`` when they fall in one and none is due yet (most
-        batches: due points grow with the time); else ``None``."""
+    def _hold(self, partition: int, events: list[ShardEvent], out: list) -> None:
+        """Hold ``events`` in their buckets, a bucket's in their order; an event already due
+        (only after IDLE_TIMEOUT let the watermark run ahead of a partition) is written late.
+        Most batches fall in one bucket whole: due points grow with the time."""
         if not events:
-            return None
-        times = list(map(_TIMESTAMP, events))
-        step, offset, granule = self._due_step, self._due_offset, self.held.granule
-        first, last = min(times), max(times)
-        first_due, last_due = first - first % step + offset, last - last % step + offset
-        if first_due <= self.decided_through or first_due // granule != last_due // granule:
-            return None
-        return first_due // granule
+            return
+        times = np.fromiter(map(_TIMESTAMP, events), np.int64, len(events))
+        dues = times - times % self._due_step + self._due_offset
+        buckets, decided = dues // self.held.granule, self.decided_through
+        first = int(buckets.min())
+        if first == int(buckets.max()) and int(dues.min()) > decided:
+            self.held.add(first, partition, events)
+            return
+        late = dues <= decided
+        for position in np.flatnonzero(late).tolist():
+            out.append(self._late_at_shard(partition, events[position], "window_closed_idle_partition", decided))
+            metrics.record_late(1)
+        on_time = np.flatnonzero(~late)
+        keys, firsts = np.unique(buckets[on_time], return_index=True)
+        for key in keys[np.argsort(firsts)].tolist():  # in the order first met
+            positions = on_time[buckets[on_time] == key]
+            self.held.add(key, partition, list(map(events.__getitem__, positions.tolist())))
 
     def _late_point(self, timestamp: int) -> int:
         """When a late copy at ``timestamp`` is decided: every on-time copy within the
