@@ -468,13 +468,13 @@ def _ready(buckets: list[_Bucket], keys: list[tuple] | None = None) -> Ready:
 
 
 def _merged_tables(buckets: list[_Bucket]) -> list[tuple]:
-    """The keys of the buckets' tables as one list; every bucket's ``key_ids`` renumbered into
-    it (a key in two tables gets one number)."""
-    table = buckets[0].table
-    if len(buckets) > 1:
-        table = table.copy()
-        for bucket in buckets[1:]:
-            numbers = np.array(table.numbers(bucket.table.keys), dtype=np.int32)
+    """The keys of the buckets' tables as one list: the biggest table's, the others' keys
+    numbered into it (a key in two tables gets one number) and their ``key_ids`` renumbered.
+    The buckets are taken: their tables may change."""
+    table = max((bucket.table for bucket in buckets), key=lambda table: len(table.keys))
+    for bucket in buckets:
+        if bucket.table is not table:
+            numbers = np.fromiter(table.numbers(bucket.table.keys), np.int32, len(bucket.table.keys))
             bucket.chunks["key_ids"] = [numbers[bucket.column("key_ids")]]
     return table.keys
 
