@@ -92,17 +92,21 @@ class _Window:
     keys appends to four lists, a first emission reads and records its columns whole, and a
     copy copies five containers instead of a list per key.
 
+    ``positions`` is built at the first look-up: at one row per event a usage window takes its
+    keys in one decision, is emitted and forgotten, and never needs one (a dict insert per key,
+    ~0.3 µs, saved).
+
         >>> window = _Window()
         >>> window.extend([("o", "c", "x"), ("o", "d", "x")], [2, 1], [7, 3])
         >>> window.aggregates()
         {('o', 'c', 'x'): [2, 7, 0], ('o', 'd', 'x'): [1, 3, 0]}
     """
 
-    __slots__ = ("keys", "positions", "counts", "totals", "emitted")
+    __slots__ = ("keys", "_positions", "counts", "totals", "emitted")
 
     def __init__(self) -> None:
         self.keys: list[WindowKey] = []
-        self.positions: dict[WindowKey, int] = {}
+        self._positions: dict[WindowKey, int] | None = None  # see positions
         self.counts: list[int] = []
         self.totals: list[int] = []
         self.emitted: list[int] = []
@@ -118,6 +122,13 @@ class _Window:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def positions(self) -> dict[WindowKey, int]:
+        """Each key's index in ``keys``."""
+        if self._positions is None:
+            self._positions = dict(zip(self.keys, range(len(self.keys))))
+        return self._positions
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Window) and (self.keys, self.counts, self.totals, self.emitted) == \
             (other.keys, other.counts, other.totals, other.emitted)
@@ -127,7 +138,8 @@ class _Window:
         """Append new ``keys`` (none already here) with their aggregates (emitted 0 unless given)."""
         held = len(self.keys)
         self.keys += keys
-        self.positions.update(zip(keys, range(held, len(self.keys))))
+        if self._positions is not None:
+            self._positions.update(zip(keys, range(held, len(self.keys))))
         self.counts += counts
         self.totals += totals
         self.emitted += repeat(0, len(keys)) if emitted is None else emitted
@@ -164,7 +176,8 @@ class _Window:
 
     def copy(self) -> _Window:
         twin = _Window()
-        twin.keys, twin.positions = self.keys[:], self.positions.copy()
+        twin.keys = self.keys[:]
+        twin._positions = None if self._positions is None else self._positions.copy()
         twin.counts, twin.totals, twin.emitted = self.counts[:], self.totals[:], self.emitted[:]
         return twin
 
@@ -259,7 +272,7 @@ class WindowStore:
         if not keys:
             return
         window = self._window(start_ms)
-        if not window.positions:  # every key is new
+        if not window:  # every key is new
             window.extend(keys, counts, totals)
             return
         positions = list(map(window.positions.get, keys))
