@@ -38,7 +38,7 @@ from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
-from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready
+from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready, time_range
 from state.records import (CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRowBlock,
                            WindowRows, expanded, row_count)
 from state.sessions import SessionStore
@@ -205,14 +205,15 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         Most batches fall in one bucket whole: due points grow with the time."""
         if not events:
             return
-        times = np.fromiter(map(_TIMESTAMP, events), np.int64, len(events))
-        dues = times - times % self._due_step + self._due_offset
-        buckets, decided = dues // self.held.granule, self.decided_through
-        first = int(buckets.min())
-        if first == int(buckets.max()) and int(dues.min()) > decided:
-            self.held.add(first, partition, events)
+        step, offset, granule, decided = self._due_step, self._due_offset, self.held.granule, self.decided_through
+        first, last = time_range(events)
+        first_due, last_due = first - first % step + offset, last - last % step + offset
+        if first_due > decided and first_due // granule == last_due // granule:
+            self.held.add(first_due // granule, partition, events)
             return
-        late = dues <= decided
+        times = np.fromiter(map(_TIMESTAMP, events), np.int64, len(events))
+        dues = times - times % step + offset
+        buckets, late = dues // granule, dues <= decided
         for position in np.flatnonzero(late).tolist():
             out.append(self._late_at_shard(partition, events[position], "window_closed_idle_partition", decided))
             metrics.record_late(1)

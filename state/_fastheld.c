@@ -108,7 +108,7 @@ PyDoc_STRVAR(columns_doc,
 "wide: the positions whose whole part needs more than 64 bits (their whole and fraction 0);\n"
 "keys numbered in (ids, keys, strings), the bucket's key table, new keys appended.");
 
-static PyObject *columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "columns() takes 6 arguments");
         return NULL;
@@ -179,8 +179,47 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(time_range_doc,
+"time_range(events, struct_type, descriptor) -> (first, last)\n"
+"\n"
+"The least and the greatest of the events' field at descriptor (an int64 each); events: a\n"
+"non-empty list of struct_type.");
+
+static PyObject *time_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0]) || PyList_GET_SIZE(args[0]) == 0 || !PyType_Check(args[1]) ||
+        !Py_IS_TYPE(args[2], &PyMemberDescr_Type)) {
+        PyErr_SetString(PyExc_TypeError, "time_range(): expected a non-empty list, a type and a member descriptor");
+        return NULL;
+    }
+    PyMemberDef *member = ((PyMemberDescrObject *)args[2])->d_member;
+    if (member->type != T_OBJECT_EX && member->type != T_OBJECT) {
+        PyErr_SetString(PyExc_TypeError, "time_range(): the field is not an object slot");
+        return NULL;
+    }
+    int64_t first = INT64_MAX, last = INT64_MIN;
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); i++) {
+        PyObject *event = PyList_GET_ITEM(args[0], i);
+        if (!Py_IS_TYPE(event, (PyTypeObject *)args[1])) {
+            PyErr_SetString(PyExc_TypeError, "time_range(): an event of another type");
+            return NULL;
+        }
+        PyObject *field = slot(event, member->offset);
+        if (field == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "time_range(): an event with the field unset");
+            return NULL;
+        }
+        int64_t time = as_int64(field, &failed);
+        if (failed) return NULL;
+        if (time < first) first = time;
+        if (time > last) last = time;
+    }
+    return Py_BuildValue("(LL)", (long long)first, (long long)last);
+}
+
 static PyMethodDef methods[] = {
     {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL, columns_doc},
+    {"time_range", (PyCFunction)(void (*)(void))time_range, METH_FASTCALL, time_range_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -62,6 +62,8 @@ _SLOTS = tuple(ShardEvent.__dict__[name] for name in (  # where the compiled pat
     "digest", "organization_id", "external_customer_id", "code", "timestamp_ms", "value_scaled", "offset",
     "metric_values"))
 _SEEN_OF = attrgetter("watermark_before")
+_TIME_OF = attrgetter("timestamp_ms")
+_TIME_SLOT = ShardEvent.__dict__["timestamp_ms"]
 
 
 @dataclass(frozen=True)
@@ -149,18 +151,32 @@ def _compiled_columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict,
             wide, has_metrics)
 
 
-def _compiled() -> Callable | None:
-    """The compiled fast path's ``columns`` (``state/_fastheld.c``, built by ``make install``), or
-    None where it was not built: events are then held in pure Python, slower, the same."""
+def time_range(events: list[ShardEvent]) -> tuple[int, int]:
+    """The earliest and the latest event time of ``events`` (not empty).
+
+        >>> time_range([ShardEvent(7, "o", "c", "x", time, 5, 0, 4, "t1", None) for time in (30, 10, 20)])
+        (10, 30)
+    """
+    if _fast_time_range is not None:
+        return _fast_time_range(events, ShardEvent, _TIME_SLOT)
+    times = list(map(_TIME_OF, events))
+    return min(times), max(times)
+
+
+def _compiled(name: str) -> Callable | None:
+    """The compiled fast path's function ``name`` (``state/_fastheld.c``, built by ``make install``),
+    or None where it was not built: events are then held in pure Python, slower, the same."""
     try:
-        from state._fastheld import columns
+        from state import _fastheld
     except ImportError:
         return None
-    return columns
+    return getattr(_fastheld, name)
 
 
-_fast_columns = _compiled()
+_fast_columns = _compiled("columns")
 """What :meth:`HeldEvents.add` uses; tests set it to None for the pure path."""
+_fast_time_range = _compiled("time_range")
+"""What :func:`time_range` uses; tests set it to None for the pure path."""
 
 
 class _Bucket:
@@ -283,8 +299,7 @@ class HeldEvents:
         start, n = len(bucket), len(events)
         columns, wide, has_metrics = (_columns if _fast_columns is None else _compiled_columns)(
             events, bucket.table)
-        times = columns["times"]
-        first, last = int(times.min()), int(times.max())  # due points grow with the time
+        first, last = time_range(events)  # due points grow with the time
         step, offset = self.step, self.offset
         bucket.first_due = min(bucket.first_due, first - first % step + offset)
         bucket.last_due = max(bucket.last_due, last - last % step + offset)

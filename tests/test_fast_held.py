@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import state.held as held_module
-from state.held import VALUE_UNIT, _columns, _compiled_columns, _KeyTable
+from state.held import VALUE_UNIT, _columns, _compiled_columns, _KeyTable, time_range
 from state.records import ShardEvent
 from test_held import test_held_events_come_out_when_due_in_decision_order_with_exact_values
 
-COMPILED = held_module._compiled()
+COMPILED = held_module._compiled("columns")
 
 if COMPILED is None and os.environ.get("CI"):
     pytest.fail("state/_fastheld.c was not built: `make install` builds it", pytrace=False)
@@ -61,15 +61,29 @@ def test_compiled_columns_equal_the_pure_ones(batches):
 
 
 @compiled_only
+@settings(max_examples=200, deadline=None)
+@given(st.lists(EVENT, min_size=1, max_size=20))
+def test_compiled_time_range_equals_the_pure_one(drawn):
+    events = events_of(drawn)
+    times = [event.timestamp_ms for event in events]
+    assert time_range(events) == (min(times), max(times))
+
+
+@compiled_only
 def test_compiled_columns_refuse_what_they_cannot_read():
     table = _KeyTable()
     with pytest.raises(TypeError):
         _compiled_columns([("not", "an", "event")], table)
     with pytest.raises(OverflowError):
         _compiled_columns(events_of([(0, "o1", "c1", "x", 2**63, 0, 0, False)]), table)
+    with pytest.raises(OverflowError):
+        time_range(events_of([(0, "o1", "c1", "x", 2**63, 0, 0, False)]))
+    with pytest.raises(TypeError):
+        time_range([])
 
 
 def test_the_held_events_property_in_pure_python(monkeypatch):
     """The held events' model test again, on the pure-Python path."""
     monkeypatch.setattr(held_module, "_fast_columns", None)
+    monkeypatch.setattr(held_module, "_fast_time_range", None)
     test_held_events_come_out_when_due_in_decision_order_with_exact_values()
