@@ -31,7 +31,8 @@ from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
 from sinks.buffered import BufferedPartition
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
-from sinks.columnar import DecimalOverflow, arrow_stream, block_batch, late_batch, metric_batch, window_batch
+from sinks.columnar import (DecimalOverflow, arrow_stream, block_batch, in_key_order, late_batch, metric_batch,
+                             window_batch)
 from sinks.enrichment import CustomerAttributes
 from sinks.rejected import ROW_ERROR_CODES, fits, write_rejected
 from sinks.schema import (
@@ -229,7 +230,7 @@ class ClickHousePartition(BufferedPartition[Item]):
         self._insert_batch(table, self._batch(table, rows) if batch is None else batch)
 
     def _insert_batch(self, table: str, batch) -> None:
-        columns, payload = tuple(batch.schema.names), arrow_stream(batch)
+        columns, payload = tuple(batch.schema.names), arrow_stream(in_key_order(batch, table))
         started = time.perf_counter()
         with_retries(lambda: self._backend.insert_arrow(table, columns, payload), table)
         seconds = time.perf_counter() - started
