@@ -167,12 +167,13 @@ class _Window:
         """The keys after the first ``done``, then those at positions ``before`` (below
         ``done``), with their aggregates, as bytes (``pack_key_columns``); the columns
         themselves when that is every key."""
-        keys, counts, totals, emitted = self.keys, self.counts, self.totals, self.emitted
+        columns = [self.keys, self.counts, self.totals, self.emitted]
         if done or before:
-            keys, counts, totals, emitted = (
-                column[done:] + list(map(column.__getitem__, before))
-                for column in (keys, counts, totals, emitted))
-        return pack_key_columns(keys, (counts, totals, emitted))
+            parts = [column[done:] for column in columns]
+            for part, column in zip(parts, columns):
+                part += map(column.__getitem__, before)
+            columns = parts
+        return pack_key_columns(columns[0], columns[1:])
 
     def copy(self) -> _Window:
         twin = _Window()
