@@ -38,7 +38,7 @@ from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
 from state.counted import CountedCopies, CountedSnapshot
-from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready, time_range
+from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready, scaled_values, time_range
 from state.records import (CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRowBlock,
                            WindowRows, expanded, row_count)
 from state.sessions import SessionStore
@@ -652,13 +652,13 @@ def _exact_totals(wholes, highs: np.ndarray, lows: np.ndarray, wide: dict) -> li
     """
     low_carry, lows = np.divmod(lows, _HALF_UNIT)
     carry, highs = np.divmod(highs + low_carry, _HALF_UNIT)
-    fractions = (highs * _HALF_UNIT + lows).tolist()  # each below VALUE_UNIT
+    fractions = highs * _HALF_UNIT + lows  # each below VALUE_UNIT
     if isinstance(wholes, np.ndarray) and (not len(wholes) or int(np.abs(wholes).max())
                                            < _INT64_MAX - int(carry.max())):
-        wholes = (wholes + carry).tolist()
+        totals = scaled_values(wholes + carry, fractions)
     else:  # as Python integers
-        wholes = list(map(add, wholes, carry.tolist()))
-    totals = list(map(add, map(mul, wholes, repeat(VALUE_UNIT)), fractions))
+        wholes = map(add, wholes, carry.tolist())
+        totals = list(map(add, map(mul, wholes, repeat(VALUE_UNIT)), fractions.tolist()))
     for run, value in wide.items():
         totals[run] += value
     return totals

@@ -217,7 +217,50 @@ static PyObject *time_range(PyObject *Py_UNUSED(module), PyObject *const *args, 
     return Py_BuildValue("(LL)", (long long)first, (long long)last);
 }
 
+PyDoc_STRVAR(scaled_doc,
+"scaled(wholes, fractions) -> list[int]\n"
+"\n"
+"whole * 10**18 + fraction for each pair of two buffers of native int64 (of one length).");
+
+static PyObject *scaled(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "scaled() takes 2 arguments");
+        return NULL;
+    }
+    Py_buffer wholes, fractions;
+    if (PyObject_GetBuffer(args[0], &wholes, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &fractions, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&wholes);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (wholes.len != fractions.len || wholes.len % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "scaled(): two int64 buffers of one length expected");
+        goto done;
+    }
+    Py_ssize_t n = wholes.len / 8;
+    const int64_t *whole = wholes.buf, *fraction = fractions.buf;
+    result = PyList_New(n);
+    if (result == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        __int128 value = (__int128)whole[i] * VALUE_UNIT + fraction[i];
+        PyObject *number = value >= INT64_MIN && value <= INT64_MAX
+            ? PyLong_FromLongLong((long long)value)
+            : _PyLong_FromByteArray((const unsigned char *)&value, 16, 1, 1);
+        if (number == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, number);
+    }
+done:
+    PyBuffer_Release(&wholes);
+    PyBuffer_Release(&fractions);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"scaled", (PyCFunction)(void (*)(void))scaled, METH_FASTCALL, scaled_doc},
     {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL, columns_doc},
     {"time_range", (PyCFunction)(void (*)(void))time_range, METH_FASTCALL, time_range_doc},
     {NULL, NULL, 0, NULL},

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import heapq
 from itertools import repeat
-from operator import attrgetter
+from operator import add, attrgetter, mul
 from typing import Callable, Iterable
 
 from msgspec.structs import astuple
@@ -163,6 +163,17 @@ def time_range(events: list[ShardEvent]) -> tuple[int, int]:
     return min(times), max(times)
 
 
+def scaled_values(wholes: np.ndarray, fractions: np.ndarray) -> list[int]:
+    """``whole * VALUE_UNIT + fraction`` for each pair of the ``int64`` arrays, as Python integers.
+
+        >>> scaled_values(np.array([2, -1, 2**62]), np.array([5, 10**18 - 1, 0]))
+        [2000000000000000005, -1, 4611686018427387904000000000000000000]
+    """
+    if _fast_scaled is not None:
+        return _fast_scaled(np.ascontiguousarray(wholes, np.int64), np.ascontiguousarray(fractions, np.int64))
+    return list(map(add, map(mul, wholes.tolist(), repeat(VALUE_UNIT)), fractions.tolist()))
+
+
 def _compiled(name: str) -> Callable | None:
     """The compiled fast path's function ``name`` (``state/_fastheld.c``, built by ``make install``),
     or None where it was not built: events are then held in pure Python, slower, the same."""
@@ -177,6 +188,8 @@ _fast_columns = _compiled("columns")
 """What :meth:`HeldEvents.add` uses; tests set it to None for the pure path."""
 _fast_time_range = _compiled("time_range")
 """What :func:`time_range` uses; tests set it to None for the pure path."""
+_fast_scaled = _compiled("scaled")
+"""What :func:`scaled_values` uses; tests set it to None for the pure path."""
 
 
 class _Bucket:

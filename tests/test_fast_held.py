@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import state.held as held_module
-from state.held import VALUE_UNIT, _columns, _compiled_columns, _KeyTable, time_range
+from state.held import VALUE_UNIT, _columns, _compiled_columns, _KeyTable, scaled_values, time_range
 from state.records import ShardEvent
 from test_held import test_held_events_come_out_when_due_in_decision_order_with_exact_values
 
@@ -70,6 +70,17 @@ def test_compiled_time_range_equals_the_pure_one(drawn):
 
 
 @compiled_only
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(INT64, st.integers(0, VALUE_UNIT - 1)), max_size=30))
+def test_compiled_scaled_values_equal_the_pure_ones(pairs):
+    wholes = np.array([whole for whole, _ in pairs], dtype=np.int64)
+    fractions = np.array([fraction for _, fraction in pairs], dtype=np.int64)
+    assert scaled_values(wholes, fractions) == [whole * VALUE_UNIT + fraction for whole, fraction in pairs]
+    assert scaled_values(wholes[::-1], fractions[::-1]) == \
+        [whole * VALUE_UNIT + fraction for whole, fraction in pairs[::-1]]  # not contiguous
+
+
+@compiled_only
 def test_compiled_columns_refuse_what_they_cannot_read():
     table = _KeyTable()
     with pytest.raises(TypeError):
@@ -86,4 +97,5 @@ def test_the_held_events_property_in_pure_python(monkeypatch):
     """The held events' model test again, on the pure-Python path."""
     monkeypatch.setattr(held_module, "_fast_columns", None)
     monkeypatch.setattr(held_module, "_fast_time_range", None)
+    monkeypatch.setattr(held_module, "_fast_scaled", None)
     test_held_events_come_out_when_due_in_decision_order_with_exact_values()

@@ -92,3 +92,11 @@ def test_sums_near_64_bits_of_whole_units_stay_exact():
     assert listed(window_groups) == reference(events, 60_000)
     assert listed(_grain_groups(ready, fresh, windows, window_groups, 3_600_000, 60_000)) == \
         reference(events, 3_600_000)
+
+
+def test_window_sums_in_pure_python_equal_the_reference(monkeypatch):
+    """The window, hour and day sums again, with the held values made Python integers without
+    the compiled path."""
+    import state.held
+    monkeypatch.setattr(state.held, "_fast_scaled", None)
+    test_window_hour_and_day_sums_equal_the_reference()
