@@ -299,7 +299,25 @@ def _key_order(columns: list, span_limit: int = 2**63):
             distinct_keys, key = np.unique(key, return_inverse=True)
             span = len(distinct_keys)
         key, span = key * distinct + rank, span * distinct
-    return np.argsort(key, kind="stable")
+    return _stable_argsort(key, span)
+
+
+def _stable_argsort(key, span: int):
+    """The stable order of ``key`` (ints in ``[0, span)``): a least-significant-digit radix
+    sort by 16 bits, each pass numpy's radix sort of a ``uint16`` digit (a fourth of the
+    cost of ``argsort(kind="stable")`` on int64, which merges).
+
+    >>> import numpy as np
+    >>> _stable_argsort(np.array([70_000, 3, 70_000, 65_536, 3]), 70_001).tolist()
+    [1, 4, 3, 0, 2]
+    """
+    import numpy as np
+
+    order = np.arange(len(key))
+    for shift in range(0, max(span - 1, 1).bit_length(), 16):
+        digit = (key[order] >> shift).astype(np.uint16)  # the low 16 bits left
+        order = order[np.argsort(digit, kind="stable")]
+    return order
 
 
 def _ranks(column):

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from sinks.clickhouse_backend import connect
 from state.records import WindowRow
-from sinks.columnar import _key_order, arrow_stream, in_key_order, late_batch, metric_batch, window_batch
+from sinks.columnar import (_key_order, _stable_argsort, arrow_stream, in_key_order, late_batch, metric_batch,
+                             window_batch)
 from sinks.schema import TABLES_BY_NAME, Table, create_statement
 from test_columnar_reference import WINDOW_TABLES, checks, late_records, metric_rows, window_rows
 
@@ -70,6 +71,15 @@ def test_keys_re_ranked_past_the_span_limit_keep_the_order(rows, span_limit):
     columns = [pa.array([row[i] for row in rows]) for i in range(4)]
     expected = sorted(range(len(rows)), key=lambda i: tuple(sort_value(v) for v in rows[i]))
     assert _key_order(columns, span_limit=span_limit).tolist() == expected
+
+
+@checks
+@given(st.integers(1, 2**63 - 1).flatmap(lambda span: st.tuples(
+    st.just(span), st.lists(st.one_of(st.integers(0, span - 1), st.sampled_from([0, span - 1])), max_size=80))))
+def test_the_radix_sort_is_stable_for_any_span(case):
+    span, keys = case
+    expected = sorted(range(len(keys)), key=keys.__getitem__)
+    assert _stable_argsort(np.array(keys, np.int64), span).tolist() == expected
 
 
 def test_a_batch_without_its_key_columns_or_with_a_null_key_is_left_as_it_is():
