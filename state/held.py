@@ -480,7 +480,7 @@ def _ready(buckets: list[_Bucket], keys: list[tuple] | None = None) -> Ready:
         keys = _merged_tables(buckets)
     columns = {name: np.concatenate([chunk for b in buckets for chunk in b.chunks[name]])
                for name in buckets[0].chunks}
-    order = np.lexsort((columns["offsets"], columns["partitions"], columns["times"]))
+    order = _decision_order(columns["times"], columns["partitions"], columns["offsets"])
     if wide or events:
         new_position = np.empty(len(order), dtype=np.int64)
         new_position[order] = np.arange(len(order))
@@ -493,6 +493,30 @@ def _ready(buckets: list[_Bucket], keys: list[tuple] | None = None) -> Ready:
                 "txn_starts": (np.cumsum(lengths, dtype=np.int64) - lengths)[order]}
     return Ready(**{name: column[order] for name, column in columns.items()},
                  keys=keys, wide=wide, events=events, **txns)
+
+
+def _decision_order(times: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The order of (time, partition, offset), equal ones in arrival order (``np.lexsort``'s):
+    where the three, counted from their least, and the arrival position fit in 63 bits, one
+    sort of them packed in one integer (a fifth of the time), or without the position, a stable one.
+
+        >>> _decision_order(np.array([5, 3, 5, 3]), np.array([1, 0, 0, 0]), np.array([2, 9, 7, 9])).tolist()
+        [1, 3, 2, 0]
+    """
+    n = len(times)
+    if not n or int(partitions.min()) < 0:
+        return np.lexsort((offsets, partitions, times))
+    first_time, first_offset = int(times.min()), int(offsets.min())
+    time_bits = (int(times.max()) - first_time).bit_length()  # Python integers: no wrapping
+    offset_bits = (int(offsets.max()) - first_offset).bit_length()
+    partition_bits, position_bits = int(partitions.max()).bit_length(), (n - 1).bit_length()
+    if time_bits + partition_bits + offset_bits > 63:
+        return np.lexsort((offsets, partitions, times))
+    key = ((times - first_time) << (partition_bits + offset_bits)) \
+        | (partitions.astype(np.int64) << offset_bits) | (offsets - first_offset)
+    if time_bits + partition_bits + offset_bits + position_bits > 63:
+        return np.argsort(key, kind="stable")
+    return np.argsort((key << position_bits) | np.arange(n))
 
 
 def _merged_tables(buckets: list[_Bucket]) -> list[tuple]:

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from state.held import VALUE_UNIT, HeldEvents
+from state.held import VALUE_UNIT, HeldEvents, _decision_order
 from state.records import ShardEvent
 
 VALUES = st.one_of(st.integers(-10**20, 10**20), st.integers(-(10**38) + 1, 10**38 - 1),
@@ -117,3 +117,21 @@ def test_a_key_held_in_several_buckets_has_one_number_when_taken_together_and_af
         assert sorted(ready.keys[k] for k in set(ready.key_ids.tolist())) == \
             [("org", "a", "api_calls"), ("org", "b", "api_calls")]
         assert [ready.keys[k][1] for k in ready.key_ids.tolist()] == ["a", "b", "a"] * 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 70_000), st.integers(-(2**63), 2**63 - 1)),
+                          st.integers(0, 3), st.one_of(st.integers(0, 50), st.integers(0, 2**42), st.integers(0, 2**62))),
+                max_size=60),
+       st.integers(0, 2**40))
+def test_the_decision_order_is_lexsorts(rows, base):
+    """Packed in one integer where it fits (with or without the arrival position), else lexsort:
+    always (time, partition, offset), equal ones in arrival order."""
+    times = np.array([base + t if base + t < 2**63 else t for t, _p, _o in rows], dtype=np.int64)
+    partitions = np.array([p for _t, p, _o in rows], dtype=np.int32)
+    offsets = np.array([o for _t, _p, o in rows], dtype=np.int64)
+    assert _decision_order(times, partitions, offsets).tolist() == \
+        np.lexsort((offsets, partitions, times)).tolist()
+    repeated = np.repeat(np.arange(len(rows)), 3)  # equal triples: arrival order
+    assert _decision_order(times[repeated], partitions[repeated], offsets[repeated]).tolist() == \
+        np.lexsort((offsets[repeated], partitions[repeated], times[repeated])).tolist()
