@@ -34,9 +34,13 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import msgspec
+import pyarrow
 
 FORMAT = 2
 KEY_COLUMNS = 3  # the format of pack_key_columns
+COMPRESSED = 0xC1  # the first byte of compressed bytes (``compressed``): one msgpack never uses
+COMPRESS_FROM = 4096  # bytes; below, compressing saves little
+_ZSTD = pyarrow.Codec("zstd", 1)
 _FORMAT_2 = 0x93  # the first byte of format 2 (a 3-item array); format 1 starts 0x92 (2 items)
 _FORMAT_1_BYTES = 32  # format 1's unbounded column: 32-byte signed little-endian integers
 _BIN = (0xC4, 0xC5, 0xC6)  # msgpack bin headers: format 2's values as JSON
@@ -93,8 +97,34 @@ def pack_key_columns(keys: list[tuple], columns: Sequence[list[int]]) -> bytes:
     return _encode((KEY_COLUMNS, keys, list(map(_pack_values, columns))))
 
 
+def compressed(packed: bytes) -> bytes:
+    """``packed`` compressed (zstd, level 1) where it is large; the unpacking functions read
+    either. A snapshot holds every segment of an open window and is written whole at every
+    epoch, so a segment's bytes cost at each epoch of its window's life, its compression
+    once: window segments of keys and integers shrink about 4x, at ~120 ns a key.
+
+        >>> packed = pack_key_columns([("org_001", f"cus_001_{i:04d}", "api_calls") for i in range(500)],
+        ...                           ([1] * 500, [10**18] * 500, [0] * 500))
+        >>> small = compressed(packed)
+        >>> small[0] == COMPRESSED and len(small) * 4 < len(packed), unpack_key_columns(small) == unpack_key_columns(packed)
+        (True, True)
+    """
+    if len(packed) < COMPRESS_FROM:
+        return packed
+    return bytes((COMPRESSED,)) + len(packed).to_bytes(8, "little") + _ZSTD.compress(packed, asbytes=True)
+
+
+def _plain(packed: bytes) -> bytes:
+    """``packed`` as ``pack_*`` made it (decompressed if ``compressed`` compressed it)."""
+    if packed[0] != COMPRESSED:
+        return packed
+    return _ZSTD.decompress(memoryview(packed)[9:], int.from_bytes(packed[1:9], "little"), asbytes=True)
+
+
 def unpack_key_columns(packed: bytes, *, key_width: int = 3) -> tuple[list[tuple], list[list[int]]]:
-    """The keys and value columns of bytes of any format (``key_width`` for format 1)."""
+    """The keys and value columns of bytes of any format (``key_width`` for format 1),
+    compressed or not."""
+    packed = _plain(packed)
     if packed[0] == _FORMAT_2:
         version, keys, values = _decode_format_2(packed)
         if version == KEY_COLUMNS:
@@ -110,8 +140,9 @@ def _unpack_column(column: msgspec.Raw) -> list[int]:
 
 
 def unpack_entries(packed: bytes, *, key_width: int, factory: Callable = list) -> dict:
-    """What ``pack_entries`` (or ``pack_key_columns``) packed, any format: ``{key tuple:
-    factory(values)}`` in the same order."""
+    """What ``pack_entries`` (or ``pack_key_columns``) packed, any format, compressed or not:
+    ``{key tuple: factory(values)}`` in the same order."""
+    packed = _plain(packed)
     if packed[0] != _FORMAT_2:
         return _unpack_format_1(packed, key_width, factory)
     version, keys, values = _decode_format_2(packed)

@@ -18,7 +18,7 @@ from itertools import compress, groupby, repeat
 from operator import attrgetter, is_, ne, not_
 from typing import Iterable
 
-from state.packing import pack_key_columns, unpack_entries, unpack_key_columns
+from state.packing import compressed, pack_key_columns, unpack_entries, unpack_key_columns
 from state.records import WindowRow, WindowRowBlock
 from state.window_kinds import WindowKind
 
@@ -51,10 +51,11 @@ def row_version(watermark_ms: int, provisional: bool = False) -> int:
 
 @dataclass(frozen=True)
 class WindowSnapshot:
-    """Open windows: ``{start: segments}``, each a tuple of ``pack_window`` bytes, oldest
-    first; a later segment's aggregate replaces an earlier one's (see ``WindowStore.snapshot``).
-    A segment ``OWED`` (the int) marks every aggregate of the segments before it owed (a
-    provisional flush wrote the whole window: see ``WindowStore.owe``).
+    """Open windows: ``{start: segments}``, each a tuple of ``pack_window`` bytes (large ones
+    compressed: ``state.packing.compressed``), oldest first; a later segment's aggregate
+    replaces an earlier one's (see ``WindowStore.snapshot``). A segment ``OWED`` (the int)
+    marks every aggregate of the segments before it owed (a provisional flush wrote the whole
+    window: see ``WindowStore.owe``).
 
     (Earlier snapshots hold one ``bytes`` per window, or before that
     ``{start: {key: (count, total, emitted)}}``; a store resumes from any of them.)
@@ -165,15 +166,15 @@ class _Window:
 
     def packed(self, done: int, before: list[int]) -> bytes:
         """The keys after the first ``done``, then those at positions ``before`` (below
-        ``done``), with their aggregates, as bytes (``pack_key_columns``); the columns
-        themselves when that is every key."""
+        ``done``), with their aggregates, as bytes (``pack_key_columns``, ``compressed``);
+        the columns themselves when that is every key."""
         columns = [self.keys, self.counts, self.totals, self.emitted]
         if done or before:
             parts = [column[done:] for column in columns]
             for part, column in zip(parts, columns):
                 part += map(column.__getitem__, before)
             columns = parts
-        return pack_key_columns(columns[0], columns[1:])
+        return compressed(pack_key_columns(columns[0], columns[1:]))
 
     def copy(self) -> _Window:
         twin = _Window()

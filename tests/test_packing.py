@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.packing import pack_columns, pack_entries, unpack_entries
+from state.packing import (COMPRESSED, compressed, pack_columns, pack_entries, pack_key_columns, unpack_entries,
+                           unpack_key_columns)
 from support.packing_format_1 import format_1
 
 INT64 = 2**63
@@ -39,6 +40,28 @@ def test_format_2_round_trips_exactly_in_order(key_width, width, data):
     assert list(unpacked) == list(entries), "order kept"
     assert all(type(item) is type(expected) for key, keyed in zip(unpacked, entries)
                for item, expected in zip(key, keyed)), "str stays str, int stays int"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 4), st.data(), st.integers(1, 400))
+def test_format_3_round_trips_exactly_in_order_compressed_or_not(key_width, width, data, copies):
+    """Key columns (``pack_key_columns``), and the same ``compressed`` (repeated to pass its
+    threshold), unpack to the same keys and columns, as columns and as entries."""
+    entries = data.draw(entries_of(width, key_width))
+    entries = {key + (copy,): values for copy in range(copies) for key, values in entries.items()}
+    keys, columns = list(entries), [list(column) for column in zip(*entries.values())] or [[]] * width
+    packed = pack_key_columns(keys, columns)
+    small = compressed(packed)
+    assert (small[0] == COMPRESSED) == (small is not packed)
+    for form in (packed, small):
+        assert unpack_key_columns(form) == (keys, columns if keys else [[]] * width)
+        assert unpack_entries(form, key_width=key_width + 1, factory=tuple) == entries
+
+
+def test_large_bytes_are_compressed():
+    packed = pack_key_columns([("org_001", f"cus_001_{i:04d}", "api_calls") for i in range(1_000)],
+                              ([1] * 1_000, [10**18 + i for i in range(1_000)], [0] * 1_000))
+    assert compressed(packed)[0] == COMPRESSED and 3 * len(compressed(packed)) < len(packed)
 
 
 @settings(max_examples=300, deadline=None)
