@@ -42,25 +42,42 @@ static inline PyObject *slot(PyObject *event, Py_ssize_t offset) {
     return *(PyObject **)((char *)event + offset);
 }
 
+/* value as an int128: 1, or 0 where it needs more than 127 bits, -1 on error. CPython 3.11 keeps
+ * an int as 30-bit digits with its sign in the size: read them where up to 4 (120 bits). */
+static int as_int128(PyObject *value, __int128 *out) {
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyLong_CheckExact(value)) {
+        Py_ssize_t size = Py_SIZE(value), digits = size < 0 ? -size : size;
+        if (digits <= 4) {
+            unsigned __int128 magnitude = 0;
+            for (Py_ssize_t i = digits - 1; i >= 0; i--)
+                magnitude = (magnitude << PyLong_SHIFT) | ((PyLongObject *)value)->ob_digit[i];
+            *out = size < 0 ? -(__int128)magnitude : (__int128)magnitude;
+            return 1;
+        }
+    }
+#endif
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "columns(): a value that is not an int");
+        return -1;
+    }
+    unsigned char bytes[16];
+    if (_PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 1) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    memcpy(out, bytes, 16); /* little-endian, two's complement: this machine's int128 */
+    return 1;
+}
+
 /* Split value into whole * 10**18 + fraction (0 <= fraction < 10**18); 0 where the whole part
  * is not in [-(2**63 - 1), 2**63 - 1], -1 on error. */
 static int split_value(PyObject *value, int64_t *whole, int64_t *fraction) {
-    int overflow = 0;
-    long long small = PyLong_AsLongLongAndOverflow(value, &overflow);
-    if (small == -1 && PyErr_Occurred()) return -1;
     __int128 wide;
-    if (!overflow) {
-        wide = small;
-    } else {
-        unsigned char bytes[16];
-        if (_PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 1) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
-            PyErr_Clear();
-            return 0; /* beyond 128 bits */
-        }
-        memcpy(&wide, bytes, 16); /* little-endian, two's complement: this machine's int128 */
-    }
-    __int128 quotient = wide / VALUE_UNIT, rest = wide % VALUE_UNIT;
+    int read = as_int128(value, &wide);
+    if (read <= 0) return read;
+    __int128 quotient = wide / VALUE_UNIT, rest = wide - quotient * VALUE_UNIT;
     if (rest < 0) {
         rest += VALUE_UNIT;
         quotient -= 1;
