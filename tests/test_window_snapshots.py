@@ -13,9 +13,9 @@ from functools import partial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.packing import pack_entries
+from state.packing import COMPRESSED, pack_entries
 from state.window_kinds import TumblingWindows
-from state.windows import WindowSnapshot, WindowStore, pack_window, unpack_window
+from state.windows import OWED, WindowSnapshot, WindowStore, pack_window, unpack_window
 from support.packing_format_1 import format_1
 
 MINUTE = 60_000
@@ -206,3 +206,20 @@ def test_add_groups_equals_add_group_one_by_one(batches, snapshot_between):
     scratch = bulk.copy()
     scratch.add_groups(0, [("o", "c1", "x"), ("o", "new", "x")], [1, 1], [5, 5])
     assert bulk._open == single._open  # a copy changes none of its original's aggregates
+
+
+def test_large_segments_are_compressed_and_resume():
+    """Segments past ``state.packing.COMPRESS_FROM`` are compressed; a store resumes from them
+    (a whole window, then an increment and an owed mark) to the same aggregates."""
+    store = WindowStore(TumblingWindows(MINUTE), allowed_lateness_ms=MINUTE)
+    keys = [("org_001", f"cus_001_{i:04d}", "api_calls") for i in range(3_000)]
+    store.add_groups(0, keys[:2_000], [1] * 2_000, [10**18 + i for i in range(2_000)])
+    store.snapshot()
+    store.add_groups(0, keys[1_000:], [2] * 2_000, [-(10**30)] * 2_000)
+    scratch = store.copy()
+    store.owe(scratch.emit_closed(MINUTE, 0, provisional=True, blocks=True), 0)
+    segments = store.snapshot().windows[0]
+    assert [segment if segment.__class__ is int else segment[0] for segment in segments] == \
+        [COMPRESSED, OWED, COMPRESSED]  # the mark, then what changed after it
+    assert live_state(resumed(store, MINUTE)) == live_state(store)
+    assert live_state(store)[0][1][1_500] == (keys[1_500], [3, 10**18 + 1_500 - 10**30, OWED])
