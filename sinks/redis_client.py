@@ -92,6 +92,62 @@ def connect(url: str, *, timeout_s: float = 0.5) -> redis.Redis:
     )
 
 
+def raw_connection(url: str, *, timeout_s: float = 0.5) -> redis.connection.AbstractConnection:
+    """One connection to ``url`` (TLS, password and database as the URL says) for
+    :func:`send_commands`, failing fast like :func:`connect`; it connects on first use."""
+    pool = connect(url, timeout_s=timeout_s).connection_pool
+    return pool.connection_class(**pool.connection_kwargs)
+
+
+def command(*words: str) -> bytes:
+    """One command in Redis's protocol (RESP), for :func:`send_commands`.
+
+    >>> command("SET", "k", "1", "NX")
+    b'*4\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\n1\\r\\n$2\\r\\nNX\\r\\n'
+    """
+    encoded = [word.encode() for word in words]
+    return b"".join([b"*%d\r\n" % len(encoded), *(b"$%d\r\n%s\r\n" % (len(w), w) for w in encoded)])
+
+
+def send_commands(connection: redis.connection.AbstractConnection, payload: list[bytes],
+                  replies: int) -> bytes:
+    """Send ``payload`` (encoded commands, in pieces) and return the ``replies`` replies as bytes, for
+    commands whose every reply is one line (integers, status, nil, errors, array headers):
+    the lines are counted, not parsed one by one. Raises ``redis.ResponseError`` with the
+    first error reply (after reading them all); if sending or reading fails the connection is
+    dropped, so the next call starts afresh rather than reading stale replies.
+
+    >>> send_commands(raw_connection("redis://127.0.0.1:1/0"), [command("PING")], 1)
+    Traceback (most recent call last):
+    redis.exceptions.ConnectionError: Error ... connecting to 127.0.0.1:1. ...
+    """
+    try:
+        connection.send_packed_command(payload, check_health=False)
+        received = _read_lines(connection._sock, replies)  # the socket redis-py connected
+    except BaseException:
+        connection.disconnect()
+        raise
+    if received.startswith(b"-") or b"\r\n-" in received:
+        start = 0 if received.startswith(b"-") else received.index(b"\r\n-") + 2
+        raise redis.ResponseError(received[start + 1:received.index(b"\r\n", start)].decode(
+            "utf-8", "replace"))
+    return bytes(received)
+
+
+def _read_lines(sock, lines: int) -> bytearray:
+    """Exactly ``lines`` CRLF-terminated lines from ``sock`` (nothing else is in flight)."""
+    received = bytearray()
+    seen = 0
+    while seen < lines:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise redis.ConnectionError("Redis closed the connection")
+        start = len(received)
+        received += chunk
+        seen += received.count(b"\r\n", max(0, start - 1))
+    return received
+
+
 class Breaker:
     """Whether to try Redis now: closed until a failure, then open for a growing delay."""
 

@@ -6,15 +6,18 @@ places; ``%``, ``:`` and control characters as ``%XX``), importing nothing from 
 
 from __future__ import annotations
 
-import json
 import time
 from decimal import Context, Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from operators.validation import format_scaled
-from sinks.redis_sink import RedisTotalsWriter, encode_calls
+from operators.live_totals import period_label
+from sinks import redis_sink
+from sinks.redis_client import key_part
+from sinks.redis_sink import RedisTotalsWriter, encode_writes
 from support.redis import redis_server  # noqa: F401
 
 FEB_1_2026_MS = 1_769_904_000_000
@@ -41,6 +44,54 @@ def test_totals_are_written_as_the_exact_decimal(total_scaled):
 
 
 ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
+plain_ids = st.text(st.characters(codec="utf-8", blacklist_characters="%:",
+                                  blacklist_categories=("Cc",)), min_size=1, max_size=8)
+wide_totals = st.integers(-2**130, 2**130) | st.sampled_from(
+    [0, -1, 10**18, -10**18, 2**127 - 1, -2**127, 2**127, -2**127 - 1, 2**63, -2**63 - 1])
+
+
+def parse_commands(payload: bytes) -> list[list[str]]:
+    """RESP arrays of bulk strings, read by length (a reference reader written here)."""
+    commands, at = [], 0
+    while at < len(payload):
+        assert payload[at:at + 1] == b"*"
+        end = payload.index(b"\r\n", at)
+        words, count, at = [], int(payload[at + 1:end]), end + 2
+        for _ in range(count):
+            assert payload[at:at + 1] == b"$"
+            end = payload.index(b"\r\n", at)
+            size = int(payload[at + 1:end])
+            words.append(payload[end + 2:end + 2 + size].decode())
+            assert payload[end + 2 + size:end + 4 + size] == b"\r\n"
+            at = end + 4 + size
+        commands.append(words)
+    return commands
+
+
+def expected_commands(keyed: dict, per_transaction: int) -> list[list[str]]:
+    ttls = {"day": "345600", "month": "8640000"}
+    labels = {FEB_1_2026_MS: "2026-02-01", JAN_1_2026_MS: "2026-01"}
+    commands = []
+    for i, ((org, customer, code, kind, start), (count, total)) in enumerate(keyed.items()):
+        if i % per_transaction == 0:
+            commands += [["EXEC"], ["MULTI"]] if i else [["MULTI"]]
+        key = reference_key(org, customer, code, labels[start])
+        commands += [["HSET", key, "count", str(count), "value", reference_value(total)],
+                     ["EXPIRE", key, ttls[kind]]]
+    return commands + [["EXEC"]] if keyed else commands
+
+
+def period_keys(totals: dict) -> dict:
+    starts = {"day": FEB_1_2026_MS, "month": JAN_1_2026_MS}
+    return {(o, c, k, kind, starts[kind]): v for (o, c, k, kind), v in totals.items()}
+
+
+def pure_encoding(totals: dict, per_transaction: int) -> tuple[bytes, int]:
+    compiled, redis_sink._fast_commands = redis_sink._fast_commands, None
+    try:
+        return encode_writes(totals, per_transaction)
+    finally:
+        redis_sink._fast_commands = compiled
 
 
 @settings(max_examples=200)
@@ -48,19 +99,73 @@ ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
                        st.tuples(st.integers(0, 10**12), st.integers(-10**30, 10**30)),
                        max_size=30),
        st.integers(1, 7))
-def test_calls_carry_every_total_once_with_its_key_and_ttl(totals, per_call):
-    periods = {"day": (FEB_1_2026_MS, "2026-02-01", 4 * 86_400),
-               "month": (JAN_1_2026_MS, "2026-01", 100 * 86_400)}
-    keyed = {(o, c, k, kind, periods[kind][0]): v for (o, c, k, kind), v in totals.items()}
-    calls = [json.loads(call) for call in encode_calls(keyed, per_call)]
-    assert all(0 < len(call) <= 4 * per_call for call in calls)
-    flat = [item for call in calls for item in call]
-    expected = []
-    for (org, customer, code, kind, _start), (count, total) in keyed.items():
-        _, label, ttl = periods[kind]
-        expected += [reference_key(org, customer, code, label), str(count),
-                     reference_value(total), ttl]
-    assert flat == expected
+def test_writes_carry_every_total_once_with_its_key_and_ttl(totals, per_transaction):
+    keyed = period_keys(totals)
+    for payload, replies in (encode_writes(keyed, per_transaction),
+                             pure_encoding(keyed, per_transaction)):
+        assert parse_commands(payload) == expected_commands(keyed, per_transaction)
+        transactions = -(-len(keyed) // per_transaction)
+        assert replies == 2 * transactions + 4 * len(keyed)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.tuples(plain_ids | ids, plain_ids, plain_ids, st.sampled_from(["day", "month"])),
+                       st.tuples(st.integers(0, 2**64) | st.integers(-5, 5), wide_totals),
+                       max_size=40),
+       st.integers(1, 9))
+def test_the_compiled_encoding_is_the_pure_one_byte_for_byte(totals, per_transaction):
+    """Differential: where ``sinks/_fastresp.c`` encodes a batch, the bytes are the pure path's;
+    it declines (None) only ids to percent-encode, counts beyond 64 bits, totals beyond 128."""
+    if redis_sink._fast_commands is None:
+        pytest.skip("sinks/_fastresp.c is not built (make install)")
+    keyed = period_keys(totals)
+    compiled = redis_sink._fast_commands(keyed, "tallyflow:usage:", period_label,
+                                         redis_sink._TTL_BYTES, per_transaction)
+    declines = any(key_part(o + c + k) != o + c + k or not -2**63 <= n < 2**63 or not -2**127 <= t < 2**127
+                   for (o, c, k, _kind, _start), (n, t) in keyed.items())
+    assert (compiled is None) == declines
+    if compiled is not None:
+        assert compiled == pure_encoding(keyed, per_transaction)
+
+
+def test_written_totals_read_back_exactly_with_their_ttl(redis_server):
+    """Both encodings against a real Redis: hashes as the gateway reads them, TTLs set."""
+    totals = {("o", "café", "x", "day", FEB_1_2026_MS): (1, -10**18 - 1),
+              ("o", "c:1", "x", "month", JAN_1_2026_MS): (2, 2**127 - 1),
+              ("o", "big", "x", "day", FEB_1_2026_MS): (3, 2**130),
+              ("o", "zero", "x", "month", JAN_1_2026_MS): (0, 0)}
+    client = redis_server.client()
+    for compiled in (redis_sink._fast_commands, None):
+        client.flushall()
+        saved, redis_sink._fast_commands = redis_sink._fast_commands, compiled
+        writer = RedisTotalsWriter(redis_server.url, "0", timeout_s=1.0, min_interval_s=0)
+        try:
+            writer.submit(totals)
+            assert writer.drain(10)
+        finally:
+            writer.close(1)
+            redis_sink._fast_commands = saved
+        for (org, customer, code, kind, _start), (count, total) in totals.items():
+            key = reference_key(org, customer, code, "2026-02-01" if kind == "day" else "2026-01")
+            assert client.hgetall(key) == {b"count": str(count).encode(),
+                                           b"value": reference_value(total).encode()}
+            assert 0 < client.ttl(key) <= (4 if kind == "day" else 100) * 86_400
+
+
+def test_a_refused_write_keeps_the_totals_pending(redis_server):
+    """Redis answers an error (a key of another type): the round fails and is retried, as a
+    failed write is, and nothing is lost."""
+    client = redis_server.client()
+    client.set("tallyflow:usage:o:c:x:2026-02-01", "not a hash")
+    writer = RedisTotalsWriter(redis_server.url, "0", timeout_s=1.0, min_interval_s=0)
+    try:
+        writer.submit({("o", "c", "x", "day", FEB_1_2026_MS): (1, 10**18)})
+        assert not writer.drain(1.0) and writer.pending() == 1
+        client.delete("tallyflow:usage:o:c:x:2026-02-01")
+        assert writer.drain(20)
+        assert client.hget("tallyflow:usage:o:c:x:2026-02-01", "count") == b"1"
+    finally:
+        writer.close(1)
 
 
 def test_a_round_writes_everything_pending_pipeline_by_pipeline(redis_server):
