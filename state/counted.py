@@ -64,58 +64,53 @@ class CountedCopies:
 
     def count(self, digests: np.ndarray, times: np.ndarray) -> np.ndarray:
         """Decide copies given in decision order (times ascending); True where one counts, and
-        remember it. Ids neither remembered nor repeated in the batch are decided at once."""
+        remember it. Ids neither remembered nor repeated in the batch are decided at once; the
+        batch is looked up, and its new ids remembered, in digest order (one sort)."""
         n = len(digests)
         counts = np.ones(n, dtype=bool)
         if not n:
             return counts
         order = np.argsort(digests)  # equal digests in any order: only their number matters here
         sorted_digests = digests[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(n)
-        last, run_of, spot = (column[inverse] for column in self._lookup(sorted_digests))
+        last, run_of, spot = self._lookup(sorted_digests)
         known = last != _NONE
         same = sorted_digests[1:] == sorted_digests[:-1]
         tricky = known.copy()
-        tricky[order[1:][same]] = True
-        tricky[order[:-1][same]] = True
+        tricky[1:] |= same
+        tricky[:-1] |= same
         if tricky.any():
-            self._decide_in_order(np.flatnonzero(tricky), digests, times, last, run_of, spot, counts)
-        fresh = np.flatnonzero(counts & ~known)
-        if len(fresh):
-            self._add(digests[fresh], times[fresh])
+            at = np.flatnonzero(tricky)
+            at = at[np.argsort(order[at])]  # in decision order
+            self._decide_in_order(order[at], digests, times, last[at], run_of[at], spot[at], counts)
+        fresh = ~known & counts[order]
+        if fresh.any():
+            self._add(sorted_digests[fresh], times[order[fresh]])
         return counts
 
-    def _decide_in_order(self, tricky: np.ndarray, digests: np.ndarray, times: np.ndarray,
+    def _decide_in_order(self, positions: np.ndarray, digests: np.ndarray, times: np.ndarray,
                          last: np.ndarray, run_of: np.ndarray, spot: np.ndarray,
                          counts: np.ndarray) -> None:
-        """Copies whose id is remembered or repeats in the batch, one by one, in order."""
+        """Copies whose id is remembered or repeats in the batch, one by one, in decision order
+        (``positions``; ``last``, ``run_of`` and ``spot`` their lookups)."""
         horizon, latest = self.horizon_ms, {}
-        for i in tricky.tolist():
+        for i, remembered, run, place in zip(positions.tolist(), last.tolist(), run_of.tolist(), spot.tolist()):
             digest, timestamp = int(digests[i]), int(times[i])
-            before = latest.get(digest, int(last[i]))
+            before = latest.get(digest, remembered)
             if before != _NONE and timestamp - before < horizon:
                 counts[i] = False
                 continue
             latest[digest] = timestamp
             if before != _NONE:
                 self._earlier[digest] = (*self._earlier.get(digest, ()), before)
-            if run_of[i] >= 0:  # remembered: its latest count moves on, in place
-                self._runs[int(run_of[i])][1][int(spot[i])] = timestamp
+            if run >= 0:  # remembered: its latest count moves on, in place
+                self._runs[run][1][place] = timestamp
 
     def _add(self, digests: np.ndarray, times: np.ndarray) -> None:
-        """Digests not remembered, in decision order; one counted twice keeps its latest time."""
-        order = np.argsort(digests)
-        sorted_digests = digests[order]
-        if len(digests) > 1 and (sorted_digests[1:] == sorted_digests[:-1]).any():
-            order = np.argsort(digests, kind="stable")  # the last of equal ones is the latest
-            digests, times = digests[order], times[order]
-            last = np.empty(len(digests), dtype=bool)
-            last[-1] = True
-            np.not_equal(digests[1:], digests[:-1], out=last[:-1])
-            digests, times = digests[last], times[last]
-        else:
-            digests, times = sorted_digests, times[order]
+        """Digests not remembered, ascending; one counted twice keeps its latest time."""
+        if len(digests) > 1:
+            heads = np.flatnonzero(np.concatenate(([True], digests[1:] != digests[:-1])))
+            if len(heads) < len(digests):
+                digests, times = digests[heads], np.maximum.reduceat(times, heads)
         self._push(digests, times)
 
     def _lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
