@@ -688,9 +688,16 @@ def _runs(starts: np.ndarray, key_ids: np.ndarray, n_keys: int) -> tuple[np.ndar
         >>> [a.tolist() for a in _runs(np.array([60, 0, 60, 0]), np.array([1, 1, 1, 0]), 2)]
         [[3, 1, 0, 2], [0, 1, 2]]
     """
-    _distinct, start_index = np.unique(starts, return_inverse=True)
-    codes = start_index.astype(np.int64) * max(n_keys, 1) + key_ids
-    order = np.argsort(codes, kind="stable")
+    n = len(starts)
+    if n and starts.min() == starts.max():  # one period (most batches)
+        distinct, codes = 1, key_ids.astype(np.int64)
+    else:
+        periods, start_index = np.unique(starts, return_inverse=True)
+        distinct, codes = len(periods), start_index.astype(np.int64) * max(n_keys, 1) + key_ids
+    if distinct * max(n_keys, 1) * max(n, 1) < 2**63:  # (code, position) packed: one unstable sort
+        order = np.argsort(codes * n + np.arange(n))
+    else:
+        order = np.argsort(codes, kind="stable")
     sorted_codes = codes[order]
     return order, np.flatnonzero(np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1])))
 

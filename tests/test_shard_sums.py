@@ -4,7 +4,7 @@ afresh) against a plain Python reference: a dict per (period start, key), filled
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from operators.usage_windows import _grain_groups, _Sums
+from operators.usage_windows import _grain_groups, _runs, _Sums
 from state.held import VALUE_UNIT, Ready
 
 KEYS = [("o1", "c1", "x"), ("o1", "c2", "x"), ("o2", "c1", "y"), ("o3", "c9", "z")]
@@ -100,3 +100,20 @@ def test_window_sums_in_pure_python_equal_the_reference(monkeypatch):
     import state.held
     monkeypatch.setattr(state.held, "_fast_scaled", None)
     test_window_hour_and_day_sums_equal_the_reference()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 60_000, 120_000, 7 * 60_000]), st.integers(0, 5)), min_size=1, max_size=80),
+       st.booleans(), st.sampled_from([6, 2**60]))
+def test_runs_order_by_period_and_key_stably(items, one_period, n_keys):
+    """``_runs`` (one sort of the (period, key) code packed with the position, or a stable sort
+    where that passes 63 bits) against lexsort, for one period or several."""
+    if one_period or n_keys > 6:  # several periods with 2**60 keys would pass 64 bits in the code itself
+        items = [(0, key) for _start, key in items]
+    starts = np.array([start for start, _ in items], dtype=np.int64)
+    key_ids = np.array([key for _, key in items], dtype=np.int32)
+    order, heads = _runs(starts, key_ids, n_keys)
+    expected = np.lexsort((key_ids, starts))
+    assert order.tolist() == expected.tolist()
+    pairs = list(zip(starts[expected].tolist(), key_ids[expected].tolist()))
+    assert heads.tolist() == [i for i in range(len(pairs)) if i == 0 or pairs[i] != pairs[i - 1]]
