@@ -64,3 +64,19 @@ def test_importing_the_flow_module_reads_no_environment():
     assert result.returncode != 0
     assert "WINDOW_SIZE: not a duration: 'bogus'" in result.stderr
     assert "in __getattr__" in result.stderr  # raised on access, after the import succeeded
+
+
+def loaded_after(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has loaded after running ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", f"{code}; import sys; print(*sys.modules)"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120, check=True)
+    return {name.split(".")[0] for name in result.stdout.split()}
+
+
+def test_a_flow_without_redis_never_imports_redis():
+    """redis-py (~0.15 s of every run's start-up) is imported only when a Redis feature is on."""
+    code = ("import dataflows.usage as u; from dataflows.settings import Settings; "
+            "u.build_flow(Settings.from_env({{'REDIS_URL': {!r}}}))")
+    assert "redis" not in loaded_after(code.format(""))
+    assert "redis" in loaded_after(code.format("redis://127.0.0.1:1/0"))
