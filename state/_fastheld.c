@@ -119,11 +119,12 @@ static int64_t as_int64(PyObject *number, int *failed) {
 
 PyDoc_STRVAR(columns_doc,
 "columns(events, struct_type, descriptors, ids, keys, strings)\n"
-"    -> (times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics)\n"
+"    -> (times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics, first, last)\n"
 "\n"
 "The columns of events (a list of struct_type), as bytes of native int64 (key_ids: int32);\n"
 "wide: the positions whose whole part needs more than 64 bits (their whole and fraction 0);\n"
-"keys numbered in (ids, keys, strings), the bucket's key table, new keys appended.");
+"keys numbered in (ids, keys, strings), the bucket's key table, new keys appended;\n"
+"first, last: the least and the greatest time (0, 0 for no events).");
 
 static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
@@ -152,6 +153,7 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
             *fractions = (int64_t *)PyBytes_AS_STRING(out[4]);
     int32_t *key_ids = (int32_t *)PyBytes_AS_STRING(out[5]);
     int has_metrics = 0, failed = 0;
+    int64_t first = n ? INT64_MAX : 0, last = n ? INT64_MIN : 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *event = PyList_GET_ITEM(events, i);
         if (!Py_IS_TYPE(event, (PyTypeObject *)struct_type)) {
@@ -170,6 +172,8 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
         places[i] = as_int64(fields[F_OFFSET], &failed);
         digests[i] = as_int64(fields[F_DIGEST], &failed);
         if (failed) goto done;
+        if (times[i] < first) first = times[i];
+        if (times[i] > last) last = times[i];
         int split = split_value(fields[F_VALUE], &wholes[i], &fractions[i]);
         if (split < 0) goto done;
         if (split == 0) {
@@ -188,8 +192,8 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
         key_ids[i] = (int32_t)number;
         if (fields[F_METRICS] != Py_None) has_metrics = 1;
     }
-    result = Py_BuildValue("(OOOOOOOO)", out[0], out[1], out[2], out[3], out[4], out[5], wide,
-                           has_metrics ? Py_True : Py_False);
+    result = Py_BuildValue("(OOOOOOOOLL)", out[0], out[1], out[2], out[3], out[4], out[5], wide,
+                           has_metrics ? Py_True : Py_False, (long long)first, (long long)last);
 done:
     for (int i = 0; i < 6; i++) Py_XDECREF(out[i]);
     Py_DECREF(wide);
@@ -288,4 +292,9 @@ static struct PyModuleDef module = {
     "The held events' compiled fast path (see state/held.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__fastheld(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastheld(void) {
+    PyObject *created = PyModule_Create(&module);
+    /* what state/held.py expects (_INTERFACE): a build from another version is not used */
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 2) < 0) Py_CLEAR(created);
+    return created;
+}

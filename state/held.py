@@ -108,10 +108,10 @@ class _KeyTable:
         return twin
 
 
-def _columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, list[int], bool]:
+def _columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, tuple[int, int], list[int], bool]:
     """The columns of ``events`` that every bucket holds (times, offsets, digests, values in
-    parts, key numbers in ``table``), the positions of the values too wide for them, and whether
-    any event has catalog metric values."""
+    parts, key numbers in ``table``), their first and last time, the positions of the values
+    too wide for the columns, and whether any event has catalog metric values."""
     fields = list(zip(*map(astuple, events)))  # one pass over the events: a tuple per field
     n = len(events)
     columns = {"times": np.fromiter(fields[_TIME], np.int64, n),
@@ -120,7 +120,7 @@ def _columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, list[int
                "key_ids": np.fromiter(table.numbers(zip(fields[_ORG], fields[_CUSTOMER], fields[_CODE])),
                                       np.int32, n)}
     columns["wholes"], columns["fractions"], wide = _split_values(fields[_VALUE])
-    return columns, wide, any(fields[_METRICS])
+    return columns, (min(fields[_TIME]), max(fields[_TIME])), wide, any(fields[_METRICS])
 
 
 def _split_values(values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -141,14 +141,14 @@ def _split_values(values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list
     return np.array(wholes, dtype=np.int64), np.array(fractions, dtype=np.int64), wide
 
 
-def _compiled_columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, list[int], bool]:
+def _compiled_columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, tuple[int, int], list[int], bool]:
     """:func:`_columns`, by the compiled fast path (``state/_fastheld.c``)."""
-    times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics = _fast_columns(
+    times, offsets, digests, wholes, fractions, key_ids, wide, has_metrics, first, last = _fast_columns(
         events, ShardEvent, _SLOTS, table.ids, table.keys, table.strings)
     return ({"times": np.frombuffer(times, np.int64), "offsets": np.frombuffer(offsets, np.int64),
              "digests": np.frombuffer(digests, np.int64), "wholes": np.frombuffer(wholes, np.int64),
              "fractions": np.frombuffer(fractions, np.int64), "key_ids": np.frombuffer(key_ids, np.int32)},
-            wide, has_metrics)
+            (first, last), wide, has_metrics)
 
 
 def time_range(events: list[ShardEvent]) -> tuple[int, int]:
@@ -176,12 +176,17 @@ def scaled_values(wholes: np.ndarray, fractions: np.ndarray) -> list[int]:
 
 def _compiled(name: str) -> Callable | None:
     """The compiled fast path's function ``name`` (``state/_fastheld.c``, built by ``make install``),
-    or None where it was not built: events are then held in pure Python, slower, the same."""
+    or None where it was not built, or built from another version of it: events are then held
+    in pure Python, slower, the same."""
     try:
         from state import _fastheld
     except ImportError:
         return None
-    return getattr(_fastheld, name)
+    return getattr(_fastheld, name) if getattr(_fastheld, "INTERFACE", None) == _INTERFACE else None
+
+
+_INTERFACE = 2
+"""The version of ``state/_fastheld.c``'s functions this module calls (its ``INTERFACE``)."""
 
 
 _fast_columns = _compiled("columns")
@@ -310,9 +315,8 @@ class HeldEvents:
             bucket = self._buckets[key] = _Bucket(self.per_event)
             heapq.heappush(self._dues, key)
         start, n = len(bucket), len(events)
-        columns, wide, has_metrics = (_columns if _fast_columns is None else _compiled_columns)(
-            events, bucket.table)
-        first, last = time_range(events)  # due points grow with the time
+        columns, (first, last), wide, has_metrics = (_columns if _fast_columns is None else _compiled_columns)(
+            events, bucket.table)  # due points grow with the time: ``first`` and ``last`` bound them
         step, offset = self.step, self.offset
         bucket.first_due = min(bucket.first_due, first - first % step + offset)
         bucket.last_due = max(bucket.last_due, last - last % step + offset)

@@ -42,13 +42,14 @@ def test_compiled_columns_equal_the_pure_ones(batches):
     pure_table, compiled_table = _KeyTable(), _KeyTable()
     for drawn in batches:
         events = events_of(drawn)
-        pure, pure_wide, pure_metrics = _columns(events, pure_table)
-        compiled, compiled_wide, compiled_metrics = _compiled_columns(events, compiled_table)
+        pure, pure_span, pure_wide, pure_metrics = _columns(events, pure_table)
+        compiled, compiled_span, compiled_wide, compiled_metrics = _compiled_columns(events, compiled_table)
         assert {name: column.tolist() for name, column in compiled.items()} == \
             {name: column.tolist() for name, column in pure.items()}
         assert {name: column.dtype for name, column in compiled.items()} == \
             {name: column.dtype for name, column in pure.items()}
-        assert (compiled_wide, compiled_metrics) == (pure_wide, pure_metrics)
+        assert (compiled_span, compiled_wide, compiled_metrics) == (pure_span, pure_wide, pure_metrics)
+        assert compiled_span == (min(e.timestamp_ms for e in events), max(e.timestamp_ms for e in events))
         for position, event in enumerate(events):  # each value exact, in a column or aside
             if position not in compiled_wide:
                 assert int(compiled["wholes"][position]) * VALUE_UNIT + int(compiled["fractions"][position]) \
@@ -99,3 +100,12 @@ def test_the_held_events_property_in_pure_python(monkeypatch):
     monkeypatch.setattr(held_module, "_fast_time_range", None)
     monkeypatch.setattr(held_module, "_fast_scaled", None)
     test_held_events_come_out_when_due_in_decision_order_with_exact_values()
+
+
+@compiled_only
+def test_a_build_of_another_version_is_not_used(monkeypatch):
+    """A stale build (``make install`` not run since ``state/_fastheld.c`` changed) is left aside:
+    its functions may take or give other things."""
+    from state import _fastheld
+    monkeypatch.setattr(_fastheld, "INTERFACE", held_module._INTERFACE - 1)
+    assert held_module._compiled("columns") is None
