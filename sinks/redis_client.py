@@ -111,11 +111,12 @@ def command(*words: str) -> bytes:
 
 def send_commands(connection: redis.connection.AbstractConnection, payload: list[bytes],
                   replies: int) -> bytes:
-    """Send ``payload`` (encoded commands, in pieces) and return the ``replies`` replies as bytes, for
-    commands whose every reply is one line (integers, status, nil, errors, array headers):
-    the lines are counted, not parsed one by one. Raises ``redis.ResponseError`` with the
-    first error reply (after reading them all); if sending or reading fails the connection is
-    dropped, so the next call starts afresh rather than reading stale replies.
+    """Send ``payload`` (encoded commands, in pieces) and return the ``replies`` replies as
+    bytes, for commands whose every reply is one line (integers, status, nil, errors, array
+    headers): the lines are counted, not parsed one by one. At the first error reply it raises
+    ``redis.ResponseError`` with it and drops the connection (an aborted transaction answers
+    fewer lines than counted), as it does when sending or reading fails: the next call starts
+    afresh rather than reading stale replies.
 
     >>> send_commands(raw_connection("redis://127.0.0.1:1/0"), [command("PING")], 1)
     Traceback (most recent call last):
@@ -123,21 +124,17 @@ def send_commands(connection: redis.connection.AbstractConnection, payload: list
     """
     try:
         connection.send_packed_command(payload, check_health=False)
-        received = _read_lines(connection._sock, replies)  # the socket redis-py connected
+        return bytes(_read_lines(connection._sock, replies))  # the socket redis-py connected
     except BaseException:
         connection.disconnect()
         raise
-    if received.startswith(b"-") or b"\r\n-" in received:
-        start = 0 if received.startswith(b"-") else received.index(b"\r\n-") + 2
-        raise redis.ResponseError(received[start + 1:received.index(b"\r\n", start)].decode(
-            "utf-8", "replace"))
-    return bytes(received)
 
 
 def _read_lines(sock, lines: int) -> bytearray:
-    """Exactly ``lines`` CRLF-terminated lines from ``sock`` (nothing else is in flight)."""
+    """``lines`` CRLF-terminated lines from ``sock`` (nothing else is in flight), or the
+    ``redis.ResponseError`` of the first error line among them."""
     received = bytearray()
-    seen = 0
+    seen, error = 0, -1  # where the first error line starts
     while seen < lines:
         chunk = sock.recv(1 << 16)
         if not chunk:
@@ -145,6 +142,11 @@ def _read_lines(sock, lines: int) -> bytearray:
         start = len(received)
         received += chunk
         seen += received.count(b"\r\n", max(0, start - 1))
+        if error < 0:
+            error = 0 if received.startswith(b"-") else received.find(b"\r\n-", max(0, start - 2))
+            error += 2 if error > 0 else 0
+        if error >= 0 and (end := received.find(b"\r\n", error)) >= 0:
+            raise redis.ResponseError(received[error + 1:end].decode("utf-8", "replace"))
     return received
 
 

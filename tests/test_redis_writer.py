@@ -214,3 +214,48 @@ def test_a_resync_in_the_middle_of_a_round_never_writes_an_older_total_last():
             writer._write_round(writer._take())
     assert redis == {first: (2, 2), second: (2, 2)}
     assert writer._pending == {} and writer._in_flight == 0
+
+
+class ChunkedSocket:
+    """Replies handed out in the given pieces, as a socket's recv does."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def recv(self, _size: int) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_replies_are_counted_across_pieces_and_the_first_error_is_raised():
+    from redis import ConnectionError, ResponseError
+
+    from sinks.redis_client import _read_lines
+
+    assert _read_lines(ChunkedSocket(b"+OK\r", b"\n:1\r\n*2", b"\r\n:0\r\n:1\r\n"), 5) == (
+        b"+OK\r\n:1\r\n*2\r\n:0\r\n:1\r\n")
+    for pieces in ([b"-OOM no\r\n"], [b"+OK\r\n-ERR a", b" b\r\n+QUEUED\r\n"],
+                   [b"+OK\r\n+QUEUED\r", b"\n-EXECABORT x\r\n"]):
+        with pytest.raises(ResponseError) as error:
+            _read_lines(ChunkedSocket(*pieces), 10)  # fewer lines come than counted
+        assert str(error.value) in {"OOM no", "ERR a b", "EXECABORT x"}
+    with pytest.raises(ConnectionError):
+        _read_lines(ChunkedSocket(b"+OK\r\n"), 2)
+
+
+def test_a_write_redis_refuses_for_memory_fails_at_once_and_is_retried(redis_server):
+    """A transaction refused at queueing (maxmemory) answers fewer lines than counted: the
+    round fails on the error, not on a timeout, and succeeds once Redis takes writes again."""
+    client = redis_server.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    writer = RedisTotalsWriter(redis_server.url, "0", timeout_s=5.0, min_interval_s=0)
+    try:
+        started = time.monotonic()
+        writer.submit({("o", "c", "x", "day", FEB_1_2026_MS): (1, 10**18)})
+        assert not writer.drain(1.0) and writer.pending() == 1
+        assert "OOM" in writer._breaker.last_error and time.monotonic() - started < 2.0
+        client.config_set("maxmemory", 0)
+        assert writer.drain(20)
+        assert client.hget("tallyflow:usage:o:c:x:2026-02-01", "count") == b"1"
+    finally:
+        writer.close(1)
