@@ -25,8 +25,8 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
-from itertools import groupby, repeat
-from operator import add, attrgetter, mul
+from itertools import compress, groupby, repeat
+from operator import add, attrgetter, mul, not_
 from typing import Iterable
 
 import bytewax.operators as op
@@ -208,8 +208,9 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         step, offset, granule, decided = self._due_step, self._due_offset, self.held.granule, self.decided_through
         first, last = time_range(events)
         first_due, last_due = first - first % step + offset, last - last % step + offset
-        if first_due > decided and first_due // granule == last_due // granule:
-            self.held.add(first_due // granule, partition, events)
+        first_key, last_key = first_due // granule, last_due // granule
+        if first_due > decided and last_key - first_key <= 1:
+            self._hold_in(first_key, last_key, partition, events)
             return
         times = np.fromiter(map(_TIMESTAMP, events), np.int64, len(events))
         dues = times - times % step + offset
@@ -222,6 +223,19 @@ class UsageWindowLogic(StatefulBatchLogic[ShardBatch, object, UsageShardSnapshot
         for key in keys[np.argsort(firsts)].tolist():  # in the order first met
             positions = on_time[buckets[on_time] == key]
             self.held.add(key, partition, list(map(events.__getitem__, positions.tolist())))
+
+    def _hold_in(self, first_key: int, last_key: int, partition: int, events: list[ShardEvent]) -> None:
+        """Hold ``events`` of the bucket ``first_key`` or the next, ``last_key``: split at the
+        first time due in the next (due points grow with the time), in the order first met."""
+        if first_key == last_key:
+            self.held.add(first_key, partition, events)
+            return
+        step = self._due_step
+        threshold = -((self._due_offset - last_key * self.held.granule) // step) * step
+        earlier = list(map(threshold.__gt__, map(_TIMESTAMP, events)))
+        parts = {first_key: list(compress(events, earlier)), last_key: list(compress(events, map(not_, earlier)))}
+        for key in (first_key, last_key) if earlier[0] else (last_key, first_key):
+            self.held.add(key, partition, parts[key])
 
     def _late_point(self, timestamp: int) -> int:
         """When a late copy at ``timestamp`` is decided: every on-time copy within the

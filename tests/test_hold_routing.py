@@ -28,10 +28,13 @@ def held_the_plain_way(logic: UsageWindowLogic, partition: int, events: list, ou
         logic.held.add(key, partition, bucket_events)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(KINDS, st.lists(st.tuples(st.integers(0, 400_000), st.integers(0, 3)), max_size=40),
-       st.integers(-1, 400_000), st.integers(0, 3))
-def test_a_batch_is_held_as_the_rule_holds_it_event_by_event(kind, drawn, decided, partition):
+       st.integers(-1, 400_000), st.integers(0, 3), st.sampled_from([None, 2_000, 70_000]))
+def test_a_batch_is_held_as_the_rule_holds_it_event_by_event(kind, drawn, decided, partition, span):
+    """``span``: the batch's times within so many ms around 2 minutes (one bucket or two), or anywhere."""
+    if span is not None:
+        drawn = [(120_000 - span // 2 + timestamp % span, customer) for timestamp, customer in drawn]
     events = [ShardEvent(i, "o", f"c{customer}", "x", timestamp, 10**18 + i, 0, i, f"t{i}", None)
               for i, (timestamp, customer) in enumerate(drawn)]
     logics = [UsageWindowLogic(UsageWindowParams(kind, 86_400_000, 1)) for _ in range(2)]
