@@ -19,6 +19,7 @@ This module only wires steps; the logic lives in ``operators/``, state in
 from __future__ import annotations
 
 import gc
+import sys
 
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
@@ -122,12 +123,43 @@ def prepare_process(settings: Settings) -> None:
     configure_logging()
     configure_telemetry(settings.telemetry)
     install_signal_handlers()
+    settle_arrow_pandas_probe()
     # The hot path makes many short-lived tuples, and at one key per event the window stores
     # keep millions of lists alive: each young collection walks the survivors. The default
     # thresholds ran one every few hundred events (18% of CPU in `make bench`'s profile);
     # 200k allocations still spent ~2.3 s of a 1M-event high-cardinality run in 147
     # collections, 2M spends ~1.7 s. Reference cycles are rare here, so they wait longer.
     gc.set_threshold(2_000_000, 100, 1_000)
+
+
+class _NoPandas:
+    """An import finder that refuses ``pandas`` (see :func:`settle_arrow_pandas_probe`)."""
+
+    def find_spec(self, name: str, path=None, target=None) -> None:
+        if name == "pandas":
+            raise ImportError("pandas is not imported for pyarrow's probe")
+
+
+def settle_arrow_pandas_probe() -> None:
+    """Answer pyarrow's "is pandas there?" probe with no, so building Arrow arrays never imports it.
+
+    pyarrow's first ``pa.array`` call imports pandas (0.2-0.3 s of start-up, and its memory) to
+    check whether the input is a pandas object; the flow never passes one. This makes that
+    first probe fail to import it, once, while pandas is not loaded. pyarrow's conversions that
+    need pandas (``to_pandas``, ``from_pandas``) still import it when called, and anything that
+    imports pandas itself still gets it. Untyped Python sequences still import it (Arrow's type
+    inference looks for pandas' missing values): the sinks build every array typed.
+    """
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    refusal = _NoPandas()
+    sys.meta_path.insert(0, refusal)
+    try:
+        pa.array([], pa.int64())
+    finally:
+        sys.meta_path.remove(refusal)
 
 
 def __getattr__(name: str) -> Dataflow:

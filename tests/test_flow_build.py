@@ -80,3 +80,20 @@ def test_a_flow_without_redis_never_imports_redis():
             "u.build_flow(Settings.from_env({{'REDIS_URL': {!r}}}))")
     assert "redis" not in loaded_after(code.format(""))
     assert "redis" in loaded_after(code.format("redis://127.0.0.1:1/0"))
+
+
+def test_arrow_batches_of_the_flow_never_import_pandas():
+    """pyarrow imports pandas on its first array conversion (0.2-0.3 s of start-up) unless its
+    probe is settled first; the sinks' batches then need no pandas, and pyarrow still converts
+    to pandas when asked."""
+    code = ("from dataflows.usage import settle_arrow_pandas_probe; settle_arrow_pandas_probe(); "
+            "import sys; from sinks.columnar import in_key_order, window_batch; "
+            "from state.records import WindowRow; "
+            "rows = [WindowRow('o', f'c{i % 3}', 'x', 60_000 * i, 60_000 * (i + 1), 2, 10**20 + i, 1, False) "
+            "for i in range(5)]; "
+            "batch = in_key_order(window_batch(rows, 'usage_aggregates'), 'usage_aggregates'); "
+            "print('pandas loaded:', 'pandas' in sys.modules, 'rows:', len(batch.to_pandas()))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.split() == ["pandas", "loaded:", "False", "rows:", "5"]

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from sinks.clickhouse_backend import connect
 from state.records import WindowRow
-from sinks.columnar import (_key_order, _stable_argsort, arrow_stream, in_key_order, late_batch, metric_batch,
-                             window_batch)
+from sinks.columnar import (_key_order, _stable_argsort, arrow_stream, in_key_order, integers_view, late_batch,
+                             metric_batch, window_batch)
 from sinks.schema import TABLES_BY_NAME, Table, create_statement
 from test_columnar_reference import WINDOW_TABLES, checks, late_records, metric_rows, window_rows
 
@@ -115,3 +115,31 @@ def test_the_engine_sorts_the_rows_as_in_key_order_does_and_stores_the_same(chdb
                    ours.column("window_start").cast(pa.int64()).to_pylist())
     assert [tuple(row) for row in engine_order] == list(our_keys)
     assert sorted_here == as_built and len(as_built) > 100
+
+
+INTEGER_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
+
+
+@st.composite
+def integer_arrays(draw) -> pa.Array:
+    """An integer array of any width, maybe a slice (an offset into its buffer)."""
+    kind = draw(st.sampled_from(INTEGER_TYPES))
+    signed = pa.types.is_signed_integer(kind)
+    bits = kind.bit_width
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    values = draw(st.lists(st.integers(low, high), max_size=30))
+    start = draw(st.integers(0, len(values)))
+    return pa.array(values, kind)[start:start + draw(st.integers(0, len(values)))]
+
+
+@checks
+@given(integer_arrays())
+def test_an_integers_view_is_what_to_numpy_returns(array):
+    view, plain = integers_view(array), array.to_numpy()
+    assert view.dtype == plain.dtype
+    assert view.tolist() == plain.tolist() == array.to_pylist()
+
+
+def test_an_integers_view_refuses_nulls():
+    with pytest.raises(ValueError, match="nulls"):
+        integers_view(pa.array([1, None], pa.int32()))
