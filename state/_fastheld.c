@@ -88,20 +88,25 @@ static int split_value(PyObject *value, int64_t *whole, int64_t *fraction) {
     return 1;
 }
 
-/* The number of (org, customer, code) in the table, a new key numbered; -1 on error. */
-static long long key_number(PyObject *org, PyObject *customer, PyObject *code, PyObject *ids,
-                            PyObject *keys, PyObject *strings) {
-    PyObject *key = PyTuple_Pack(3, org, customer, code);
-    if (key == NULL) return -1;
-    PyObject *found = PyDict_GetItemWithError(ids, key); /* borrowed */
-    Py_DECREF(key);
+/* The number of (org, customer, code) in the table, a new key numbered; -1 on error. ``probe``:
+ * a 3-tuple of this call's own (no one else holds it), refilled for each look-up. */
+static long long key_number(PyObject *org, PyObject *customer, PyObject *code, PyObject *probe,
+                            PyObject *ids, PyObject *keys, PyObject *strings) {
+    PyObject *parts[3] = {org, customer, code};
+    for (int i = 0; i < 3; i++) {
+        PyObject *old = PyTuple_GET_ITEM(probe, i);
+        Py_INCREF(parts[i]);
+        PyTuple_SET_ITEM(probe, i, parts[i]);
+        Py_DECREF(old);
+    }
+    PyObject *found = PyDict_GetItemWithError(ids, probe); /* borrowed */
     if (found != NULL) return PyLong_AsLongLong(found);
     if (PyErr_Occurred()) return -1;
     PyObject *shared_org = PyDict_SetDefault(strings, org, org); /* borrowed */
     if (shared_org == NULL) return -1;
     PyObject *shared_code = PyDict_SetDefault(strings, code, code);
     if (shared_code == NULL) return -1;
-    key = PyTuple_Pack(3, shared_org, customer, shared_code);
+    PyObject *key = PyTuple_Pack(3, shared_org, customer, shared_code);
     if (key == NULL) return -1;
     Py_ssize_t number = PyList_GET_SIZE(keys);
     PyObject *boxed = PyLong_FromSsize_t(number);
@@ -144,6 +149,8 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
     PyObject *out[6] = {NULL};
     PyObject *wide = PyList_New(0), *result = NULL;
     if (wide == NULL) return NULL;
+    PyObject *probe = PyTuple_Pack(3, Py_None, Py_None, Py_None);
+    if (probe == NULL) goto done;
     for (int i = 0; i < 6; i++) {
         out[i] = PyBytes_FromStringAndSize(NULL, n * (i == 5 ? 4 : 8));
         if (out[i] == NULL) goto done;
@@ -183,7 +190,12 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
             Py_XDECREF(position);
             if (!appended) goto done;
         }
-        long long number = key_number(fields[F_ORG], fields[F_CUSTOMER], fields[F_CODE], ids, keys, strings);
+        if (Py_REFCNT(probe) != 1) { /* kept by a key's __eq__ or __hash__: take another */
+            Py_SETREF(probe, PyTuple_Pack(3, Py_None, Py_None, Py_None));
+            if (probe == NULL) goto done;
+        }
+        long long number = key_number(fields[F_ORG], fields[F_CUSTOMER], fields[F_CODE], probe, ids, keys,
+                                      strings);
         if (number < 0) goto done;
         if (number > INT32_MAX) {
             PyErr_SetString(PyExc_OverflowError, "columns(): more than 2**31 keys in a bucket");
@@ -196,6 +208,7 @@ static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
                            has_metrics ? Py_True : Py_False, (long long)first, (long long)last);
 done:
     for (int i = 0; i < 6; i++) Py_XDECREF(out[i]);
+    Py_XDECREF(probe);
     Py_DECREF(wide);
     return result;
 }
