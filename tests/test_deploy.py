@@ -377,6 +377,23 @@ def test_dockerfile_builds_the_project_into_a_non_root_image(manifests):
                        int(one(manifests, "ConfigMap")["data"]["METRICS_PORT"])}
 
 
+def test_the_image_builds_every_compiled_fast_path():
+    """Each ext-module of pyproject.toml (what `make install` compiles) is compiled in the image's
+    native stage and copied next to its package, or the pods would run the slower pure paths."""
+    commands = dockerfile_commands()
+    modules = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["ext-modules"]
+    assert modules
+    sources = [source for c in commands if c.cmd == "COPY" and not c.flags for source in c.value[:-1]]
+    built = {(c.value[0], c.value[1]) for c in commands if c.cmd == "COPY" and "--from=native" in c.flags}
+    [compile_step] = [c.value[0] for c in commands if c.cmd == "RUN" and "gcc -O2 -shared" in c.value[0]]
+    for module in modules:
+        package, name = module["name"].rsplit(".", 1)
+        assert module["sources"][0] in sources
+        assert name in compile_step
+        assert (f"/build/{name}.*.so", package.replace(".", "/") + "/") in built
+    assert "**/*.so" in (REPO_ROOT / ".dockerignore").read_text().splitlines()  # no host builds
+
+
 LOCK = REPO_ROOT / "deploy" / "requirements.lock"
 _LOCK_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._\-]*)==(\S+?)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$")
 
