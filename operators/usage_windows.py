@@ -717,10 +717,15 @@ def _runs(starts: np.ndarray, key_ids: np.ndarray, n_keys: int) -> tuple[np.ndar
 
 
 def _add_groups(store: WindowStore, groups: _Groups) -> None:
-    """Add each group to ``store``, in their order, window by window."""
+    """Add each group to ``store``, in their order, window by window (a store gets lists of its
+    own: the grains share their groups' lists where a batch decided one window)."""
     starts, at = groups.starts, 0
-    for start, run in groupby(starts):  # one window or two, mostly
-        end = at + len(list(run))
+    if starts and starts.count(starts[0]) == len(starts):  # one window (most batches)
+        runs = [(starts[0], len(starts))]
+    else:
+        runs = [(start, len(list(run))) for start, run in groupby(starts)]
+    for start, size in runs:
+        end = at + size
         store.add_groups(start, groups.keys[at:end], groups.counts[at:end], groups.totals[at:end])
         at = end
 
