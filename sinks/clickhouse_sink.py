@@ -259,6 +259,18 @@ def _about_rows(err: ClickHouseError) -> bool:
 
 _BACKENDS: dict[str, ClickHouseBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
+_SCHEMA_READY: set[tuple[str, tuple[str, ...]]] = set()
+_SCHEMA_LOCK = threading.Lock()
+
+
+def _ensure_schema_once(url: str, backend: ClickHouseBackend, fields: tuple[str, ...]) -> None:
+    """``ensure_schema`` once per process for ``url`` and the enrichment ``fields``: every
+    partition of every ClickHouse output is built through here (3 outputs x 16 partitions by
+    default), and the tables, once made, stay (each check cost ~8 ms of CPU on chdb)."""
+    with _SCHEMA_LOCK:
+        if (url, fields) not in _SCHEMA_READY:
+            with_retries(lambda: ensure_schema(backend, fields), "create tables")
+            _SCHEMA_READY.add((url, fields))
 
 
 def _process_backend(url: str) -> ClickHouseBackend:
@@ -344,7 +356,6 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ClickHousePartition:
         backend = _process_backend(self.url)
-        fields = self.enrichment.fields if self.enrichment else ()
-        with_retries(lambda: ensure_schema(backend, fields), "create tables")
+        _ensure_schema_once(self.url, backend, self.enrichment.fields if self.enrichment else ())
         attributes = self.enrichment.client() if self.enrichment else None
         return ClickHousePartition(backend, self.max_rows, self.max_age_s, attributes, self.table_of)

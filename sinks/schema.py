@@ -171,26 +171,43 @@ def enrichment_migrations(fields: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def ensure_schema(backend, enrich_fields: tuple[str, ...] = ()) -> None:
-    """Create the flow's tables if they do not exist, then add missing enrichment columns
+    """Create the flow's tables that do not exist, then add missing enrichment columns
     (safe to call from every worker; rows written before a column existed read ``''``).
+
+    One query reads what exists (``existing_columns``); only what is missing is created, with
+    the same idempotent statements, so a restart on an existing schema makes no DDL at all.
 
     Sum columns of tables created by an older version are not widened here (a type change
     rewrites every part: an operator's decision, ``tallyflow migrate``); they are named in a
     warning, since a total beyond ``Decimal(38, 18)`` would be refused there.
     """
-    for statement in DDL + enrichment_migrations(enrich_fields):
-        backend.command(statement)
-    narrow = narrow_total_columns(backend)
+    existing = existing_columns(backend)
+    tables = {table for table, _ in existing}
+    for table, statement in zip(TABLES, DDL):
+        if table.name not in tables:
+            backend.command(statement)
+    for field, statement in zip(enrich_fields, enrichment_migrations(enrich_fields)):
+        if (USAGE_AGGREGATES, field) not in existing:
+            backend.command(statement)
+    narrow = narrow_total_columns(existing)
     if narrow:
         log.warning("sum columns narrower than %s: run `tallyflow migrate` to widen them",
                     TOTAL_TYPE, extra={"columns": narrow})
 
 
-def narrow_total_columns(backend) -> list[str]:
-    """``table.column (type)`` of every sum column whose type is not ``TOTAL_TYPE`` yet."""
-    tables = ", ".join(f"'{table}'" for table in dict(TOTAL_COLUMNS))
-    _, rows = backend.query("SELECT table, name, type FROM system.columns "
-                            f"WHERE database = currentDatabase() AND table IN ({tables})")
-    wanted = set(TOTAL_COLUMNS)
-    return [f"{table}.{name} ({kind})" for table, name, kind in rows
-            if (table, name) in wanted and kind != TOTAL_TYPE]
+def existing_columns(backend) -> dict[tuple[str, str], str]:
+    """``{(table, column): type}`` of the flow's tables that exist, in one catalog query."""
+    tables = ", ".join(f"'{table.name}'" for table in TABLES)
+    rows = backend.text_rows("SELECT table, name, type FROM system.columns "
+                             f"WHERE database = currentDatabase() AND table IN ({tables})")
+    return {(table, name): kind for table, name, kind in rows}
+
+
+def narrow_total_columns(existing: dict[tuple[str, str], str]) -> list[str]:
+    """``table.column (type)`` of every existing sum column whose type is not ``TOTAL_TYPE`` yet.
+
+    >>> narrow_total_columns({("usage_aggregates", "total_value"): VALUE_TYPE, ("usage_aggregates", "code"): "String"})
+    ['usage_aggregates.total_value (Decimal(38, 18))']
+    """
+    return [f"{table}.{name} ({existing[table, name]})" for table, name in TOTAL_COLUMNS
+            if existing.get((table, name), TOTAL_TYPE) != TOTAL_TYPE]
