@@ -18,7 +18,10 @@ This module only wires steps; the logic lives in ``operators/``, state in
 
 from __future__ import annotations
 
+import atexit
 import gc
+import logging
+import os
 import sys
 
 from bytewax import operators as op
@@ -119,7 +122,8 @@ def build_flow(settings: Settings) -> Dataflow:
 
 
 def prepare_process(settings: Settings) -> None:
-    """The process-wide side effects of a running flow: logging, telemetry, signals, GC."""
+    """The process-wide side effects of a running flow: logging, telemetry, signals, GC, exit."""
+    atexit.register(exit_without_teardown)  # first, so it runs last: after every later exit hook
     configure_logging()
     configure_telemetry(settings.telemetry)
     install_signal_handlers()
@@ -130,6 +134,26 @@ def prepare_process(settings: Settings) -> None:
     # 200k allocations still spent ~2.3 s of a 1M-event high-cardinality run in 147
     # collections, 2M spends ~1.7 s. Reference cycles are rare here, so they wait longer.
     gc.set_threshold(2_000_000, 100, 1_000)
+
+
+def exit_without_teardown() -> None:
+    """After a run that ended without an exception, end the process at once, skipping the
+    interpreter's teardown (~0.1 s: freeing every module and object, the embedded engine's
+    and librdkafka's destructors) once everything the run owes is done.
+
+    It runs as the last exit hook (registered first): the flow has returned, so every sink
+    partition has flushed and closed (ClickHouse inserts are written when they return, Kafka
+    producers flushed), Bytewax has written its last snapshot and closed its store, and every
+    exit hook registered after it (telemetry's final export, the embedded engine's
+    connections) has run. Log handlers and standard streams are flushed here. A run that
+    raised keeps the normal exit (its traceback, its exit status).
+    """
+    if hasattr(sys, "last_value"):  # an uncaught exception was printed: exit the usual way
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _NoPandas:

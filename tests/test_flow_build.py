@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -97,3 +98,34 @@ def test_arrow_batches_of_the_flow_never_import_pandas():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.split() == ["pandas", "loaded:", "False", "rows:", "5"]
+
+
+def test_a_clean_run_exits_without_teardown_and_loses_no_output(tmp_path):
+    """The exit hook ends the process at once, after the hooks registered later, with the log
+    handlers and standard streams flushed; an uncaught exception keeps the normal exit."""
+    log_file = tmp_path / "flow.log"
+    code = textwrap.dedent(f"""
+        import atexit, logging, sys
+        from dataflows.usage import exit_without_teardown
+
+        atexit.register(exit_without_teardown)
+        logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)
+        atexit.register(lambda: logging.getLogger("flow").info("later hook ran"))
+
+        class Torn:
+            def __del__(self):
+                print("torn down", file=sys.stderr)
+
+        keep = Torn()
+        sys.stdout.write("buffered, no newline")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    clean = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert (clean.returncode, clean.stdout, clean.stderr) == (0, "buffered, no newline", "")
+    assert log_file.read_text() == "INFO:flow:later hook ran\n"
+
+    failed = subprocess.run([sys.executable, "-c", code + "\nraise RuntimeError('boom')"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "RuntimeError: boom" in failed.stderr and "torn down" in failed.stderr
