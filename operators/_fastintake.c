@@ -338,6 +338,28 @@ static PyObject *ascii_text(Span span) {
     return text;
 }
 
+#define TEXT_CACHE_SLOTS 256
+static PyObject *organization_texts[TEXT_CACHE_SLOTS], *code_texts[TEXT_CACHE_SLOTS];
+
+/* The str of an id that repeats (organizations, codes): the last one made for its slot when it
+ * has the same text, so events share one object and its hash is computed once. */
+static PyObject *cached_text(PyObject **cache, Span span) {
+    uint32_t hash = 2166136261u;
+    for (Py_ssize_t i = 0; i < span.length; i++) hash = (hash ^ (unsigned char)span.start[i]) * 16777619u;
+    PyObject **slot = &cache[hash & (TEXT_CACHE_SLOTS - 1)];
+    PyObject *text = *slot;
+    if (text != NULL && PyUnicode_GET_LENGTH(text) == span.length &&
+        memcmp(PyUnicode_1BYTE_DATA(text), span.start, span.length) == 0) {
+        Py_INCREF(text);
+        return text;
+    }
+    text = ascii_text(span);
+    if (text == NULL) return NULL;
+    Py_INCREF(text);
+    Py_XSETREF(*slot, text);
+    return text;
+}
+
 static PyObject *scaled_int(unsigned __int128 value) {
     if (value <= (unsigned __int128)INT64_MAX) return PyLong_FromLongLong((long long)value);
     unsigned char bytes[16];
@@ -369,14 +391,17 @@ static PyObject *digest(PyObject *digest_of, PyObject *prefix, Span transaction)
 }
 
 /* Build the ShardEvent of a decoded event and append it to its shard's list. */
-static int append_event(PyObject *event_type, PyObject *events, Fields *fields, PyObject *prefix,
-                        PyObject *digest_of, int64_t watermark, PyObject *offset) {
+static int append_event(PyObject *event_type, PyObject *events, Fields *fields, PyObject *organization,
+                        PyObject *code, PyObject *prefix, PyObject *digest_of, int64_t watermark,
+                        PyObject *offset) {
     PyObject *args[10] = {NULL};
     int ok = 0;
     args[0] = digest(digest_of, prefix, fields->ids[F_TRANSACTION]);
-    args[1] = ascii_text(fields->ids[F_ORGANIZATION]);
+    args[1] = organization;
+    Py_INCREF(organization);
     args[2] = ascii_text(fields->ids[F_CUSTOMER]);
-    args[3] = ascii_text(fields->ids[F_CODE]);
+    args[3] = code;
+    Py_INCREF(code);
     args[4] = PyLong_FromLongLong(fields->timestamp_ms);
     args[5] = scaled_int(fields->value_scaled);
     args[6] = PyLong_FromLongLong(watermark);
@@ -396,6 +421,28 @@ done:
     return ok;
 }
 
+/* Route a decoded event and append its ShardEvent: 1 done, 0 left to Python, -1 an error. */
+static int finish_event(PyObject *const *args, Py_ssize_t index, Fields *fields, PyObject *organization,
+                        PyObject *code, int64_t watermark) {
+    PyObject *offsets = args[1], *routes = args[9], *digest_of = args[10], *event_type = args[11],
+             *metric_codes = args[12], *shard_events = args[13];
+    PyObject *route = PyDict_GetItemWithError(routes, organization);
+    if (route == NULL) return PyErr_Occurred() ? -1 : 0; /* a new organization: Python routes it */
+    if (metric_codes != Py_None) {
+        int has_metrics = PySequence_Contains(metric_codes, code);
+        if (has_metrics != 0) return has_metrics < 0 ? -1 : 0; /* catalog metrics: Python reads them */
+    }
+    Py_ssize_t shard = PyLong_AsSsize_t(PyTuple_GET_ITEM(route, 0));
+    if (shard == -1 && PyErr_Occurred()) return -1;
+    if (shard < 0 || shard >= PyList_GET_SIZE(shard_events)) {
+        PyErr_SetString(PyExc_IndexError, "scan(): shard out of range");
+        return -1;
+    }
+    return append_event(event_type, PyList_GET_ITEM(shard_events, shard), fields, organization, code,
+                        PyTuple_GET_ITEM(route, 1), digest_of, watermark, PyList_GET_ITEM(offsets, index))
+               ? 1 : -1;
+}
+
 PyDoc_STRVAR(scan_doc,
 "scan(values, offsets, start, record_times, skew_limit, step, end_offset, out_of_orderness,\n"
 "     max_event, routes, digest_of, event_type, metric_codes, shard_events) -> (index, max_event)\n"
@@ -405,14 +452,13 @@ PyDoc_STRVAR(scan_doc,
 "index (len(values) when none) and the max event time so far (None before any event).\n"
 "record_times is None, or each record's (kind, timestamp_ms) when skew_limit applies.");
 
-static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 14) {
         PyErr_SetString(PyExc_TypeError, "scan() takes 14 arguments");
         return NULL;
     }
     PyObject *values = args[0], *offsets = args[1], *record_times = args[3], *routes = args[9],
-             *digest_of = args[10], *event_type = args[11], *metric_codes = args[12],
-             *shard_events = args[13];
+             *metric_codes = args[12], *shard_events = args[13];
     Py_ssize_t index = PyLong_AsSsize_t(args[2]);
     int64_t skew_limit, step, end_offset, out_of_orderness, max_event = 0;
     if ((index == -1 && PyErr_Occurred()) || !as_int64(args[4], &skew_limit) ||
@@ -450,36 +496,19 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int64_t watermark = max_event - out_of_orderness; /* both within the accepted range */
         __int128 due = (__int128)timestamp - timestamp % step + end_offset;
         if (due <= watermark) break; /* late: the Python path records it */
-        PyObject *organization = ascii_text(fields.ids[F_ORGANIZATION]);
+        PyObject *organization = cached_text(organization_texts, fields.ids[F_ORGANIZATION]);
         if (organization == NULL) return NULL;
-        PyObject *route = PyDict_GetItemWithError(routes, organization);
+        PyObject *code = cached_text(code_texts, fields.ids[F_CODE]);
+        if (code == NULL) {
+            Py_DECREF(organization);
+            return NULL;
+        }
+        int finished = finish_event(args, index, &fields, organization, code, watermark);
         Py_DECREF(organization);
-        if (route == NULL) {
-            if (PyErr_Occurred()) return NULL;
-            break; /* a new organization: the Python path routes it */
-        }
-        if (metric_codes != Py_None) {
-            PyObject *code = ascii_text(fields.ids[F_CODE]);
-            if (code == NULL) return NULL;
-            int has_metrics = PySequence_Contains(metric_codes, code);
-            Py_DECREF(code);
-            if (has_metrics < 0) return NULL;
-            if (has_metrics) break;
-        }
-        Py_ssize_t shard = PyLong_AsSsize_t(PyTuple_GET_ITEM(route, 0));
-        if (shard == -1 && PyErr_Occurred()) return NULL;
-        if (shard < 0 || shard >= PyList_GET_SIZE(shard_events)) {
-            PyErr_SetString(PyExc_IndexError, "scan(): shard out of range");
-            return NULL;
-        }
-        if (!append_event(event_type, PyList_GET_ITEM(shard_events, shard), &fields,
-                          PyTuple_GET_ITEM(route, 1), digest_of, watermark,
-                          PyList_GET_ITEM(offsets, index)))
-            return NULL;
-        if (!has_max_event || timestamp > max_event) {
-            max_event = timestamp;
-            has_max_event = 1;
-        }
+        Py_DECREF(code);
+        if (finished < 0) return NULL;
+        if (finished == 0) break;
+        if (timestamp > max_event) max_event = timestamp;
     }
     if (has_max_event) return Py_BuildValue("(nL)", index, (long long)max_event);
     return Py_BuildValue("(nO)", index, Py_None);

@@ -124,8 +124,12 @@ def test_usual_events_are_finished_by_the_compiled_path(monkeypatch):
         return python_span(self, *args)
 
     monkeypatch.setattr(IntakeLogic, "_intake_span", counted_span)
-    run_both(lambda: fuzz_intake(catalog=None), split(records, rng), monkeypatch)
+    batches = run_both(lambda: fuzz_intake(catalog=None), split(records, rng), monkeypatch)
     assert len(calls) < 150  # the first event, new organizations (20) and late events
+    events = [event for batch in batches[1:] for events in batch.events_by_shard.values() for event in events]
+    # events of one organization or code share one str (its hash computed once downstream)
+    assert len({id(event.organization_id) for event in events}) <= 2 * len({event.organization_id for event in events})
+    assert len({id(event.code) for event in events}) <= 2 * len({event.code for event in events})
 
 
 _LIMIT_TIMESTAMPS = [
