@@ -129,3 +129,24 @@ def test_a_clean_run_exits_without_teardown_and_loses_no_output(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert "RuntimeError: boom" in failed.stderr and "torn down" in failed.stderr
+
+
+def test_a_flow_without_a_metrics_endpoint_loads_no_metrics_sdk_or_http_server():
+    """With no METRICS_PORT and no OTLP endpoint nothing reads the instruments: the API's no-op
+    provider takes every figure (the SDK is ~30 ms of start-up, http.server ~15 ms)."""
+    code = textwrap.dedent("""
+        import dataflows.usage as u
+        from dataflows.settings import Settings
+        from operators.telemetry import metrics
+        u.prepare_process(Settings.from_env({"REDIS_URL": "", "METRICS_PORT": "0"}))
+        metrics.declare_partition(0); metrics.declare_tables(["usage_aggregates"])
+        metrics.record_consumed(0, 5); metrics.record_sink_write("usage_aggregates", 3, 0.01)
+        metrics.record_snapshot(0.02); metrics.record_consumer_lag(0, 7)
+        metrics.active().drain()
+        import sys
+        print(*sorted(name for name in sys.modules if name.startswith(("opentelemetry.sdk", "http.server"))))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, ""), run.stderr

@@ -37,14 +37,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from operators.telemetry import metrics
 from operators.telemetry.board import StatusBoard
 from operators.telemetry.metrics import Telemetry
-from operators.telemetry.server import BoundedHTTPServer, start_server
 from operators.telemetry.settings import TelemetrySettings
 from operators.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:  # the server (http.server: ~15 ms to import) is imported when METRICS_PORT is set
+    from operators.telemetry.server import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class Observability:
             from prometheus_client import REGISTRY
 
             REGISTRY.unregister(self.collector)
-        self.meter_provider.shutdown()
+        if hasattr(self.meter_provider, "shutdown"):  # the SDK's (the no-op one has none)
+            self.meter_provider.shutdown()
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if _current is self:
@@ -119,13 +122,6 @@ def configure_telemetry(settings: TelemetrySettings | Mapping[str, str] = os.env
 
 
 def _configure(settings: TelemetrySettings, span_exporter: Any) -> Observability:
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.resources import Resource
-
-    resource = Resource.create({
-        "service.name": settings.service_name,
-        "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
-    })
     readers, collector = [], None
     if settings.metrics_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -145,12 +141,12 @@ def _configure(settings: TelemetrySettings, span_exporter: Any) -> Observability
         readers.append(PeriodicExportingMetricReader(
             exporter, export_interval_millis=settings.metric_export_interval_ms,
             export_timeout_millis=settings.otlp_timeout_s * 1000))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = _meter_provider(settings, readers)
     meter = meter_provider.get_meter("tallyflow")
 
     tracer_provider, tracing = None, None
     if settings.trace_sample_ratio > 0:
-        tracer_provider = _tracer_provider(settings, resource, span_exporter)
+        tracer_provider = _tracer_provider(settings, _resource(settings), span_exporter)
         tracing = Tracing(tracer_provider.get_tracer("tallyflow"), settings.trace_sample_ratio)
 
     recorder = Telemetry(meter, StatusBoard(), tracing)
@@ -158,6 +154,8 @@ def _configure(settings: TelemetrySettings, span_exporter: Any) -> Observability
     metrics.install(recorder)
     atexit.register(recorder.drain)  # runs before the MeterProvider's own exit-time export
     if settings.metrics_port:
+        from operators.telemetry.server import start_server
+
         observability.server = start_server(settings, recorder.board, metrics_text)
     threading.Thread(target=_sample, args=(recorder, observability._stop), name="tallyflow-status",
                      daemon=True).start()
@@ -165,6 +163,28 @@ def _configure(settings: TelemetrySettings, span_exporter: Any) -> Observability
         "metrics_url": observability.url, "otlp_endpoint": settings.otlp_endpoint,
         "trace_sample_ratio": settings.trace_sample_ratio})
     return observability
+
+
+def _resource(settings: TelemetrySettings) -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource.create({
+        "service.name": settings.service_name,
+        "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+    })
+
+
+def _meter_provider(settings: TelemetrySettings, readers: list) -> Any:
+    """The SDK's provider with ``readers``; with none (no ``METRICS_PORT``, no OTLP) nothing
+    would ever read the instruments, so the API's no-op provider (the SDK costs ~30 ms of
+    every run's start-up to import)."""
+    if not readers:
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        return NoOpMeterProvider()
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    return MeterProvider(resource=_resource(settings), metric_readers=readers)
 
 
 def _tracer_provider(settings: TelemetrySettings, resource: Any, span_exporter: Any) -> Any:
