@@ -284,7 +284,7 @@ def in_key_order(batch, table: str):
     columns = [batch.column(name) for name in names]
     if any(column.null_count for column in columns):
         return batch
-    return batch.take(_key_order(columns))
+    return arrow_function("take", batch, _key_order(columns))
 
 
 def _key_order(columns: list, span_limit: int = 2**63):
@@ -331,10 +331,9 @@ def _stable_argsort(key, span: int):
 def _ranks(column):
     """Each value's rank among the column's distinct values (0 the least), and how many."""
     import numpy as np
-    import pyarrow.compute as pc
 
-    encoded = pc.dictionary_encode(column)
-    order = integers_view(pc.sort_indices(encoded.dictionary))
+    encoded = arrow_function("dictionary_encode", column)
+    order = integers_view(arrow_function("sort_indices", encoded.dictionary))
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     return rank[integers_view(encoded.indices)], len(order)
@@ -471,8 +470,22 @@ def _per_block(columns: dict[str, list], blocks: list, kinds: dict[str, str]) ->
     import pyarrow as pa
 
     rows_block = pa.array(np.repeat(np.arange(len(blocks)), [len(block) for block in blocks]))
-    return {name: column_array(values, kinds[name], name).take(rows_block)
+    return {name: arrow_function("take", column_array(values, kinds[name], name), rows_block)
             for name, values in columns.items()}
+
+
+def arrow_function(name: str, *args):
+    """Arrow's compute function ``name`` on ``args``: what ``pyarrow.compute.<name>(*args)``
+    and ``.take`` call, without importing ``pyarrow.compute``, whose first import builds
+    Python wrappers for every function (~30 ms of a run's start-up).
+
+    >>> import pyarrow as pa
+    >>> arrow_function("take", pa.array(["a", "b", "c"]), pa.array([2, 0])).to_pylist()
+    ['c', 'a']
+    """
+    from pyarrow._compute import call_function
+
+    return call_function(name, list(args))
 
 
 def text_columns(rows: list, names: Sequence[str]) -> dict:

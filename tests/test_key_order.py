@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from sinks.clickhouse_backend import connect
 from state.records import WindowRow
-from sinks.columnar import (_key_order, _stable_argsort, arrow_stream, in_key_order, integers_view, late_batch,
-                             metric_batch, window_batch)
+from sinks.columnar import (_key_order, _stable_argsort, arrow_function, arrow_stream, in_key_order, integers_view,
+                             late_batch, metric_batch, window_batch)
 from sinks.schema import TABLES_BY_NAME, Table, create_statement
 from test_columnar_reference import WINDOW_TABLES, checks, late_records, metric_rows, window_rows
 
@@ -143,3 +143,18 @@ def test_an_integers_view_is_what_to_numpy_returns(array):
 def test_an_integers_view_refuses_nulls():
     with pytest.raises(ValueError, match="nulls"):
         integers_view(pa.array([1, None], pa.int32()))
+
+
+@checks
+@given(st.lists(st.text(max_size=4), min_size=1, max_size=30), st.data())
+def test_arrow_functions_are_what_pyarrow_compute_returns(values, data):
+    import pyarrow.compute as pc
+
+    column = pa.array(values, pa.string())
+    encoded = arrow_function("dictionary_encode", column)
+    assert encoded.equals(pc.dictionary_encode(column))
+    assert arrow_function("sort_indices", encoded.dictionary).equals(pc.sort_indices(encoded.dictionary))
+    rows = np.array(data.draw(st.lists(st.integers(0, len(values) - 1), max_size=30)), np.int64)
+    assert arrow_function("take", column, rows).equals(column.take(rows))
+    batch = pa.record_batch([column, pa.array(range(len(values)), pa.uint64())], names=["s", "n"])
+    assert arrow_function("take", batch, rows).equals(batch.take(rows))
