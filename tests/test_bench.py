@@ -23,6 +23,8 @@ from deploy.bench import (
 from deploy.bench.orchestration import open_window_keys
 from deploy.bench.scaling import format_scaling
 
+REPO = Path(__file__).resolve().parents[1]
+
 EVENTS = 5_000
 
 
@@ -158,3 +160,22 @@ def test_cpu_time_is_measured_for_every_child(bench):
             if "events_per_s" in c:
                 assert c["cpu_seconds"] > 0 and c["events_per_cpu_s"] > 0, c
                 assert "cpu_ratio_vs_baseline" in c
+
+
+def test_the_bench_children_start_from_bytecode_of_every_project_module():
+    """The bench byte-compiles the project as the image does, so each flow process loads
+    bytecode that matches its source instead of compiling it (PYTHONDONTWRITEBYTECODE)."""
+    import importlib.util
+    import tomllib
+
+    from deploy.bench.process import PROJECT_PACKAGES, compile_project
+
+    layers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
+    assert sorted(PROJECT_PACKAGES) == sorted(layers)
+    compile_project()
+    for package in PROJECT_PACKAGES:
+        for source in (REPO / package).rglob("*.py"):
+            header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+            assert header[:4] == importlib.util.MAGIC_NUMBER, source
+            assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime), source
+            assert int.from_bytes(header[12:16], "little") == source.stat().st_size, source

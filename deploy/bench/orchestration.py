@@ -28,7 +28,7 @@ from deploy.bench.contenders import (
     run_tallyflow,
 )
 from deploy.bench.latency import measure_latency
-from deploy.bench.process import private_redis, say
+from deploy.bench.process import compile_project, private_redis, say
 from deploy.bench.profiling import profile_flow
 from deploy.bench.report import (
     evaluate_targets,
@@ -56,6 +56,7 @@ def run_bench(options: BenchOptions) -> dict:
     """Run every measurement of ``options``; return the results (also written as JSON)."""
     from deploy.broker import DevBroker
 
+    compile_project()  # the children start from bytecode, as in the image
     if options.scaling:
         from deploy.bench.scaling import run_scaling
 

@@ -128,6 +128,22 @@ def bench_child(role: str, *args: object) -> list[str]:
     return [sys.executable, "-m", "deploy.bench", role, *map(str, args)]
 
 
+PROJECT_PACKAGES = ("dataflows", "operators", "state", "sinks", "recovery", "deploy")
+
+
+def compile_project() -> None:
+    """Byte-compile the project's packages, as the image does when it is built
+    (``python -m compileall``, deploy/Dockerfile): with ``PYTHONDONTWRITEBYTECODE`` set, as in
+    the image and on this machine, a child would otherwise compile every module it imports
+    from source at each start (~75 ms of CPU for the flow). Python reads bytecode only when it
+    matches its source, so an edited module is still compiled afresh."""
+    import compileall
+
+    for package in PROJECT_PACKAGES:
+        if not compileall.compile_dir(REPO_ROOT / package, quiet=1):
+            raise RuntimeError(f"byte-compiling {package} failed")
+
+
 def project_env(**extra: object) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
