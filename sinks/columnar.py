@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from sinks.encoding import DATETIME64_MAX_MS, DATETIME64_MIN_MS
 from sinks.schema import TABLES_BY_NAME
@@ -144,14 +144,18 @@ def _int128_words(values: Sequence[int], words: int):
     """``values`` as rows of ``words`` (2 or more) little-endian 64-bit words (two's
     complement), or ``None`` when one of them does not fit 128 bits.
 
-    The shift and mask run in numpy over the ints as objects: about half what Arrow's
-    conversion of Python ints to decimals costs.
+    Compiled (``sinks/_fastcolumns.c``) where built; else the shift and mask run in numpy over
+    the ints as objects: about half what Arrow's conversion of Python ints to decimals costs.
 
     >>> _int128_words([2**64 + 3, -1], 4).tolist(), _int128_words([2**127], 2)
     ([[3, 1, 0, 0], [-1, -1, -1, -1]], None)
     """
     import numpy as np
 
+    if _fast_int128_words is not None and type(values) is list:
+        words_bytes = _fast_int128_words(values, words)
+        if words_bytes is not None:
+            return np.frombuffer(words_bytes, np.int64).reshape(len(values), words)
     objects = np.fromiter(values, object, len(values))
     try:
         high = (objects >> 64).astype(np.int64)
@@ -491,8 +495,10 @@ def arrow_function(name: str, *args):
 def text_columns(rows: list, names: Sequence[str]) -> dict:
     """Tuples of strings (``rows``) as a ``String`` array per position, named ``names``.
 
-    Arrow reads the tuples as a struct, in one pass, with no list per column; a lone
-    surrogate (which UTF-8 cannot hold) is replaced as :func:`column_array` does.
+    Compiled (``sinks/_fastcolumns.c``, where built): each column's offsets and UTF-8 bytes
+    copied from the strings in one pass, for Arrow to take as they are. Else Arrow reads the
+    tuples as a struct, in one pass, with no list per column. A lone surrogate (which UTF-8
+    cannot hold) is replaced as :func:`column_array` does.
 
     >>> {name: array.to_pylist() for name, array in text_columns([("o", "a"), ("p", "lone\\ud800")], ("x", "y")).items()}
     {'x': ['o', 'p'], 'y': ['a', 'lone?']}
@@ -501,11 +507,37 @@ def text_columns(rows: list, names: Sequence[str]) -> dict:
 
     if not names:
         return {}
+    if _fast_text_buffers is not None and type(rows) is list:
+        buffers = _fast_text_buffers(rows, len(names))
+        if buffers is not None:
+            return {name: pa.Array.from_buffers(pa.string(), len(rows),
+                                                [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+                    for name, (offsets, data) in zip(names, buffers)}
     try:
         struct = pa.array(rows, pa.struct([(name, pa.string()) for name in names]))
     except UnicodeEncodeError:
         return {name: column_array([row[i] for row in rows], "String", name) for i, name in enumerate(names)}
     return dict(zip(names, struct.flatten()))
+
+
+def _compiled(name: str) -> Callable | None:
+    """The compiled fast path's function ``name`` (``sinks/_fastcolumns.c``, built by ``make
+    install``), or None where it was not built, or built from another version of it: the
+    columns are then built by numpy and Arrow from the objects, slower, the same."""
+    try:
+        from sinks import _fastcolumns
+    except ImportError:
+        return None
+    return getattr(_fastcolumns, name) if getattr(_fastcolumns, "INTERFACE", None) == _INTERFACE else None
+
+
+_INTERFACE = 1
+"""The version of ``sinks/_fastcolumns.c``'s functions this module calls (its ``INTERFACE``)."""
+
+_fast_text_buffers = _compiled("text_buffers")
+"""What :func:`text_columns` uses; tests set it to None for the pure path."""
+_fast_int128_words = _compiled("int128_words")
+"""What :func:`_int128_words` uses; tests set it to None for the pure path."""
 
 
 def _add_enrichment(arrays: dict, customers, enrichment: tuple[tuple[str, ...], dict]) -> None:
