@@ -16,7 +16,7 @@ import copy
 from dataclasses import dataclass, field
 from itertools import compress, groupby, repeat
 from operator import attrgetter, is_, ne, not_
-from typing import Iterable
+from typing import Callable, Iterable
 
 from state.packing import compressed, pack_key_columns, unpack_entries, unpack_key_columns
 from state.records import WindowRow, WindowRowBlock
@@ -81,6 +81,24 @@ def unpack_window(packed: bytes) -> dict[WindowKey, list[int]]:
     """The aggregates ``pack_window`` packed (or an earlier release), as ``{key: [count,
     total_scaled, emitted]}``."""
     return unpack_entries(packed, key_width=3)
+
+
+def _compiled(name: str) -> Callable | None:
+    """The compiled fast path's function ``name`` (``state/_fastwindows.c``, built by ``make
+    install``), or None where it was not built, or built from another version of it: groups
+    are then added in pure Python, slower, the same."""
+    try:
+        from state import _fastwindows
+    except ImportError:
+        return None
+    return getattr(_fastwindows, name) if getattr(_fastwindows, "INTERFACE", None) == _INTERFACE else None
+
+
+_INTERFACE = 1
+"""The version of ``state/_fastwindows.c``'s functions this module calls (its ``INTERFACE``)."""
+
+_fast_add_known = _compiled("add_known")
+"""What :meth:`WindowStore.add_groups` uses; tests set it to None for the pure path."""
 
 
 class _Window:
@@ -277,6 +295,9 @@ class WindowStore:
         if not window:  # every key is new
             window.extend(keys, counts, totals)
             return
+        if _fast_add_known is not None:
+            self._add_compiled(start_ms, window, keys, counts, totals)
+            return
         positions = list(map(window.positions.get, keys))
         new = list(map(is_, positions, repeat(None)))
         if any(new):  # the next snapshot packs the window's new keys
@@ -285,6 +306,19 @@ class WindowStore:
             old = list(map(not_, new))
             self._add_to_known(start_ms, window, list(compress(positions, old)),
                                compress(counts, old), compress(totals, old))
+
+    def _add_compiled(self, start_ms: int, window: _Window, keys: list[WindowKey], counts: list[int],
+                      totals: list[int]) -> None:
+        """:meth:`add_groups` on a window holding keys, by the compiled fast path: one pass adds
+        the known keys' groups (their columns fetched ahead: at a key per event the time goes to
+        cache misses), the new keys' come back to be appended."""
+        new_keys, new_counts, new_totals, changed = _fast_add_known(
+            window.positions, keys, counts, totals, window.counts, window.totals,
+            self._changed.get(start_ms))
+        if changed is not None:  # made at the window's first change
+            self._changed[start_ms] = changed
+        if new_keys:  # the next snapshot packs the window's new keys
+            window.extend(new_keys, new_counts, new_totals)
 
     def _add_to_known(self, start_ms: int, window: _Window, positions: list[int],
                       counts: Iterable[int], totals: Iterable[int]) -> None:
