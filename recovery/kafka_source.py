@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
@@ -124,6 +125,15 @@ class PartitionResume:
     max_event_ms: int | None
 
 
+_ASKING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kafka-end-offsets")
+"""Where partitions ask the broker their end offset at start, side by side (one round trip each)."""
+
+
+def _ask(question: Callable[[], int]) -> Future[int]:
+    """``question()`` answered on another thread (librdkafka releases the GIL while it waits)."""
+    return _ASKING.submit(question)
+
+
 class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
     """Reads one Kafka partition and runs its intake."""
 
@@ -148,7 +158,8 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         self._batch_size = batch_size
         self._stop_at_end = stop_at_end
         self._next_offset = resume.next_offset if resume else OFFSET_BEGINNING
-        self._end_offset_at_start = self._end_offset() if stop_at_end else None
+        # asked now, answered while the partition is read: only the first end of partition needs it
+        self._end_offset_at_start: Future[int] | None = _ask(self._end_offset) if stop_at_end else None
         self._announced = False
         self._finished = False
         self._awake_at: datetime | None = None
@@ -222,7 +233,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         # the EOF signal, taken once we are at least at the end seen at start.
         if not self._stop_at_end:
             return False
-        return eof_offset >= (self._end_offset_at_start or 0)
+        return eof_offset >= (self._end_offset_at_start.result() or 0)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal() or not error.retriable():
@@ -265,6 +276,7 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
         self.batch_size = batch_size
         self.stop_at_end = stop_at_end
         self.extra_config = dict(extra_config or {})
+        self._partitions: int | None = None  # the topic's partition count, once asked
 
     def _consumer(self) -> KafkaConsumer:
         config = {
@@ -279,7 +291,10 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
         return self.kafka.consumer(config)
 
     def _partition_count(self, consumer: KafkaConsumer) -> int:
-        return require_topic(consumer, self.topic, "USAGE_TOPIC")
+        """The topic's partition count, asked once a process (``list_parts``, then each part)."""
+        if self._partitions is None:
+            self._partitions = require_topic(consumer, self.topic, "USAGE_TOPIC")
+        return self._partitions
 
     def list_parts(self) -> list[str]:
         consumer = self._consumer()
