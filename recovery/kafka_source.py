@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
@@ -125,15 +124,6 @@ class PartitionResume:
     max_event_ms: int | None
 
 
-_ASKING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kafka-end-offsets")
-"""Where partitions ask the broker their end offset at start, side by side (one round trip each)."""
-
-
-def _ask(question: Callable[[], int]) -> Future[int]:
-    """``question()`` answered on another thread (librdkafka releases the GIL while it waits)."""
-    return _ASKING.submit(question)
-
-
 class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
     """Reads one Kafka partition and runs its intake."""
 
@@ -158,8 +148,9 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         self._batch_size = batch_size
         self._stop_at_end = stop_at_end
         self._next_offset = resume.next_offset if resume else OFFSET_BEGINNING
-        # asked now, answered while the partition is read: only the first end of partition needs it
-        self._end_offset_at_start: Future[int] | None = _ask(self._end_offset) if stop_at_end else None
+        # asked before the assignment: the query connects the consumer to the broker, and a
+        # consumer assigned before it is connected waits ~0.5 s for its first records
+        self._end_offset_at_start = self._end_offset() if stop_at_end else None
         self._announced = False
         self._finished = False
         self._awake_at: datetime | None = None
@@ -233,7 +224,7 @@ class UsagePartition(StatefulSourcePartition[IntakeBatch, PartitionResume]):
         # the EOF signal, taken once we are at least at the end seen at start.
         if not self._stop_at_end:
             return False
-        return eof_offset >= (self._end_offset_at_start.result() or 0)
+        return eof_offset >= (self._end_offset_at_start or 0)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal() or not error.retriable():
