@@ -5,7 +5,10 @@
  * int128_words() for scaled sums as little-endian two's complement 64-bit words. Each answers
  * None where the pure path must do it: a row that is not a tuple of `width` str, a str that
  * UTF-8 cannot hold (a lone surrogate), a column past 2 GiB of text (int32 offsets), a sum that
- * is not an int or does not fit 128 bits.
+ * is not an int or does not fit 128 bits. key_order() sorts a row block's keys by the
+ * table's ORDER BY (organization_id, external_customer_id, code as UTF-8 bytes, then
+ * window_start), stably, and gives their String columns in that order with the order itself,
+ * so the batch is built sorted and not sorted again.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -139,9 +142,286 @@ error:
     return NULL;
 }
 
+/* One row's sort key: per key string its UTF-8 (pointer, size) and its first 8 bytes as a
+ * big-endian integer, zero-padded (a differing prefix orders two strings as their bytes do;
+ * equal prefixes are compared in full), then the row's window start. */
+_Static_assert(sizeof(Py_ssize_t) == sizeof(int64_t), "key_order writes row indices as int64");
+
+/* A key string: its UTF-8 bytes and its (cached) str hash. */
+typedef struct {
+    const char *utf8;
+    Py_ssize_t size;
+    Py_hash_t hash;
+} Text;
+
+/* <0, 0, >0 as text a's UTF-8 bytes sort before, with, after b's. */
+static int compare_texts(const Text *a, const Text *b) {
+    int order = memcmp(a->utf8, b->utf8, (size_t)(a->size < b->size ? a->size : b->size));
+    if (order != 0) return order;
+    return (a->size > b->size) - (a->size < b->size);
+}
+
+typedef struct {
+    const Text *text;
+    Py_ssize_t id;
+} Distinct;
+
+static int compare_distinct(const void *a, const void *b) {
+    return compare_texts(((const Distinct *)a)->text, ((const Distinct *)b)->text);
+}
+
+/* The row's key strings into texts[0:3); 0 where it is not a 3-tuple of str UTF-8 holds. */
+static int read_key(PyObject *row, Text *texts) {
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 3) return 0;
+    for (int j = 0; j < 3; j++) {
+        PyObject *text = PyTuple_GET_ITEM(row, j);
+        if (!PyUnicode_Check(text)) return 0;
+        if (PyUnicode_IS_ASCII(text)) {
+            texts[j].utf8 = (const char *)PyUnicode_DATA(text);
+            texts[j].size = PyUnicode_GET_LENGTH(text);
+        } else if ((texts[j].utf8 = PyUnicode_AsUTF8AndSize(text, &texts[j].size)) == NULL) {
+            PyErr_Clear(); /* a lone surrogate: the pure path replaces it, then sorts */
+            return 0;
+        }
+        texts[j].hash = PyObject_Hash(text); /* a str's is cached, and cannot fail */
+    }
+    return 1;
+}
+
+typedef struct {
+    Py_hash_t hash;
+    Py_ssize_t id; /* a distinct value's, + 1; 0: an empty slot */
+} Slot;
+
+/* slots (capacity of them, a power of 2) with each of the found distinct values in place. */
+static void place_distinct(Slot *slots, Py_ssize_t capacity, const Distinct *distinct, Py_ssize_t found) {
+    for (Py_ssize_t id = 0; id < found; id++) {
+        size_t slot = (size_t)distinct[id].text->hash & (size_t)(capacity - 1);
+        while (slots[slot].id != 0) slot = (slot + 1) & (size_t)(capacity - 1);
+        slots[slot] = (Slot){distinct[id].text->hash, id + 1};
+    }
+}
+
+/* A row to sort: its key (the ranks folded), its index, its key strings' ranks. */
+typedef struct {
+    uint64_t key;
+    int32_t row;
+    int32_t rank[3];
+} Keyed;
+
+/* Each row's rank (into its rank[j]) among the distinct values of key position j (texts: 3 a row),
+ * by their UTF-8 bytes, and those values in that order (into distinct, room for count); the
+ * number of them, or -1 out of memory. The values are found distinct by a hash table on their
+ * str hashes (kept at about twice their number, to stay in cache), and only those are sorted. */
+static Py_ssize_t rank_texts(const Text *texts, int j, Py_ssize_t count, Keyed *keyed, Distinct *distinct) {
+    Py_ssize_t capacity = 64;
+    Slot *slots = PyMem_Calloc((size_t)capacity, sizeof(Slot));
+    Py_ssize_t found = -1;
+    if (slots == NULL) goto done;
+    found = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Text *text = &texts[3 * i + j];
+        size_t slot = (size_t)text->hash & (size_t)(capacity - 1);
+        for (;; slot = (slot + 1) & (size_t)(capacity - 1)) {
+            if (slots[slot].id == 0) {
+                distinct[found] = (Distinct){text, found};
+                slots[slot] = (Slot){text->hash, ++found};
+                break;
+            }
+            if (slots[slot].hash != text->hash) continue;
+            const Text *seen = distinct[slots[slot].id - 1].text;
+            if (seen->size == text->size
+                && (seen->utf8 == text->utf8 || memcmp(seen->utf8, text->utf8, (size_t)text->size) == 0)) break;
+        }
+        keyed[i].rank[j] = (int32_t)(slots[slot].id - 1); /* the distinct id, for now */
+        if (2 * found > capacity) {
+            PyMem_Free(slots);
+            capacity *= 4;
+            if ((slots = PyMem_Calloc((size_t)capacity, sizeof(Slot))) == NULL) {
+                found = -1;
+                goto done;
+            }
+            place_distinct(slots, capacity, distinct, found);
+        }
+    }
+    qsort(distinct, (size_t)found, sizeof(Distinct), compare_distinct);
+    int32_t *rank_of = (int32_t *)slots; /* the table is done with; capacity > found */
+    for (Py_ssize_t rank = 0; rank < found; rank++) rank_of[distinct[rank].id] = (int32_t)rank;
+    for (Py_ssize_t i = 0; i < count; i++) keyed[i].rank[j] = rank_of[keyed[i].rank[j]];
+done:
+    PyMem_Free(slots);
+    return found;
+}
+
+
+#define DIGIT_BITS 13
+#define DIGITS (1 << DIGIT_BITS)
+
+/* Stable LSD radix sort of rows by key (below 2**bits), 13 bits a pass; the result in *rows. */
+static void radix_sort(Keyed **rows, Keyed **spare, Py_ssize_t count, int bits) {
+    static Py_ssize_t starts[DIGITS]; /* under the GIL */
+    for (int shift = 0; shift < bits; shift += DIGIT_BITS) {
+        memset(starts, 0, sizeof(starts));
+        for (Py_ssize_t i = 0; i < count; i++) starts[((*rows)[i].key >> shift) & (DIGITS - 1)]++;
+        Py_ssize_t at = 0;
+        for (int digit = 0; digit < DIGITS; digit++) {
+            Py_ssize_t many = starts[digit];
+            starts[digit] = at;
+            at += many;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) (*spare)[starts[((*rows)[i].key >> shift) & (DIGITS - 1)]++] = (*rows)[i];
+        Keyed *sorted = *spare;
+        *spare = *rows;
+        *rows = sorted;
+    }
+}
+
+/* Key position j's String column for the rows in order (the sorted keyed rows): its int32
+ * offsets and UTF-8 data as a pair of bytes, copied by rank from the distinct values (found of
+ * them, in rank order) gathered first into one buffer (compact: in cache); None past 2 GiB. */
+static PyObject *ordered_column(const Keyed *keyed, Py_ssize_t count, int j, const Distinct *distinct,
+                                Py_ssize_t found, Py_ssize_t size) {
+    if (size > INT32_MAX) Py_RETURN_NONE;
+    Py_ssize_t values_size = 0;
+    for (Py_ssize_t rank = 0; rank < found; rank++) values_size += distinct[rank].text->size;
+    Py_ssize_t *starts = PyMem_Malloc((size_t)(found + 1) * sizeof(Py_ssize_t));
+    char *values = PyMem_Malloc((size_t)(values_size ? values_size : 1));
+    PyObject *offsets_bytes = PyBytes_FromStringAndSize(NULL, (count + 1) * (Py_ssize_t)sizeof(int32_t));
+    PyObject *data_bytes = PyBytes_FromStringAndSize(NULL, size);
+    PyObject *pair = (offsets_bytes && data_bytes) ? PyTuple_Pack(2, offsets_bytes, data_bytes) : NULL;
+    if (pair != NULL && (starts == NULL || values == NULL)) {
+        Py_CLEAR(pair);
+        PyErr_NoMemory();
+    }
+    if (pair != NULL) {
+        starts[0] = 0;
+        for (Py_ssize_t rank = 0; rank < found; rank++) {
+            const Text *text = distinct[rank].text;
+            memcpy(values + starts[rank], text->utf8, (size_t)text->size);
+            starts[rank + 1] = starts[rank] + text->size;
+        }
+        int32_t *offsets = (int32_t *)PyBytes_AS_STRING(offsets_bytes);
+        char *data = PyBytes_AS_STRING(data_bytes);
+        offsets[0] = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            int32_t rank = keyed[i].rank[j];
+            Py_ssize_t length = starts[rank + 1] - starts[rank];
+            memcpy(data + offsets[i], values + starts[rank], (size_t)length);
+            offsets[i + 1] = offsets[i] + (int32_t)length;
+        }
+    }
+    PyMem_Free(starts);
+    PyMem_Free(values);
+    Py_XDECREF(offsets_bytes);
+    Py_XDECREF(data_bytes);
+    return pair;
+}
+
+PyDoc_STRVAR(key_order_doc,
+"key_order(keys: list, start_ranks: bytes, starts: int) -> tuple[list, bytes] | None\n\n"
+"The rows of the keys (tuples of organization_id, external_customer_id, code) in the stable\n"
+"order of the strings' UTF-8 bytes, then of the rows' window start ranks (native int64 below\n"
+"`starts`, one a row): the String columns of the keys so ordered (what text_buffers gives)\n"
+"and the order (native int64 row indices); None where a key is not 3 str that UTF-8 holds, a\n"
+"column passes 2 GiB, or the ranks together pass 64 bits.");
+
+static PyObject *key_order(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "key_order(keys: list, start_ranks: bytes, starts: int)");
+        return NULL;
+    }
+    PyObject *rows = args[0];
+    Py_ssize_t count = PyList_GET_SIZE(rows);
+    Py_ssize_t starts = PyLong_AsSsize_t(args[2]);
+    if (starts == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer start_ranks;
+    if (PyObject_GetBuffer(args[1], &start_ranks, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL, *columns = NULL, *order_bytes = NULL;
+    size_t room = (size_t)(count ? count : 1);
+    Text *texts = PyMem_Malloc(room * 3 * sizeof(Text));
+    Distinct *distinct = PyMem_Malloc(room * 3 * sizeof(Distinct));
+    Keyed *keyed = PyMem_Malloc(room * sizeof(Keyed));
+    Keyed *spare = PyMem_Malloc(room * sizeof(Keyed));
+    if (start_ranks.len != count * (Py_ssize_t)sizeof(int64_t) || starts < 1) {
+        PyErr_SetString(PyExc_ValueError, "key_order: one int64 start rank a key, below starts");
+        goto done;
+    }
+    if (count > INT32_MAX) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (texts == NULL || distinct == NULL || keyed == NULL || spare == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t sizes[3] = {0, 0, 0};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!read_key(PyList_GET_ITEM(rows, i), &texts[3 * i])) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        for (int j = 0; j < 3; j++) sizes[j] += texts[3 * i + j].size;
+        keyed[i] = (Keyed){0, (int32_t)i, {0, 0, 0}};
+    }
+    uint64_t span = 1;
+    Py_ssize_t found[3];
+    for (int j = 0; j < 3; j++) {
+        found[j] = rank_texts(texts, j, count, keyed, distinct + j * count);
+        if (found[j] < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (found[j] && __builtin_mul_overflow(span, (uint64_t)found[j], &span)) {
+            result = Py_NewRef(Py_None); /* past 64 bits: the pure path re-ranks */
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            keyed[i].key = keyed[i].key * (uint64_t)found[j] + (uint64_t)keyed[i].rank[j];
+        }
+    }
+    if (__builtin_mul_overflow(span, (uint64_t)starts, &span)) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const int64_t *start_rank = (const int64_t *)start_ranks.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (start_rank[i] < 0 || start_rank[i] >= starts) {
+            PyErr_SetString(PyExc_ValueError, "key_order: a start rank not below starts");
+            goto done;
+        }
+        keyed[i].key = keyed[i].key * (uint64_t)starts + (uint64_t)start_rank[i];
+    }
+    radix_sort(&keyed, &spare, count, span > 1 ? 64 - __builtin_clzll(span - 1) : 0);
+    order_bytes = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(int64_t));
+    columns = PyList_New(3);
+    if (order_bytes == NULL || columns == NULL) goto done;
+    int64_t *order = (int64_t *)PyBytes_AS_STRING(order_bytes);
+    for (Py_ssize_t i = 0; i < count; i++) order[i] = keyed[i].row;
+    for (int j = 0; j < 3; j++) {
+        PyObject *column = ordered_column(keyed, count, j, distinct + j * count, found[j], sizes[j]);
+        if (column == NULL) goto done;
+        if (column == Py_None) {
+            result = column;
+            goto done;
+        }
+        PyList_SET_ITEM(columns, j, column);
+    }
+    result = PyTuple_Pack(2, columns, order_bytes);
+done:
+    Py_XDECREF(columns);
+    Py_XDECREF(order_bytes);
+    PyMem_Free(texts);
+    PyMem_Free(distinct);
+    PyMem_Free(keyed);
+    PyMem_Free(spare);
+    PyBuffer_Release(&start_ranks);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"text_buffers", (PyCFunction)(void (*)(void))text_buffers, METH_FASTCALL, text_buffers_doc},
     {"int128_words", (PyCFunction)(void (*)(void))int128_words, METH_FASTCALL, int128_words_doc},
+    {"key_order", (PyCFunction)(void (*)(void))key_order, METH_FASTCALL, key_order_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -153,6 +433,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastcolumns(void) {
     PyObject *created = PyModule_Create(&module);
     /* what sinks/columnar.py expects (_INTERFACE): a build from another version is not used */
-    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 1) < 0) Py_CLEAR(created);
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 2) < 0) Py_CLEAR(created);
     return created;
 }

@@ -170,7 +170,7 @@ class ClickHousePartition(BufferedPartition[Item]):
             self._write(table, expanded(blocks))
             return
         try:
-            self._insert_batch(table, batch)
+            self._insert_batch(table, batch, key_ordered=True)
         except ClickHouseError as err:
             if not _about_rows(err):
                 raise
@@ -178,7 +178,7 @@ class ClickHousePartition(BufferedPartition[Item]):
 
     def _block_batch(self, table: str, blocks: list[WindowRowBlock]):
         pairs = ((org, customer) for block in blocks for org, customer, _code in block.keys)
-        return block_batch(blocks, table, self._enrichment(table, pairs))
+        return block_batch(blocks, table, self._enrichment(table, pairs), key_ordered=True)
 
     def _enrichment(self, table: str, customers) -> tuple[tuple[str, ...], dict] | None:
         """``(fields, attributes)`` of the ``(org, customer)`` pairs ``customers`` for rows of
@@ -233,8 +233,10 @@ class ClickHousePartition(BufferedPartition[Item]):
     def _insert(self, table: str, rows: list, batch=None) -> None:
         self._insert_batch(table, self._batch(table, rows) if batch is None else batch)
 
-    def _insert_batch(self, table: str, batch) -> None:
-        columns, payload = tuple(batch.schema.names), arrow_stream(in_key_order(batch, table))
+    def _insert_batch(self, table: str, batch, key_ordered: bool = False) -> None:
+        """Insert ``batch`` sorted by the table's key (``key_ordered``: it is already)."""
+        columns = tuple(batch.schema.names)
+        payload = arrow_stream(batch if key_ordered else in_key_order(batch, table))
         started = time.perf_counter()
         with_retries(lambda: self._backend.insert_arrow(table, columns, payload), table)
         seconds = time.perf_counter() - started

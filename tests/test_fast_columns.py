@@ -3,11 +3,15 @@ Arrow from the objects): the same String columns, the same decimal words, the sa
 
 import os
 
+import numpy as np
+import pyarrow as pa
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import sinks.columnar as columnar
-from sinks.columnar import _int128_words, arrow_stream, block_batch, text_columns
+from sinks.columnar import _int128_words, arrow_stream, block_batch, in_key_order, text_columns
+from sinks.clickhouse_sink import ClickHousePartition
 from state.records import WindowRowBlock
 
 COMPILED = columnar._compiled("text_buffers")
@@ -85,3 +89,104 @@ def test_a_stale_build_is_not_used(monkeypatch):
     _fastcolumns = pytest.importorskip("sinks._fastcolumns")
     monkeypatch.setattr(_fastcolumns, "INTERFACE", columnar._INTERFACE - 1)
     assert columnar._compiled("text_buffers") is None
+
+
+KEY_TEXT = st.one_of(TEXT, st.sampled_from(["", "a", "a\x00", "ab", "b", "é", "ｏ", "𝄞", "A", "org-0001", "org-0001x"]))
+STARTS = st.one_of(st.sampled_from([0, 60_000, -60_000]), st.integers(-(2**63), 2**63 - 1),
+                   st.sampled_from([2**63, 253_402_300_800_000, 253_402_300_860_000, -(10**20)]))
+
+
+def sorted_by_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The oracle: Python's stable sort of the rows by the key's UTF-8 bytes, then the stored start."""
+    names = ("organization_id", "external_customer_id", "code")
+    columns = [[v.encode() for v in batch.column(name).to_pylist()] for name in names]
+    columns.append(batch.column("window_start").cast(pa.int64()).to_pylist())
+    order = sorted(range(batch.num_rows), key=lambda i: tuple(column[i] for column in columns))
+    return batch.take(pa.array(order, pa.int64()))
+
+
+@st.composite
+def row_blocks(draw) -> list:
+    """Row blocks whose keys share prefixes and repeat (ties keep their order), at any starts."""
+    texts = draw(st.lists(KEY_TEXT, min_size=1, max_size=6))
+    key = st.tuples(*[st.sampled_from(texts)] * 3)
+    blocks = []
+    for _ in range(draw(st.integers(1, 4))):
+        keys = draw(st.lists(key, min_size=1, max_size=12))
+        start = draw(STARTS)
+        blocks.append(WindowRowBlock("", start, start + 60_000 if start < 2**62 else start, draw(st.integers(1, 9)),
+                                     keys, tuple(range(1, len(keys) + 1)), tuple(range(len(keys)))))
+    return blocks
+
+
+@settings(max_examples=400, deadline=None)
+@given(row_blocks(), st.sampled_from(["usage_aggregates", "usage_aggregates_hourly"]), st.booleans())
+def test_a_key_ordered_row_blocks_batch_is_the_sorted_batch(blocks, table, enriched):
+    """Sorted while built (compiled where built), the batch is the one sorted after it was built,
+    by the pure path, and Python's stable sort by UTF-8 bytes: byte for byte."""
+    enrichment = (("plan",), {key[:2]: (f"p{i}",) for i, key in enumerate(blocks[0].keys)}) if enriched else None
+    ordered = block_batch(blocks, table, enrichment, key_ordered=True)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pure(monkeypatch)
+        monkeypatch.setattr(columnar, "_fast_key_order", None)
+        built = block_batch(blocks, table, enrichment)
+        assert arrow_stream(ordered) == arrow_stream(in_key_order(built, table))
+        assert arrow_stream(ordered) == arrow_stream(block_batch(blocks, table, enrichment, key_ordered=True))
+    ordered.validate(full=True)
+    assert ordered.equals(sorted_by_bytes(built))
+
+
+@compiled_only
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(KEY_TEXT, KEY_TEXT, KEY_TEXT, st.integers(0, 2)), max_size=40))
+def test_the_compiled_key_order_is_pythons_sort_by_utf8_bytes(rows):
+    """The order itself (row indices, ties in input order) and the columns in it."""
+    keys = [row[:3] for row in rows]
+    ranks = np.array([row[3] for row in rows], np.int64)
+    answer = columnar._fast_key_order(keys, ranks, 3)
+    if any("\ud800" <= ch <= "\udfff" for key in keys for text in key for ch in text):
+        assert answer is None  # UTF-8 cannot hold it: the pure path replaces it, then sorts
+        return
+    buffers, order = answer
+    expected = sorted(range(len(rows)), key=lambda i: (*(text.encode() for text in keys[i]), rows[i][3]))
+    assert np.frombuffer(order, np.int64).tolist() == expected
+    columns = columnar._string_arrays(buffers, columnar._BLOCK_KEY, len(rows))
+    assert [list(values) for values in zip(*(column.to_pylist() for column in columns.values()))] == \
+        [list(keys[i]) for i in expected]
+
+
+@compiled_only
+def test_what_the_compiled_key_order_declines_or_refuses():
+    key_order = columnar._fast_key_order
+    one = np.zeros(1, np.int64)
+    assert key_order([("a", "b")], one, 1) is None and key_order([("a", "b", 1)], one, 1) is None
+    assert key_order([["a", "b", "c"]], one, 1) is None
+    assert key_order([], np.zeros(0, np.int64), 1) == ([(b"\0" * 4, b"")] * 3, b"")
+    with pytest.raises(ValueError):
+        key_order([("a", "b", "c")], np.zeros(2, np.int64), 1)
+    with pytest.raises(ValueError):
+        key_order([("a", "b", "c")], np.array([1], np.int64), 1)
+
+
+
+class Recorded:
+    """A backend that keeps what is inserted."""
+
+    def __init__(self):
+        self.inserts = []
+
+    def insert_arrow(self, table, columns, payload, *args, **kwargs):
+        self.inserts.append((table, payload))
+
+
+def test_the_sink_sends_a_row_blocks_batch_in_key_order_once():
+    blocks = [WindowRowBlock("", 60_000, 120_000, 5, [("p", "c", "x"), ("o", "d", "x"), ("o", "c", "y")], (1, 2, 3),
+                             (4, 5, 6)), WindowRowBlock("", 0, 60_000, 5, [("o", "d", "x")], (7,), (8,))]
+    backend = Recorded()
+    part = ClickHousePartition(backend, max_rows=1_000, max_age_s=60)
+    part.write_batch(blocks)
+    part.flush()
+    [(table, payload)] = backend.inserts
+    sent = pa.ipc.open_stream(payload).read_next_batch()
+    assert table == "usage_aggregates" and sent.equals(sorted_by_bytes(block_batch(blocks, table)))
+    assert sent.column("event_count").to_pylist() == [3, 7, 2, 1]
