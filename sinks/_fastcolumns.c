@@ -170,12 +170,13 @@ static int compare_distinct(const void *a, const void *b) {
     return compare_texts(((const Distinct *)a)->text, ((const Distinct *)b)->text);
 }
 
-/* The row's key strings into texts[0:3); 0 where it is not a 3-tuple of str UTF-8 holds. */
+/* The row's key strings into texts[0:3); 0 where it is not a 3-tuple of str (not a subclass)
+ * that UTF-8 holds. */
 static int read_key(PyObject *row, Text *texts) {
     if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 3) return 0;
     for (int j = 0; j < 3; j++) {
         PyObject *text = PyTuple_GET_ITEM(row, j);
-        if (!PyUnicode_Check(text)) return 0;
+        if (!PyUnicode_CheckExact(text)) return 0; /* a subclass may hash otherwise */
         if (PyUnicode_IS_ASCII(text)) {
             texts[j].utf8 = (const char *)PyUnicode_DATA(text);
             texts[j].size = PyUnicode_GET_LENGTH(text);

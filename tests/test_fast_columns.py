@@ -160,7 +160,7 @@ def test_what_the_compiled_key_order_declines_or_refuses():
     key_order = columnar._fast_key_order
     one = np.zeros(1, np.int64)
     assert key_order([("a", "b")], one, 1) is None and key_order([("a", "b", 1)], one, 1) is None
-    assert key_order([["a", "b", "c"]], one, 1) is None
+    assert key_order([["a", "b", "c"]], one, 1) is None and key_order([("a", "b", type("S", (str,), {})("c"))], one, 1) is None
     assert key_order([], np.zeros(0, np.int64), 1) == ([(b"\0" * 4, b"")] * 3, b"")
     with pytest.raises(ValueError):
         key_order([("a", "b", "c")], np.zeros(2, np.int64), 1)
