@@ -524,4 +524,9 @@ static struct PyModuleDef module = {
     "The intake's compiled fast path (see operators/intake.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__fastintake(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastintake(void) {
+    PyObject *created = PyModule_Create(&module);
+    /* what operators/intake.py expects (_INTERFACE): a build from another version is not used */
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 1) < 0) Py_CLEAR(created);
+    return created;
+}

@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 from operators.catalog import Catalog
 from operators.validation import Invalid, validate_each
+from state.compiled import compiled_function
 from state.dedup import DIGEST_BIAS, digest_hash
 from state.records import DeadLetter, LateRecord, ShardBatch, ShardEvent
 from state.watermark import NO_WATERMARK, PartitionWatermark
@@ -42,13 +43,14 @@ _VALUE = itemgetter(2)
 """A Kafka record's value."""
 
 
+_INTERFACE = 1
+"""The version of ``operators/_fastintake.c``'s ``scan`` this module calls (its ``INTERFACE``)."""
+
+
 def _compiled_scan() -> Callable | None:
-    """The compiled fast path's ``scan`` (``operators/_fastintake.c``, built by ``make install``),
-    or None where it was not built: the intake then runs in pure Python, slower, same results."""
-    try:
-        from operators._fastintake import scan
-    except ImportError:
-        return None
+    """The compiled fast path's ``scan`` (``operators/_fastintake.c``, built by ``make install``)
+    at :data:`_INTERFACE`, or None: the intake then runs in pure Python, slower, same results."""
+    scan = compiled_function("operators._fastintake", _INTERFACE, "scan")
     return scan if DIGEST_BIAS == 2**63 else None  # scan subtracts 2**63 itself
 
 

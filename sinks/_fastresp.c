@@ -279,4 +279,9 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "_fastresp", .m_size = -1, .m_methods = methods};
 
-PyMODINIT_FUNC PyInit__fastresp(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastresp(void) {
+    PyObject *created = PyModule_Create(&module);
+    /* what sinks/redis_sink.py expects (_INTERFACE): a build from another version is not used */
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 1) < 0) Py_CLEAR(created);
+    return created;
+}

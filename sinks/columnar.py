@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 from sinks.encoding import DATETIME64_MAX_MS, DATETIME64_MIN_MS
 from sinks.schema import TABLES_BY_NAME
+from state.compiled import compiled_function
 
 FORMAT = "ArrowStream"
 """ClickHouse's name of the payload's format."""
@@ -570,13 +571,9 @@ def _string_arrays(buffers: list, names: Sequence[str], count: int) -> dict:
 
 def _compiled(name: str) -> Callable | None:
     """The compiled fast path's function ``name`` (``sinks/_fastcolumns.c``, built by ``make
-    install``), or None where it was not built, or built from another version of it: the
-    columns are then built by numpy and Arrow from the objects, slower, the same."""
-    try:
-        from sinks import _fastcolumns
-    except ImportError:
-        return None
-    return getattr(_fastcolumns, name) if getattr(_fastcolumns, "INTERFACE", None) == _INTERFACE else None
+    install``) at :data:`_INTERFACE`, or None: numpy and Arrow then build the same columns from
+    the objects, slower."""
+    return compiled_function("sinks._fastcolumns", _INTERFACE, name)
 
 
 _INTERFACE = 2

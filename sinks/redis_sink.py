@@ -59,6 +59,7 @@ from operators.validation import format_scaled
 from sinks.buffered import BufferedPartition
 from sinks.redis_client import (REDIS_ERRORS, Breaker, command, plain, raw_connection, redis_key,
                                  send_commands)
+from state.compiled import compiled_function
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,10 @@ def usage_key(key: PeriodKey) -> str:
     return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
 
 
-def _compiled_commands() -> Callable | None:
-    """The compiled fast path's ``commands`` (``sinks/_fastresp.c``, built by ``make install``),
-    or None where it was not built: the writer then encodes in pure Python, slower, same bytes."""
-    try:
-        from sinks._fastresp import commands
-    except ImportError:
-        return None
-    return commands
+_INTERFACE = 1
+"""The version of ``sinks/_fastresp.c``'s ``commands`` this module calls (its ``INTERFACE``)."""
 
-
-_fast_commands = _compiled_commands()
+_fast_commands = compiled_function("sinks._fastresp", _INTERFACE, "commands")
 """What :func:`encode_writes` uses; tests set it to None for the pure path."""
 
 

@@ -41,6 +41,7 @@ from typing import Callable, Iterable
 from msgspec.structs import astuple
 import numpy as np
 
+from state.compiled import compiled_function
 from state.records import ShardEvent
 
 VALUE_UNIT = 10**18
@@ -127,18 +128,23 @@ def _split_values(values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list
     """The whole parts and fractions of ``values``, and the positions of those whose whole part
     is not within ``±(2**63 - 1)`` (their whole and fraction 0: held aside)."""
     wholes, fractions = zip(*map(divmod, values, repeat(VALUE_UNIT)))
-    try:
-        whole_column = np.fromiter(wholes, np.int64, len(values))
-        if whole_column.min() > _INT64_MIN:
-            return whole_column, np.fromiter(fractions, np.int64, len(values)), []
-    except OverflowError:
-        pass
+    whole_column = _int64_column(wholes)
+    if whole_column is not None and whole_column.min() > _INT64_MIN:
+        return whole_column, np.fromiter(fractions, np.int64, len(values)), []
     wholes, fractions, wide = list(wholes), list(fractions), []
     for position, whole in enumerate(wholes):
         if not -_INT64_MAX <= whole <= _INT64_MAX:
             wide.append(position)
             wholes[position] = fractions[position] = 0
     return np.array(wholes, dtype=np.int64), np.array(fractions, dtype=np.int64), wide
+
+
+def _int64_column(numbers: tuple[int, ...]) -> np.ndarray | None:
+    """``numbers`` as an int64 array; None when one of them needs more than 64 bits."""
+    try:
+        return np.fromiter(numbers, np.int64, len(numbers))
+    except OverflowError:  # the caller splits the values exactly, holding the wide ones aside
+        return None
 
 
 def _compiled_columns(events: list[ShardEvent], table: _KeyTable) -> tuple[dict, tuple[int, int], list[int], bool]:
@@ -175,14 +181,9 @@ def scaled_values(wholes: np.ndarray, fractions: np.ndarray) -> list[int]:
 
 
 def _compiled(name: str) -> Callable | None:
-    """The compiled fast path's function ``name`` (``state/_fastheld.c``, built by ``make install``),
-    or None where it was not built, or built from another version of it: events are then held
-    in pure Python, slower, the same."""
-    try:
-        from state import _fastheld
-    except ImportError:
-        return None
-    return getattr(_fastheld, name) if getattr(_fastheld, "INTERFACE", None) == _INTERFACE else None
+    """The compiled fast path's function ``name`` (``state/_fastheld.c``, built by ``make
+    install``) at :data:`_INTERFACE`, or None: events are held then in pure Python, slower, the same."""
+    return compiled_function("state._fastheld", _INTERFACE, name)
 
 
 _INTERFACE = 2

@@ -18,6 +18,7 @@ from itertools import compress, groupby, repeat
 from operator import attrgetter, is_, ne, not_
 from typing import Callable, Iterable
 
+from state.compiled import compiled_function
 from state.packing import compressed, pack_key_columns, unpack_entries, unpack_key_columns
 from state.records import WindowRow, WindowRowBlock
 from state.window_kinds import WindowKind
@@ -85,13 +86,8 @@ def unpack_window(packed: bytes) -> dict[WindowKey, list[int]]:
 
 def _compiled(name: str) -> Callable | None:
     """The compiled fast path's function ``name`` (``state/_fastwindows.c``, built by ``make
-    install``), or None where it was not built, or built from another version of it: groups
-    are then added in pure Python, slower, the same."""
-    try:
-        from state import _fastwindows
-    except ImportError:
-        return None
-    return getattr(_fastwindows, name) if getattr(_fastwindows, "INTERFACE", None) == _INTERFACE else None
+    install``) at :data:`_INTERFACE`, or None: groups are added then in pure Python, slower, the same."""
+    return compiled_function("state._fastwindows", _INTERFACE, name)
 
 
 _INTERFACE = 1

@@ -70,6 +70,14 @@ def test_the_compiled_scan_is_what_the_intake_uses():
     assert intake_module._fast_scan is COMPILED
 
 
+def test_a_build_of_another_version_is_not_used(monkeypatch):
+    """A stale build (``make install`` not run since ``operators/_fastintake.c`` changed) is left
+    aside: its ``scan`` may take other arguments."""
+    from operators import _fastintake
+    monkeypatch.setattr(_fastintake, "INTERFACE", intake_module._INTERFACE - 1)
+    assert intake_module._compiled_scan() is None
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_messages_give_the_same_batches(seed, monkeypatch):
     rng = random.Random(seed)

@@ -108,6 +108,18 @@ def test_writes_carry_every_total_once_with_its_key_and_ttl(totals, per_transact
         assert replies == 2 * transactions + 4 * len(keyed)
 
 
+def test_a_build_of_another_version_is_not_used(monkeypatch):
+    """A stale build of ``sinks/_fastresp.c`` is left aside: the writer encodes in pure Python."""
+    if redis_sink._fast_commands is None:
+        pytest.skip("sinks/_fastresp.c is not built (make install)")
+    from sinks import _fastresp
+    from state.compiled import compiled_function
+
+    assert compiled_function("sinks._fastresp", redis_sink._INTERFACE, "commands") is _fastresp.commands
+    monkeypatch.setattr(_fastresp, "INTERFACE", redis_sink._INTERFACE - 1)
+    assert compiled_function("sinks._fastresp", redis_sink._INTERFACE, "commands") is None
+
+
 @settings(max_examples=300)
 @given(st.dictionaries(st.tuples(plain_ids | ids, plain_ids, plain_ids, st.sampled_from(["day", "month"])),
                        st.tuples(st.integers(0, 2**64) | st.integers(-5, 5), wide_totals),
