@@ -475,6 +475,11 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(values);
+    if (PyList_GET_SIZE(offsets) < count ||
+        (record_times != Py_None && PyList_GET_SIZE(record_times) < count)) {
+        PyErr_SetString(PyExc_ValueError, "scan(): fewer offsets or record times than values");
+        return NULL;
+    }
     for (; index < count; index++) {
         PyObject *raw = PyList_GET_ITEM(values, index);
         Fields fields;

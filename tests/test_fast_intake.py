@@ -70,6 +70,19 @@ def test_the_compiled_scan_is_what_the_intake_uses():
     assert intake_module._fast_scan is COMPILED
 
 
+def test_scan_refuses_columns_shorter_than_the_values():
+    """It reads each value's offset and record time by position: a short column is an error, not
+    a read past its end."""
+    def scan(values, offsets, record_times):
+        return COMPILED(values, offsets, 0, record_times, 0, 60_000, 60_000, 0, 0, {}, hash, tuple, None, [[]])
+
+    with pytest.raises(ValueError, match="fewer offsets"):
+        scan([b"{}", b"{}"], [0], None)
+    with pytest.raises(ValueError, match="record times"):
+        scan([b"{}"], [0], [])
+    assert scan([b"{}"], [0], [(0, 0)]) == (0, 0)  # matching columns: the message is left to Python
+
+
 def test_a_build_of_another_version_is_not_used(monkeypatch):
     """A stale build (``make install`` not run since ``operators/_fastintake.c`` changed) is left
     aside: its ``scan`` may take other arguments."""
