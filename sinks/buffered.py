@@ -4,10 +4,16 @@ Bytewax calls ``snapshot()`` at the end of each epoch, before the epoch's
 recovery state is committed. Flushing there means nothing the committed state
 has consumed can still sit in a buffer: a crash loses no output, and a replay
 only rewrites what the sink made idempotent.
+
+Partitions of one sink on one worker may share their buffer (:class:`SharedBuffer`): then
+whichever of them flushes writes what all of them hold, in one write per table instead of
+one per partition. That stays exact because every partition's ``snapshot()`` flushes the
+shared buffer too, so at the end of an epoch nothing any of them was given is left unwritten.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import abstractmethod
 from typing import Callable, Generic, TypeVar
@@ -15,6 +21,22 @@ from typing import Callable, Generic, TypeVar
 from bytewax.outputs import StatefulSinkPartition
 
 X = TypeVar("X")
+
+
+class SharedBuffer:
+    """Items waiting to be written, and when the last write was; one partition's own, or
+    shared by several partitions of one sink (see the module docstring).
+
+    The lock is held while a flush writes, so a partition that flushes (or snapshots) while
+    another partition's flush of the same buffer is under way waits for it to finish: when
+    its ``flush()`` returns, everything handed over before is written.
+    """
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.rows = 0
+        self.last_write = float("-inf")
+        self.lock = threading.RLock()
 
 
 class BufferedPartition(StatefulSinkPartition[X, None], Generic[X]):
@@ -33,15 +55,24 @@ class BufferedPartition(StatefulSinkPartition[X, None], Generic[X]):
         >>> now[0] += 0.5; sink.write_batch([3])   # 0.5 s after the last write: buffered
         >>> now[0] += 1.6; sink.write_batch([4])
         write [3, 4]
+
+    Partitions given one ``buffer`` write together; either one's snapshot writes both's items::
+
+        >>> shared = SharedBuffer()
+        >>> a = Printing(max_rows=1_000, max_age_s=2.0, clock=lambda: now[0], buffer=shared)
+        >>> b = Printing(max_rows=1_000, max_age_s=2.0, clock=lambda: now[0], buffer=shared)
+        >>> a.write_batch([5]); now[0] += 0.1; b.write_batch([6])
+        write [5]
+        >>> a.snapshot(); b.snapshot()
+        write [6]
     """
 
-    def __init__(self, max_rows: int, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_rows: int, max_age_s: float, clock: Callable[[], float] = time.monotonic,
+                 buffer: SharedBuffer | None = None) -> None:
         self._max_rows = max_rows
         self._max_age_s = max_age_s
         self._clock = clock
-        self._buffer: list[X] = []
-        self._buffered_rows = 0
-        self._last_write = float("-inf")
+        self._pending = buffer if buffer is not None else SharedBuffer()
 
     @abstractmethod
     def flush_items(self, items: list[X]) -> None:
@@ -54,16 +85,20 @@ class BufferedPartition(StatefulSinkPartition[X, None], Generic[X]):
     def write_batch(self, values: list[X]) -> None:
         if not values:
             return
-        self._buffer.extend(values)
-        self._buffered_rows += self.rows_in(values)
-        if self._buffered_rows >= self._max_rows or self._clock() - self._last_write >= self._max_age_s:
-            self.flush()
+        pending = self._pending
+        with pending.lock:
+            pending.items.extend(values)
+            pending.rows += self.rows_in(values)
+            if pending.rows >= self._max_rows or self._clock() - pending.last_write >= self._max_age_s:
+                self.flush()
 
     def flush(self) -> None:
-        if self._buffer:
-            items, self._buffer, self._buffered_rows = self._buffer, [], 0
-            self.flush_items(items)
-            self._last_write = self._clock()
+        pending = self._pending
+        with pending.lock:
+            if pending.items:
+                items, pending.items, pending.rows = pending.items, [], 0
+                self.flush_items(items)
+                pending.last_write = self._clock()
 
     def snapshot(self) -> None:
         self.flush()

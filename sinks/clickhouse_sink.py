@@ -29,7 +29,7 @@ from bytewax.outputs import FixedPartitionedSink
 
 from operators.telemetry import metrics, tracing
 from operators.graceful_stop import stop_requested
-from sinks.buffered import BufferedPartition
+from sinks.buffered import BufferedPartition, SharedBuffer
 from sinks.clickhouse_backend import ClickHouseBackend, ClickHouseError, ClickHouseUnavailable, connect
 from sinks.columnar import (DecimalOverflow, arrow_stream, block_batch, in_key_order, late_batch, metric_batch,
                              window_batch)
@@ -134,11 +134,13 @@ class Enrichment:
 class ClickHousePartition(BufferedPartition[Item]):
     def __init__(self, backend: ClickHouseBackend, max_rows: int, max_age_s: float,
                  attributes: CustomerAttributes | None = None,
-                 table_of: Callable[[Row], str] = window_table) -> None:
-        super().__init__(max_rows, max_age_s)
+                 table_of: Callable[[Row], str] = window_table, *,
+                 buffer: SharedBuffer | None = None, on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(max_rows, max_age_s, buffer=buffer)
         self._backend = backend
         self._attributes = attributes
         self._table_of = table_of
+        self._on_close = on_close
 
     def rows_in(self, values: list[Item]) -> int:
         return row_count(values)
@@ -249,7 +251,9 @@ class ClickHousePartition(BufferedPartition[Item]):
         try:
             super().close()
         finally:
-            if self._attributes is not None:
+            if self._on_close is not None:
+                self._on_close()
+            elif self._attributes is not None:
                 self._attributes.close()
 
 
@@ -315,9 +319,10 @@ def sink_partitions(shards: int) -> int:
 
 
 class ClickHouseSink(FixedPartitionedSink[Item, None]):
-    """ClickHouse output of one typed stream, split into ``partitions`` independent writers
-    (``sink_partitions``); ``table_of`` says where a row goes (:func:`window_table`, the
-    default, :func:`metric_table`, :func:`late_table`).
+    """ClickHouse output of one typed stream, split into ``partitions`` (``sink_partitions``);
+    ``table_of`` says where a row goes (:func:`window_table`, the default,
+    :func:`metric_table`, :func:`late_table`). The partitions a worker holds write together:
+    one insert per table per flush, whatever the number of partitions (``_WorkerWriter``).
 
     Items arrive keyed by shard (``"0"``, ``"1"``, …); shard ``k`` goes to partition ``"k"``
     when it exists, so each writer takes whole shards and none is hashed onto another's:
@@ -341,6 +346,8 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
         self.table_of = table_of
         # Bytewax indexes part_fn's value into the sorted global list of partitions.
         self._index = {name: i for i, name in enumerate(sorted(self._parts()))}
+        self._writers: dict[int, _WorkerWriter] = {}
+        self._writers_lock = threading.Lock()
 
     def list_parts(self) -> list[str]:
         """The partitions; called when the flow starts, so the tables' counters read 0 from then."""
@@ -357,7 +364,41 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
         return index if index is not None else super().part_fn(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ClickHousePartition:
+        """A partition that shares its buffer, and its customer attributes' cache, with this
+        sink's other partitions on the same worker (:class:`_WorkerWriter`)."""
         backend = _process_backend(self.url)
         _ensure_schema_once(self.url, backend, self.enrichment.fields if self.enrichment else ())
-        attributes = self.enrichment.client() if self.enrichment else None
-        return ClickHousePartition(backend, self.max_rows, self.max_age_s, attributes, self.table_of)
+        writer = self._worker_writer()
+        return ClickHousePartition(backend, self.max_rows, self.max_age_s, writer.attributes,
+                                   self.table_of, buffer=writer.buffer, on_close=writer.release)
+
+    def _worker_writer(self) -> "_WorkerWriter":
+        with self._writers_lock:
+            worker = threading.get_ident()  # Bytewax builds a worker's partitions on its thread
+            writer = self._writers.get(worker)
+            if writer is None or writer.closed:
+                attributes = self.enrichment.client() if self.enrichment else None
+                writer = self._writers[worker] = _WorkerWriter(SharedBuffer(), attributes)
+            writer.partitions += 1
+            return writer
+
+
+@dataclass
+class _WorkerWriter:
+    """What the partitions of one sink on one worker share: their buffer, so a flush writes
+    every partition's rows in one insert per table (16 shards' partitions on one worker made
+    16 small inserts, 16 parts for ClickHouse to merge, where one does), and one customer
+    attributes client with its cache. The last partition to close closes the client."""
+
+    buffer: SharedBuffer
+    attributes: CustomerAttributes | None
+    partitions: int = 0
+    closed: bool = False
+
+    def release(self) -> None:
+        with self.buffer.lock:
+            self.partitions -= 1
+            if self.partitions == 0 and not self.closed:
+                self.closed = True
+                if self.attributes is not None:
+                    self.attributes.close()
