@@ -67,6 +67,7 @@ USAGE_PREFIX = "tallyflow:usage"
 SENTINEL_KEY = "tallyflow:live:sentinel:{}"
 KEY_TTL_S = {"day": 4 * 86_400, "month": 100 * 86_400}
 KEYS_PER_TRANSACTION = 1_000
+PRUNE_EVERY_S = 3_600
 _MULTI, _EXEC = "*1\r\n$5\r\nMULTI\r\n", "*1\r\n$4\r\nEXEC\r\n"
 _TTL_ARGUMENT = {kind: f"${len(str(ttl))}\r\n{ttl}\r\n" for kind, ttl in KEY_TTL_S.items()}
 _TTL_BYTES = {kind: argument.encode() for kind, argument in _TTL_ARGUMENT.items()}
@@ -121,6 +122,65 @@ def encode_writes(totals: dict[PeriodKey, Total],
     return "".join(parts).encode(), 2 * transactions + 4 * len(totals)
 
 
+class WrittenTotals:
+    """The latest total written for every key Redis may still hold, for a resync, at one dict
+    update per pipeline (not a time per total): the totals written since the last prune are
+    kept by key alone, and a prune folds them into the older ones stamped with the last write
+    time before it, then forgets every key whose TTL has passed by that stamp. A key is thus
+    forgotten at the first prune at least its TTL after its last write and at most two prune
+    intervals later (it was one with a time per total): a resync then may rewrite a key that
+    expired in Redis that long ago, which gets its TTL again, as before.
+
+        >>> written = WrittenTotals()
+        >>> written.record({("o", "c", "x", "day", 0): (1, 1)}, now=10.0)
+        >>> written.record({("o", "c", "x", "day", 0): (2, 2)}, now=20.0)
+        >>> written.prune(now=30.0); written.prune(now=20.0 + 4 * 86_400 - 1); len(written)
+        1
+        >>> pending = {}; written.queue_missing(pending), pending
+        (1, {('o', 'c', 'x', 'day', 0): (2, 2)})
+        >>> written.prune(now=20.0 + 4 * 86_400); len(written)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._recent: dict[PeriodKey, Total] = {}  # written since the last prune
+        self._recent_at = 0.0  # the last of those writes
+        self._older: dict[PeriodKey, Total] = {}
+        self._older_at: dict[PeriodKey, float] = {}  # a time no earlier than each one's write
+
+    def __len__(self) -> int:
+        return len(self._older) + sum(key not in self._older for key in self._recent)
+
+    def record(self, batch: dict[PeriodKey, Total], now: float) -> None:
+        """``batch`` is in Redis since ``now``."""
+        self._recent.update(batch)
+        self._recent_at = now
+
+    def beyond(self, batch: dict[PeriodKey, Total]) -> bool:
+        """Whether a key outside ``batch``, just recorded, was written (a resync has something
+        to rewrite)."""
+        return len(self._recent) > len(batch) or not self._older.keys() <= batch.keys()
+
+    def queue_missing(self, pending: dict[PeriodKey, Total]) -> int:
+        """Queue in ``pending`` the latest total of every key not pending already; how many."""
+        again = 0
+        for written in (self._recent, self._older):  # the newer first: it is the one queued
+            for key, total in written.items():
+                if key not in pending:
+                    pending[key] = total
+                    again += 1
+        return again
+
+    def prune(self, now: float) -> None:
+        """Fold the recent totals into the older ones, then forget each key whose TTL passed."""
+        self._older.update(self._recent)
+        self._older_at.update(dict.fromkeys(self._recent, self._recent_at))
+        self._recent = {}
+        self._older_at = {key: at for key, at in self._older_at.items()
+                          if at + KEY_TTL_S[key[3]] > now}
+        self._older = {key: self._older[key] for key in self._older_at}
+
+
 class RedisTotalsWriter:
     """A thread that writes coalesced totals to Redis, retrying with backoff while it cannot."""
 
@@ -139,9 +199,8 @@ class RedisTotalsWriter:
         self._stopping = False
         self._draining = 0
         self._next_write_at = 0.0
-        self._written: dict[PeriodKey, Total] = {}  # what Redis holds, for a resync
-        self._written_at: dict[PeriodKey, float] = {}
-        self._next_prune = clock() + 3_600
+        self._written = WrittenTotals()  # what Redis holds, for a resync
+        self._next_prune = clock() + PRUNE_EVERY_S
         self._thread = threading.Thread(target=self._run, name=f"redis-totals-{part}", daemon=True)
         self._thread.start()
 
@@ -254,9 +313,8 @@ class RedisTotalsWriter:
         recovered = self._breaker.succeeded()
         metrics.record_live_totals_written(len(batch))
         with self._cond:
-            self._written.update(batch)
-            self._written_at.update(dict.fromkeys(batch, now))
-            resync = lost_data and len(self._written) > len(batch)
+            self._written.record(batch, now)
+            resync = lost_data and self._written.beyond(batch)
             if resync:
                 unwritten = dict(rest_of_round or ())
                 for key, entry in unwritten.items():
@@ -275,20 +333,14 @@ class RedisTotalsWriter:
     def _resync(self, now: float) -> None:
         """Redis lost its data: write again every total it should hold (caller holds the lock)."""
         metrics.record_live_totals_resync()
-        again = 0
-        for key, total in self._written.items():
-            if key not in self._pending:
-                self._pending[key] = total
-                again += 1
+        again = self._written.queue_missing(self._pending)
         log.warning("Redis lost the live totals (sentinel missing): rewriting them",
                     extra={"part": self.part, "totals": again})
 
     def _prune(self, now: float) -> None:
         """Forget totals whose Redis key has expired anyway, so memory stays bounded."""
-        self._written_at = {key: at for key, at in self._written_at.items()
-                            if at + KEY_TTL_S[key[3]] > now}
-        self._written = {key: self._written[key] for key in self._written_at}
-        self._next_prune = now + 3_600
+        self._written.prune(now)
+        self._next_prune = now + PRUNE_EVERY_S
 
 
 class RedisTotalsPartition(BufferedPartition[LiveTotals]):

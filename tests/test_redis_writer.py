@@ -211,7 +211,8 @@ def test_a_resync_in_the_middle_of_a_round_never_writes_an_older_total_last():
     writer._breaker, writer._cond, writer._stopping, writer._draining = Breaker(), threading.Condition(), False, 0
     writer._pending, writer._in_flight, writer._next_prune = {}, 0, time.monotonic() + 3_600
     first, second = ("o", "a", "x", "day", 0), ("o", "b", "x", "day", 0)
-    writer._written, writer._written_at = {first: (1, 1), second: (1, 1)}, {first: 0, second: 0}
+    writer._written = redis_sink.WrittenTotals()
+    writer._written.record({first: (1, 1), second: (1, 1)}, 0)
     redis: dict = {}
     lost = iter([True])  # the first pipeline finds the sentinel missing
 
@@ -271,3 +272,42 @@ def test_a_write_redis_refuses_for_memory_fails_at_once_and_is_retried(redis_ser
         assert client.hget("tallyflow:usage:o:c:x:2026-02-01", "count") == b"1"
     finally:
         writer.close(1)
+
+
+written_keys = st.tuples(st.sampled_from(["o", "p"]), st.sampled_from(["a", "b", "c"]),
+                         st.just("x"), st.sampled_from(["day", "month"]), st.just(0))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.dictionaries(written_keys, st.tuples(st.integers(0, 9), st.integers(0, 9)),
+                                          max_size=4),
+                          st.floats(0, 30 * 86_400), st.booleans()), max_size=30),
+       st.dictionaries(written_keys, st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=3))
+def test_written_totals_keep_the_latest_total_of_every_key_redis_may_hold(steps, pending):
+    """Against a time kept per key: a resync queues the latest total of every key written
+    less than its TTL ago, skipping pending ones; a key is forgotten only once its TTL passed
+    since the last write before the prune that followed it, and never before its TTL."""
+    written, now = redis_sink.WrittenTotals(), 0.0
+    latest: dict = {}  # key -> (total, written at, stamp: the last write before the next prune)
+    unstamped: set = set()
+    ever: dict = {}  # key -> its last write, never forgotten
+    for batch, step, prune in steps:
+        now += step
+        if prune:
+            for key in unstamped:
+                latest[key] = (*latest[key][:2], last_write)
+            unstamped.clear()
+            latest = {k: v for k, v in latest.items() if v[2] + redis_sink.KEY_TTL_S[k[3]] > now}
+            written.prune(now)
+        elif batch:
+            written.record(batch, now)
+            latest.update({key: (total, now, now) for key, total in batch.items()})
+            assert written.beyond(batch) == any(key not in batch for key in latest)
+            unstamped.update(batch)
+            last_write = now
+            ever.update(dict.fromkeys(batch, now))
+        assert len(written) == len(latest)
+        assert {k for k, at in ever.items() if at + redis_sink.KEY_TTL_S[k[3]] > now} <= latest.keys()
+    queued = dict(pending)
+    assert written.queue_missing(queued) == len(latest.keys() - pending.keys())
+    assert queued == {**{key: total for key, (total, _, _) in latest.items()}, **pending}
