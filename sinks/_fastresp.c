@@ -5,6 +5,10 @@
  * pure-Python encode_writes builds. It answers None where the pure path must do it: an id that
  * needs percent-encoding (%, :, control characters), a count beyond 64 bits, a total beyond 128
  * bits, or a key or total not shaped as the live-totals step makes them.
+ *
+ * Most of its time was waiting for memory (a round's keys and totals lie scattered): it takes
+ * the dict's entries first and asks for the objects of later totals ahead of their turn, and
+ * writes straight into the bytes object it returns.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -14,48 +18,54 @@
 #define VALUE_UNIT 1000000000000000000LL
 #define SCALE 18
 
+/* The output, written straight into the bytes object that is returned (no final copy). */
 typedef struct {
+    PyObject *bytes; /* owned; NULL after an error */
     char *data;
     size_t size, capacity;
 } Buffer;
 
 static int reserve(Buffer *buffer, size_t more) {
     if (buffer->size + more <= buffer->capacity) return 1;
-    size_t capacity = buffer->capacity ? buffer->capacity : 1 << 16;
+    size_t capacity = buffer->capacity;
     while (capacity < buffer->size + more) capacity *= 2;
-    char *grown = PyMem_Realloc(buffer->data, capacity);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return 0;
-    }
-    buffer->data = grown;
+    if (_PyBytes_Resize(&buffer->bytes, (Py_ssize_t)capacity) < 0) return 0; /* freed it */
+    buffer->data = PyBytes_AS_STRING(buffer->bytes);
     buffer->capacity = capacity;
     return 1;
 }
 
-static inline void put(Buffer *buffer, const char *text, size_t size) {
+static inline __attribute__((always_inline)) void put(Buffer *buffer, const char *text,
+                                                      size_t size) {
     memcpy(buffer->data + buffer->size, text, size);
     buffer->size += size;
 }
 
-static inline void put_text(Buffer *buffer, const char *text) { put(buffer, text, strlen(text)); }
+/* A string literal, its size known when compiled. */
+#define PUT_TEXT(buffer, literal) put((buffer), (literal), sizeof(literal) - 1)
 
-/* The decimal digits of value. */
-static inline void put_uint(Buffer *buffer, uint64_t value) {
+/* The decimal digits of value into out (at least 20 bytes); their count. */
+static inline int u64_digits(uint64_t value, char *out) {
     char reversed[20];
     int n = 0;
     do {
         reversed[n++] = (char)('0' + (int)(value % 10));
         value /= 10;
     } while (value);
-    while (n) buffer->data[buffer->size++] = reversed[--n];
+    for (int i = 0; i < n; i++) out[i] = reversed[n - 1 - i];
+    return n;
+}
+
+/* The decimal digits of value. */
+static inline void put_uint(Buffer *buffer, uint64_t value) {
+    buffer->size += (size_t)u64_digits(value, buffer->data + buffer->size);
 }
 
 /* "$<size>\r\n" */
-static inline void put_length(Buffer *buffer, size_t size) {
+static inline __attribute__((always_inline)) void put_length(Buffer *buffer, size_t size) {
     buffer->data[buffer->size++] = '$';
     put_uint(buffer, size);
-    put(buffer, "\r\n", 2);
+    PUT_TEXT(buffer, "\r\n");
 }
 
 /* 1 when the UTF-8 text needs no percent-encoding (no %, :, control character). */
@@ -79,24 +89,45 @@ static int u128_digits(unsigned __int128 value, char *out) {
     return n;
 }
 
+/* An int of at most 4 digits of 30 bits (below 2**120 in magnitude: most totals) read from
+ * its digits, where CPython's layout is known (3.11); 0 for the general conversion. */
+static inline int small_int(PyObject *number, __int128 *value) {
+#if PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+    Py_ssize_t size = Py_SIZE(number), digits = size < 0 ? -size : size;
+    if (digits > 4) return 0;
+    const digit *of = ((PyLongObject *)number)->ob_digit;
+    unsigned __int128 magnitude = 0;
+    for (Py_ssize_t i = digits - 1; i >= 0; i--) magnitude = (magnitude << 30) | of[i];
+    *value = size < 0 ? -(__int128)magnitude : (__int128)magnitude;
+    return 1;
+#else
+    (void)number;
+    (void)value;
+    return 0;
+#endif
+}
+
 /* The exact decimal text of a 10**18-scaled total (as format_scaled writes it) into out (at
  * least 64 bytes): its length, 0 when the total is beyond 128 bits, -1 on error. */
 static int scaled_text(PyObject *total, char *out) {
-    unsigned char bytes[16];
-    if (_PyLong_AsByteArray((PyLongObject *)total, bytes, 16, 1, 1) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
-        PyErr_Clear();
-        return 0;
-    }
     __int128 value = 0;
-    memcpy(&value, bytes, 16); /* little-endian, as asked */
+    if (!small_int(total, &value)) {
+        unsigned char bytes[16];
+        if (_PyLong_AsByteArray((PyLongObject *)total, bytes, 16, 1, 1) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            return 0;
+        }
+        memcpy(&value, bytes, 16); /* little-endian, as asked */
+    }
     int n = 0;
     unsigned __int128 magnitude = (unsigned __int128)value;
     if (value < 0) {
         out[n++] = '-';
         magnitude = -magnitude;
     }
-    n += u128_digits(magnitude / VALUE_UNIT, out + n);
+    unsigned __int128 whole = magnitude / VALUE_UNIT;
+    n += whole <= UINT64_MAX ? u64_digits((uint64_t)whole, out + n) : u128_digits(whole, out + n);
     out[n++] = '.';
     uint64_t fraction = (uint64_t)(magnitude % VALUE_UNIT);
     for (int i = SCALE - 1; i >= 0; i--) {
@@ -114,7 +145,23 @@ typedef struct {
 typedef struct {
     Label kept[LABELS_KEPT];
     int count, next;
+    PyObject *ttl_kind[2], *ttl[2]; /* the last kinds whose TTL was looked up (borrowed) */
 } Labels;
+
+/* The TTL argument of kind (borrowed; NULL if none, or on error): looked up in ttls once for
+ * each kind object met (the batch holds them all, so each is the same object while it runs). */
+static inline PyObject *ttl_of(Labels *labels, PyObject *ttls, PyObject *kind) {
+    for (int i = 0; i < 2; i++)
+        if (labels->ttl_kind[i] == kind) return labels->ttl[i];
+    PyObject *ttl = PyDict_GetItemWithError(ttls, kind);
+    if (ttl != NULL) {
+        labels->ttl_kind[1] = labels->ttl_kind[0];
+        labels->ttl[1] = labels->ttl[0];
+        labels->ttl_kind[0] = kind;
+        labels->ttl[0] = ttl;
+    }
+    return ttl;
+}
 
 static void forget_labels(Labels *labels) {
     for (int i = 0; i < labels->count; i++) {
@@ -153,9 +200,18 @@ static PyObject *label(Labels *labels, PyObject *label_of, PyObject *kind, PyObj
     return found;
 }
 
+/* The UTF-8 text of a str: read in place for ASCII (nearly always), else asked for. */
+static inline const char *utf8_of(PyObject *text, Py_ssize_t *size) {
+    if (PyUnicode_IS_COMPACT_ASCII(text)) {
+        *size = PyUnicode_GET_LENGTH(text);
+        return (const char *)PyUnicode_DATA(text);
+    }
+    return PyUnicode_AsUTF8AndSize(text, size);
+}
+
 /* Append the commands of one total; 1 done, 0 for the pure path, -1 on error. */
-static int put_total(Buffer *buffer, PyObject *prefix_text, PyObject *key, PyObject *entry,
-                     Labels *labels, PyObject *label_of, PyObject *ttls) {
+static int put_total(Buffer *buffer, const char *prefix, Py_ssize_t prefix_size, PyObject *key,
+                     PyObject *entry, Labels *labels, PyObject *label_of, PyObject *ttls) {
     if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 5 || !PyTuple_CheckExact(entry) ||
         PyTuple_GET_SIZE(entry) != 2)
         return 0;
@@ -164,22 +220,19 @@ static int put_total(Buffer *buffer, PyObject *prefix_text, PyObject *key, PyObj
     for (int i = 0; i < 3; i++) {
         PyObject *id = PyTuple_GET_ITEM(key, i);
         if (!PyUnicode_CheckExact(id)) return 0;
-        parts[i] = PyUnicode_AsUTF8AndSize(id, &sizes[i]);
+        parts[i] = utf8_of(id, &sizes[i]);
         if (parts[i] == NULL) return -1;
         if (!plain(parts[i], sizes[i])) return 0;
     }
     PyObject *kind = PyTuple_GET_ITEM(key, 3), *start = PyTuple_GET_ITEM(key, 4);
     if (!PyUnicode_CheckExact(kind)) return 0;
-    PyObject *ttl = PyDict_GetItemWithError(ttls, kind);
+    PyObject *ttl = ttl_of(labels, ttls, kind);
     if (ttl == NULL) return PyErr_Occurred() ? -1 : 0;
     PyObject *period = label(labels, label_of, kind, start);
     if (period == NULL) return -1;
     if (!PyUnicode_CheckExact(period) || !PyBytes_CheckExact(ttl)) return 0;
-    parts[3] = PyUnicode_AsUTF8AndSize(period, &sizes[3]);
+    parts[3] = utf8_of(period, &sizes[3]);
     if (parts[3] == NULL) return -1;
-    Py_ssize_t prefix_size;
-    const char *prefix = PyUnicode_AsUTF8AndSize(prefix_text, &prefix_size);
-    if (prefix == NULL) return -1;
 
     PyObject *count = PyTuple_GET_ITEM(entry, 0), *total = PyTuple_GET_ITEM(entry, 1);
     if (!PyLong_CheckExact(count) || !PyLong_CheckExact(total)) return 0;
@@ -187,14 +240,14 @@ static int put_total(Buffer *buffer, PyObject *prefix_text, PyObject *key, PyObj
     long long count_value = PyLong_AsLongLongAndOverflow(count, &overflow);
     if (count_value == -1 && PyErr_Occurred()) return -1;
     if (overflow) return 0;
-    char count_text[48], value_text[64];
+    char count_text[24], value_text[64];
     int count_size = 0;
-    unsigned long long count_magnitude = (unsigned long long)count_value;
+    uint64_t count_magnitude = (uint64_t)count_value;
     if (count_value < 0) {
         count_text[count_size++] = '-';
         count_magnitude = 0 - count_magnitude;
     }
-    count_size += u128_digits(count_magnitude, count_text + count_size);
+    count_size += u64_digits(count_magnitude, count_text + count_size);
     int value_size = scaled_text(total, value_text);
     if (value_size <= 0) return value_size;
 
@@ -204,67 +257,115 @@ static int put_total(Buffer *buffer, PyObject *prefix_text, PyObject *key, PyObj
                          (size_t)PyBytes_GET_SIZE(ttl) + 160))
         return -1;
     for (int copy = 0; copy < 2; copy++) {
-        put_text(buffer, copy ? "*3\r\n$6\r\nEXPIRE\r\n" : "*6\r\n$4\r\nHSET\r\n");
+        if (copy)
+            PUT_TEXT(buffer, "*3\r\n$6\r\nEXPIRE\r\n");
+        else
+            PUT_TEXT(buffer, "*6\r\n$4\r\nHSET\r\n");
         put_length(buffer, name_size);
         put(buffer, prefix, (size_t)prefix_size);
         for (int i = 0; i < 4; i++) {
             put(buffer, parts[i], (size_t)sizes[i]);
-            if (i < 3) put(buffer, ":", 1);
+            if (i < 3) PUT_TEXT(buffer, ":");
         }
-        put(buffer, "\r\n", 2);
+        PUT_TEXT(buffer, "\r\n");
         if (copy) break;
-        put_text(buffer, "$5\r\ncount\r\n");
+        PUT_TEXT(buffer, "$5\r\ncount\r\n");
         put_length(buffer, (size_t)count_size);
         put(buffer, count_text, (size_t)count_size);
-        put_text(buffer, "\r\n$5\r\nvalue\r\n");
+        PUT_TEXT(buffer, "\r\n$5\r\nvalue\r\n");
         put_length(buffer, (size_t)value_size);
         put(buffer, value_text, (size_t)value_size);
-        put(buffer, "\r\n", 2);
+        PUT_TEXT(buffer, "\r\n");
     }
     put(buffer, PyBytes_AS_STRING(ttl), (size_t)PyBytes_GET_SIZE(ttl));
     return 1;
 }
 
+/* How far ahead the objects of later totals are fetched into the cache: a round's keys and
+ * totals lie scattered in memory, and waiting for each in turn was most of the time. */
+#define AHEAD 8
+
+/* Ask for the objects of the total at i + AHEAD (its key and entry tuples) and, those having
+ * come meanwhile, for the ids and numbers of the total at i + AHEAD / 2. */
+static inline void fetch_ahead(PyObject **keys, PyObject **entries, Py_ssize_t i, Py_ssize_t n) {
+    if (i + AHEAD < n) {
+        __builtin_prefetch(keys[i + AHEAD]);
+        __builtin_prefetch(entries[i + AHEAD]);
+    }
+    Py_ssize_t j = i + AHEAD / 2;
+    if (j < n && PyTuple_CheckExact(keys[j]) && PyTuple_GET_SIZE(keys[j]) == 5 &&
+        PyTuple_CheckExact(entries[j]) && PyTuple_GET_SIZE(entries[j]) == 2) {
+        for (int k = 0; k < 3; k++) __builtin_prefetch(PyTuple_GET_ITEM(keys[j], k));
+        __builtin_prefetch(PyTuple_GET_ITEM(entries[j], 0));
+        __builtin_prefetch(PyTuple_GET_ITEM(entries[j], 1));
+    }
+}
+
 static PyObject *commands(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *totals, *prefix, *label_of, *ttls;
+    PyObject *totals, *prefix_text, *label_of, *ttls;
     Py_ssize_t per_transaction;
-    if (!PyArg_ParseTuple(args, "O!UOO!n:commands", &PyDict_Type, &totals, &prefix, &label_of,
+    if (!PyArg_ParseTuple(args, "O!UOO!n:commands", &PyDict_Type, &totals, &prefix_text, &label_of,
                           &PyDict_Type, &ttls, &per_transaction))
         return NULL;
     if (per_transaction < 1) {
         PyErr_SetString(PyExc_ValueError, "commands(): per_transaction must be at least 1");
         return NULL;
     }
-    Buffer buffer = {NULL, 0, 0};
-    Labels labels = {.count = 0, .next = 0};
-    PyObject *result = NULL;
+    Py_ssize_t prefix_size;
+    const char *prefix = PyUnicode_AsUTF8AndSize(prefix_text, &prefix_size);
+    if (prefix == NULL) return NULL;
+    Py_ssize_t n = PyDict_GET_SIZE(totals);
+    if (n == 0) return Py_BuildValue("(y#n)", "", (Py_ssize_t)0, (Py_ssize_t)0);
+    /* The dict's entries first (they lie together), so that the objects can be fetched ahead;
+     * the dict holds them (borrowed) while nothing here runs Python code that could change
+     * it, except label_of, asked once a period: the walk stops if the dict changed size. */
+    PyObject **keys = PyMem_Malloc(2 * (size_t)n * sizeof(PyObject *));
+    if (keys == NULL) return PyErr_NoMemory();
+    PyObject **entries = keys + n;
     PyObject *key, *entry;
-    Py_ssize_t position = 0, done = 0;
-    int status = 1;
-    while (PyDict_Next(totals, &position, &key, &entry)) {
+    Py_ssize_t position = 0, taken = 0;
+    while (taken < n && PyDict_Next(totals, &position, &key, &entry)) {
+        keys[taken] = key;
+        entries[taken++] = entry;
+    }
+    size_t capacity = (size_t)n * 256 + 64;
+    Buffer buffer = {PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity), NULL, 0, capacity};
+    Labels labels = {.count = 0, .next = 0, .ttl_kind = {NULL, NULL}};
+    PyObject *result = NULL;
+    int status = buffer.bytes == NULL ? -1 : 1;
+    if (status > 0) buffer.data = PyBytes_AS_STRING(buffer.bytes);
+    for (Py_ssize_t done = 0; status > 0 && done < taken; done++) {
+        if (PyDict_GET_SIZE(totals) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "commands(): totals changed size");
+            status = -1;
+            break;
+        }
+        fetch_ahead(keys, entries, done, taken);
         if (!reserve(&buffer, 32)) {
             status = -1;
             break;
         }
-        if (done % per_transaction == 0) put_text(&buffer, done ? "*1\r\n$4\r\nEXEC\r\n*1\r\n$5\r\nMULTI\r\n"
-                                                               : "*1\r\n$5\r\nMULTI\r\n");
-        status = put_total(&buffer, prefix, key, entry, &labels, label_of, ttls);
-        if (status <= 0) break;
-        done++;
-    }
-    if (status > 0 && done) {
-        if (reserve(&buffer, 16)) {
-            put_text(&buffer, "*1\r\n$4\r\nEXEC\r\n");
-            Py_ssize_t transactions = (done + per_transaction - 1) / per_transaction;
-            result = Py_BuildValue("(y#n)", buffer.data, (Py_ssize_t)buffer.size,
-                                   2 * transactions + 4 * done);
+        if (done % per_transaction == 0) {
+            if (done)
+                PUT_TEXT(&buffer, "*1\r\n$4\r\nEXEC\r\n*1\r\n$5\r\nMULTI\r\n");
+            else
+                PUT_TEXT(&buffer, "*1\r\n$5\r\nMULTI\r\n");
         }
-    } else if (status > 0) {
-        result = Py_BuildValue("(y#n)", "", (Py_ssize_t)0, (Py_ssize_t)0);
+        status = put_total(&buffer, prefix, prefix_size, keys[done], entries[done], &labels,
+                           label_of, ttls);
+    }
+    if (status > 0 && reserve(&buffer, 16)) {
+        PUT_TEXT(&buffer, "*1\r\n$4\r\nEXEC\r\n");
+        if (_PyBytes_Resize(&buffer.bytes, (Py_ssize_t)buffer.size) == 0) {
+            Py_ssize_t transactions = (taken + per_transaction - 1) / per_transaction;
+            result = Py_BuildValue("(Nn)", buffer.bytes, 2 * transactions + 4 * taken);
+            buffer.bytes = NULL; /* the result holds it (or it was released with the error) */
+        }
     } else if (status == 0) {
         result = Py_NewRef(Py_None);
     }
-    PyMem_Free(buffer.data);
+    Py_XDECREF(buffer.bytes);
+    PyMem_Free(keys);
     forget_labels(&labels);
     return result;
 }
