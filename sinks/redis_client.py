@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
+import select
+import socket
 import time
 from typing import Callable
 
@@ -110,13 +112,14 @@ def command(*words: str) -> bytes:
 
 
 def send_commands(connection: redis.connection.AbstractConnection, payload: list[bytes],
-                  replies: int) -> bytes:
+                  replies: int, reply_size: int = 0) -> bytes:
     """Send ``payload`` (encoded commands, in pieces) and return the ``replies`` replies as
     bytes, for commands whose every reply is one line (integers, status, nil, errors, array
     headers): the lines are counted, not parsed one by one. At the first error reply it raises
     ``redis.ResponseError`` with it and drops the connection (an aborted transaction answers
     fewer lines than counted), as it does when sending or reading fails: the next call starts
-    afresh rather than reading stale replies.
+    afresh rather than reading stale replies. ``reply_size``, the bytes the replies take when
+    none is an error, lets the reader sleep until they are all there (see :func:`_read_lines`).
 
     >>> send_commands(raw_connection("redis://127.0.0.1:1/0"), [command("PING")], 1)
     Traceback (most recent call last):
@@ -124,19 +127,24 @@ def send_commands(connection: redis.connection.AbstractConnection, payload: list
     """
     try:
         connection.send_packed_command(payload, check_health=False)
-        return bytes(_read_lines(connection._sock, replies))  # the socket redis-py connected
+        return bytes(_read_lines(connection._sock, replies, reply_size))  # redis-py's socket
     except BaseException:
         connection.disconnect()
         raise
 
 
-def _read_lines(sock, lines: int) -> bytearray:
+def _read_lines(sock, lines: int, size: int = 0) -> bytearray:
     """``lines`` CRLF-terminated lines from ``sock`` (nothing else is in flight), or the
-    ``redis.ResponseError`` of the first error line among them."""
+    ``redis.ResponseError`` of the first error line among them. With the ``size`` they are
+    expected to take, it waits for that many bytes before reading (:func:`_await_bytes`), so a
+    pipeline's replies, which Redis sends a few dozen at a time, wake the thread (and take the
+    GIL) a few times rather than a hundred."""
     received = bytearray()
     seen, error = 0, -1  # where the first error line starts
     while seen < lines:
-        chunk = sock.recv(1 << 16)
+        if size > len(received) + _SMALL_REPLY:
+            _await_bytes(sock, size - len(received))
+        chunk = sock.recv(max(1 << 16, size - len(received)))
         if not chunk:
             raise redis.ConnectionError("Redis closed the connection")
         start = len(received)
@@ -148,6 +156,30 @@ def _read_lines(sock, lines: int) -> bytearray:
         if error >= 0 and (end := received.find(b"\r\n", error)) >= 0:
             raise redis.ResponseError(received[error + 1:end].decode("utf-8", "replace"))
     return received
+
+
+_SMALL_REPLY = 4_096
+"""Replies shorter than this are read as they come."""
+
+_QUIET_S = 0.05
+"""How long a wait for the expected replies lasts at most before reading what came: an error
+reply can make them shorter than expected, and it must be seen without a timeout's delay."""
+
+
+def _await_bytes(sock, size: int) -> None:
+    """Sleep until ``size`` bytes can be read from ``sock`` or ``_QUIET_S`` has passed (no
+    more: a hint, after which reading goes on as without it). A plain TCP socket only (its
+    receive low-water mark says when to wake); a TLS one (whose decrypted bytes may wait in
+    it) or any other is read as the bytes come."""
+    if type(sock) is not socket.socket or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    readable = select.poll()  # not select(): the descriptor may be past its 1024
+    readable.register(sock, select.POLLIN)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(size, 1 << 30))
+    try:
+        readable.poll(_QUIET_S * 1_000)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 class Breaker:

@@ -320,3 +320,72 @@ def test_written_totals_keep_the_latest_total_of_every_key_redis_may_hold(steps,
     queued = dict(pending)
     assert written.queue_missing(queued) == len(latest.keys() - pending.keys())
     assert queued == {**{key: total for key, (total, _, _) in latest.items()}, **pending}
+
+
+class Replier:
+    """A TCP peer that sends the given pieces, each after its delay, then stays connected."""
+
+    def __init__(self, *timed_pieces: tuple[float, bytes]) -> None:
+        import socket
+        import threading
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_connection(listener.getsockname(), timeout=3.0)
+        self.peer, _ = listener.accept()
+        listener.close()
+        self.done = threading.Event()
+
+        def send() -> None:
+            for delay, piece in timed_pieces:
+                time.sleep(delay)
+                self.peer.sendall(piece)
+            self.done.wait(10)
+            self.peer.close()
+
+        threading.Thread(target=send, daemon=True).start()
+
+    def close(self) -> None:
+        self.done.set()
+        self.sock.close()
+
+
+def test_replies_awaited_by_their_expected_size_are_all_read_and_an_early_error_raised():
+    """Over TCP the reader sleeps until the expected bytes are there (its receive low-water
+    mark); replies slower than its longest wait are read all the same, and an error that
+    makes them shorter than expected is raised, not waited on until the socket times out."""
+    from redis import ResponseError
+
+    from sinks.redis_client import _read_lines
+
+    replies = b"+OK\r\n" + b"+QUEUED\r\n" * 2 + b"*2\r\n:2\r\n:1\r\n"
+    slow = Replier((0.0, replies[:7]), (0.12, replies[7:20]), (0.12, replies[20:]))
+    try:
+        assert _read_lines(slow.sock, 6, len(replies)) == replies
+    finally:
+        slow.close()
+    refused = Replier((0.0, b"+OK\r\n-OOM command not allowed\r\n"))  # then nothing more
+    try:
+        with pytest.raises(ResponseError, match="OOM"):
+            _read_lines(refused.sock, 6, 200_000)
+    finally:
+        refused.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_expected_reply_size_is_exact_against_redis(redis_server, protocol):
+    """What the writer expects of Redis's replies (``reply_size``) is what comes, for new keys
+    (HSET adds 2 fields) and rewrites (0); the sentinel's, at least what it expects."""
+    from sinks.redis_client import command, raw_connection, send_commands
+
+    connection = raw_connection(f"{redis_server.url}?protocol={protocol}", timeout_s=2.0)
+    sentinel = command("SET", f"tallyflow:live:sentinel:{protocol}", "1", "NX")
+    totals = {("o", f"c{i}", "x", "day", FEB_1_2026_MS): (i, i * 10**18) for i in range(25)}
+    try:
+        for per_transaction in (1, 7, 1_000, 1_000):  # the last rewrites every key
+            payload, replies = encode_writes(totals, per_transaction)
+            size = redis_sink.reply_size(len(totals), per_transaction)
+            lines = send_commands(connection, [sentinel, payload], 1 + replies, size)
+            assert len(lines) - len(lines[:lines.index(b"\r\n") + 2]) == size
+            assert len(lines) >= redis_sink._SENTINEL_REPLY_SIZE + size
+    finally:
+        connection.disconnect()
