@@ -8,7 +8,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml operators/_fastintake.c state/_fastheld.c state/_fastwindows.c sinks/_fastresp.c sinks/_fastcolumns.c
+$(VENV)/.installed: pyproject.toml operators/_fastintake.c operators/_fastlive.c state/_fastheld.c state/_fastwindows.c sinks/_fastresp.c sinks/_fastcolumns.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,embedded]'

@@ -43,6 +43,7 @@ import msgspec
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.quotas import QuotaRules, plain_decimal
+from state.compiled import compiled_function
 from state.packing import pack_columns, pack_entries, unpack_entries
 from state.utc_calendar import date_text, month_start_ms, next_month_start_ms
 from state.utc_calendar import month_of as civil_month_of
@@ -53,6 +54,8 @@ DEFAULT_DAY_HORIZON_MS = 2 * DAY_MS
 MONTHS_KEPT = 2  # whole months kept before the watermark's month
 STATE_VERSION = 1
 _ASAP = datetime(1970, 1, 1, tzinfo=timezone.utc)  # a notify time that has always passed
+_INTERFACE = 1  # the version of operators/_fastlive.c's fold() this module calls
+_compiled_fold = compiled_function("operators._fastlive", _INTERFACE, "fold")  # None: not built
 
 PeriodKey = tuple  # (organization_id, external_customer_id, code, period_kind, period_start_ms)
 
@@ -162,6 +165,40 @@ def period_label(kind: str, start_ms: int) -> str:
     return day_label(start_ms) if kind == "day" else month_of(start_ms)[1]
 
 
+def fold_deltas(deltas: dict, totals: dict, changed: dict, latest_of: dict, months: dict,
+                watched: dict) -> None:
+    """Add ``deltas`` (``{(org, customer, code, day): (count, total_scaled, latest_ms)}``) to
+    the ``totals`` of their day and month, storing each new total in ``totals`` and
+    ``changed`` (day then month, in the deltas' order); for a code in ``watched``,
+    ``latest_of[key]`` becomes the latest event time of its changed total. ``months`` caches
+    the month start of each day. ``operators/_fastlive.c`` does the same, compiled::
+
+        >>> totals, changed, latest = {("o", "c", "x", "day", 0): (1, 5)}, {}, {}
+        >>> fold_deltas({("o", "c", "x", 0): (2, -7, 9)}, totals, changed, latest, {}, {"x": {}})
+        >>> changed == totals == {("o", "c", "x", "day", 0): (3, -2), ("o", "c", "x", "month", 0): (2, -7)}
+        True
+        >>> latest
+        {('o', 'c', 'x', 'day', 0): 9, ('o', 'c', 'x', 'month', 0): 9}
+    """
+    get = totals.get
+    for (org, customer, code, day), (count, total, latest) in deltas.items():
+        month = months.get(day)
+        if month is None:
+            month = months[day] = month_start(day)
+        day_key = (org, customer, code, "day", day)
+        month_key = (org, customer, code, "month", month)
+        had = get(day_key)
+        changed[day_key] = totals[day_key] = (
+            (count, total) if had is None else (had[0] + count, had[1] + total))
+        had = get(month_key)
+        changed[month_key] = totals[month_key] = (
+            (count, total) if had is None else (had[0] + count, had[1] + total))
+        if code in watched:
+            for key in (day_key, month_key):
+                if latest_of.get(key, -1) < latest:
+                    latest_of[key] = latest
+
+
 class LiveTotalsLogic(StatefulBatchLogic):
     """Absolute running totals of one shard; emits the changed ones and first crossings."""
 
@@ -215,26 +252,9 @@ class LiveTotalsLogic(StatefulBatchLogic):
         return out
 
     def _on_counted(self, values: list) -> tuple[list, bool]:
-        totals, changed, months = self.totals, {}, {}
-        watched, latest_of = self.params.rules.by_code, {}  # latest event time, watched codes only
-        get = totals.get
+        changed, latest_of, months = {}, {}, {}  # latest_of: latest event time, watched codes only
         for usage in values:
-            for (org, customer, code, day), (count, total, latest) in usage.deltas.items():
-                month = months.get(day)
-                if month is None:
-                    month = months[day] = month_start(day)
-                day_key = (org, customer, code, "day", day)
-                month_key = (org, customer, code, "month", month)
-                had = get(day_key)
-                changed[day_key] = totals[day_key] = (
-                    (count, total) if had is None else (had[0] + count, had[1] + total))
-                had = get(month_key)
-                changed[month_key] = totals[month_key] = (
-                    (count, total) if had is None else (had[0] + count, had[1] + total))
-                if code in watched:
-                    for key in (day_key, month_key):
-                        if latest_of.get(key, -1) < latest:
-                            latest_of[key] = latest
+            self._fold(usage.deltas, changed, latest_of, months)
             if usage.watermark > self.watermark:
                 self.watermark = usage.watermark
         self._dirty.update(changed)
@@ -243,6 +263,13 @@ class LiveTotalsLogic(StatefulBatchLogic):
             out.extend(self._crossings(latest_of))
         self._evict()
         return out, StatefulBatchLogic.RETAIN
+
+    def _fold(self, deltas: dict, changed: dict, latest_of: dict, months: dict) -> None:
+        """Add one batch's deltas to the totals (``fold_deltas``), compiled where built."""
+        watched = self.params.rules.by_code
+        if _compiled_fold is None or not _compiled_fold(
+                deltas, self.totals, changed, latest_of, months, month_start, watched):
+            fold_deltas(deltas, self.totals, changed, latest_of, months, watched)
 
     def _crossings(self, latest_of: dict[PeriodKey, int]) -> list[QuotaAlert]:
         """First crossings among the changed totals of watched codes (``latest_of``: key ->
