@@ -1,14 +1,16 @@
 /* The live-totals writer's compiled fast path: the Redis commands that write a round's totals.
  *
  * sinks/redis_sink.py asks commands() for the RESP bytes of MULTI, HSET key count N value V,
- * EXPIRE key TTL per total, EXEC, a transaction per `per_transaction` totals, exactly what its
- * pure-Python encode_writes builds. It answers None where the pure path must do it: an id that
- * needs percent-encoding (%, :, control characters), a count beyond 64 bits, a total beyond 128
- * bits, or a key or total not shaped as the live-totals step makes them.
+ * EXPIRE key TTL per total, EXEC, a transaction per `per_transaction` totals, for the next
+ * `limit` (key, total) pairs of an iterator (a round's items, a pipeline at a time, so no
+ * pipeline is copied out of the round's dict), exactly what its pure-Python encode_pipeline
+ * builds. It hands the pairs it took back as a list where the pure path must encode them: an id
+ * that needs percent-encoding (%, :, control characters), a count beyond 64 bits, a total beyond
+ * 128 bits, or a key or total not shaped as the live-totals step makes them.
  *
  * Most of its time was waiting for memory (a round's keys and totals lie scattered): it takes
- * the dict's entries first and asks for the objects of later totals ahead of their turn, and
- * writes straight into the bytes object it returns.
+ * the pairs first and asks for the objects of later totals ahead of their turn, and writes
+ * straight into the bytes object it returns.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -301,45 +303,89 @@ static inline void fetch_ahead(PyObject **keys, PyObject **entries, Py_ssize_t i
     }
 }
 
+/* The pairs taken, given back as a list of (key, entry) for the pure path. */
+static PyObject *taken_pairs(PyObject **keys, PyObject **entries, Py_ssize_t taken) {
+    PyObject *pairs = PyList_New(taken);
+    if (pairs == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < taken; i++) {
+        PyObject *pair = PyTuple_Pack(2, keys[i], entries[i]);
+        if (pair == NULL) {
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        PyList_SET_ITEM(pairs, i, pair);
+    }
+    return pairs;
+}
+
 static PyObject *commands(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *totals, *prefix_text, *label_of, *ttls;
-    Py_ssize_t per_transaction;
-    if (!PyArg_ParseTuple(args, "O!UOO!n:commands", &PyDict_Type, &totals, &prefix_text, &label_of,
-                          &PyDict_Type, &ttls, &per_transaction))
+    Py_ssize_t per_transaction, limit;
+    if (!PyArg_ParseTuple(args, "OUOO!nn:commands", &totals, &prefix_text, &label_of, &PyDict_Type,
+                          &ttls, &per_transaction, &limit))
         return NULL;
-    if (per_transaction < 1) {
-        PyErr_SetString(PyExc_ValueError, "commands(): per_transaction must be at least 1");
+    if (!PyIter_Check(totals)) {
+        PyErr_SetString(PyExc_TypeError, "commands(): totals must be an iterator of pairs");
+        return NULL;
+    }
+    if (per_transaction < 1 || limit < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "commands(): per_transaction must be at least 1, limit at least 0");
         return NULL;
     }
     Py_ssize_t prefix_size;
     const char *prefix = PyUnicode_AsUTF8AndSize(prefix_text, &prefix_size);
     if (prefix == NULL) return NULL;
-    Py_ssize_t n = PyDict_GET_SIZE(totals);
-    if (n == 0) return Py_BuildValue("(y#n)", "", (Py_ssize_t)0, (Py_ssize_t)0);
-    /* The dict's entries first (they lie together), so that the objects can be fetched ahead;
-     * the dict holds them (borrowed) while nothing here runs Python code that could change
-     * it, except label_of, asked once a period: the walk stops if the dict changed size. */
-    PyObject **keys = PyMem_Malloc(2 * (size_t)n * sizeof(PyObject *));
+    /* The pairs first (the iterator of a dict's items reuses its pair: no allocation), so
+     * that the objects of later totals can be fetched ahead of their turn. */
+    Py_ssize_t room = limit < 1024 ? limit : 1024;
+    PyObject **keys = PyMem_Malloc(2 * (size_t)(room ? room : 1) * sizeof(PyObject *));
     if (keys == NULL) return PyErr_NoMemory();
-    PyObject **entries = keys + n;
-    PyObject *key, *entry;
-    Py_ssize_t position = 0, taken = 0;
-    while (taken < n && PyDict_Next(totals, &position, &key, &entry)) {
-        keys[taken] = key;
-        entries[taken++] = entry;
-    }
-    size_t capacity = (size_t)n * 256 + 64;
-    Buffer buffer = {PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity), NULL, 0, capacity};
-    Labels labels = {.count = 0, .next = 0, .ttl_kind = {NULL, NULL}};
-    PyObject *result = NULL;
-    int status = buffer.bytes == NULL ? -1 : 1;
-    if (status > 0) buffer.data = PyBytes_AS_STRING(buffer.bytes);
-    for (Py_ssize_t done = 0; status > 0 && done < taken; done++) {
-        if (PyDict_GET_SIZE(totals) != n) {
-            PyErr_SetString(PyExc_RuntimeError, "commands(): totals changed size");
+    PyObject **entries = keys + room;
+    Py_ssize_t taken = 0;
+    int status = 1;
+    while (taken < limit) {
+        PyObject *pair = PyIter_Next(totals);
+        if (pair == NULL) {
+            if (PyErr_Occurred()) status = -1;
+            break;
+        }
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            Py_DECREF(pair);
+            PyErr_SetString(PyExc_TypeError, "commands(): totals must be an iterator of pairs");
             status = -1;
             break;
         }
+        if (taken == room) {
+            Py_ssize_t grown = room * 2;
+            PyObject **more = PyMem_Malloc(2 * (size_t)grown * sizeof(PyObject *));
+            if (more == NULL) {
+                Py_DECREF(pair);
+                PyErr_NoMemory();
+                status = -1;
+                break;
+            }
+            memcpy(more, keys, (size_t)taken * sizeof(PyObject *));
+            memcpy(more + grown, entries, (size_t)taken * sizeof(PyObject *));
+            PyMem_Free(keys);
+            keys = more;
+            entries = more + grown;
+            room = grown;
+        }
+        keys[taken] = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+        entries[taken++] = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+    }
+    size_t capacity = (size_t)taken * 256 + 64;
+    Buffer buffer = {NULL, NULL, 0, capacity};
+    Labels labels = {.count = 0, .next = 0, .ttl_kind = {NULL, NULL}};
+    PyObject *result = NULL;
+    if (status > 0) {
+        buffer.bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity);
+        if (buffer.bytes == NULL) status = -1;
+        else buffer.data = PyBytes_AS_STRING(buffer.bytes);
+    }
+    for (Py_ssize_t done = 0; status > 0 && done < taken; done++) {
         fetch_ahead(keys, entries, done, taken);
         if (!reserve(&buffer, 32)) {
             status = -1;
@@ -354,17 +400,23 @@ static PyObject *commands(PyObject *Py_UNUSED(module), PyObject *args) {
         status = put_total(&buffer, prefix, prefix_size, keys[done], entries[done], &labels,
                            label_of, ttls);
     }
-    if (status > 0 && reserve(&buffer, 16)) {
+    if (status > 0 && taken == 0) {
+        result = Py_BuildValue("(y#nn)", "", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+    } else if (status > 0 && reserve(&buffer, 16)) {
         PUT_TEXT(&buffer, "*1\r\n$4\r\nEXEC\r\n");
         if (_PyBytes_Resize(&buffer.bytes, (Py_ssize_t)buffer.size) == 0) {
             Py_ssize_t transactions = (taken + per_transaction - 1) / per_transaction;
-            result = Py_BuildValue("(Nn)", buffer.bytes, 2 * transactions + 4 * taken);
+            result = Py_BuildValue("(Nnn)", buffer.bytes, 2 * transactions + 4 * taken, taken);
             buffer.bytes = NULL; /* the result holds it (or it was released with the error) */
         }
     } else if (status == 0) {
-        result = Py_NewRef(Py_None);
+        result = taken_pairs(keys, entries, taken);
     }
     Py_XDECREF(buffer.bytes);
+    for (Py_ssize_t i = 0; i < taken; i++) {
+        Py_DECREF(keys[i]);
+        Py_DECREF(entries[i]);
+    }
     PyMem_Free(keys);
     forget_labels(&labels);
     return result;
@@ -372,8 +424,9 @@ static PyObject *commands(PyObject *Py_UNUSED(module), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"commands", commands, METH_VARARGS,
-     "commands(totals, prefix, label_of, ttls, per_transaction) -> (bytes, replies) or None:\n"
-     "the RESP of MULTI, HSET + EXPIRE per total, EXEC (see sinks/redis_sink.py)."},
+     "commands(pairs, prefix, label_of, ttls, per_transaction, limit) -> (bytes, replies, count)\n"
+     "or the list of the pairs taken: the RESP of MULTI, HSET + EXPIRE per total, EXEC for the\n"
+     "next `limit` (key, total) pairs of the iterator (see sinks/redis_sink.py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -383,6 +436,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastresp(void) {
     PyObject *created = PyModule_Create(&module);
     /* what sinks/redis_sink.py expects (_INTERFACE): a build from another version is not used */
-    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 1) < 0) Py_CLEAR(created);
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 2) < 0) Py_CLEAR(created);
     return created;
 }

@@ -85,29 +85,41 @@ def usage_key(key: PeriodKey) -> str:
     return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
 
 
-_INTERFACE = 1
+_INTERFACE = 2
 """The version of ``sinks/_fastresp.c``'s ``commands`` this module calls (its ``INTERFACE``)."""
 
 _fast_commands = compiled_function("sinks._fastresp", _INTERFACE, "commands")
-"""What :func:`encode_writes` uses; tests set it to None for the pure path."""
+"""What :func:`encode_pipeline` uses; tests set it to None for the pure path."""
 
 
 def encode_writes(totals: dict[PeriodKey, Total],
                   per_transaction: int = KEYS_PER_TRANSACTION) -> tuple[bytes, int]:
     """The commands that write ``totals`` (RESP), and how many one-line replies they get:
     ``MULTI``, then ``HSET`` and ``EXPIRE`` per total, ``EXEC``, ``per_transaction`` totals a
-    transaction. Key names as ``usage_key`` builds them. The compiled path declines (None) a
-    batch with an id to percent-encode, a count beyond 64 bits or a total beyond 128."""
+    transaction. Key names as ``usage_key`` builds them."""
+    payload, replies, _ = encode_pipeline(iter(totals.items()), len(totals), per_transaction)
+    return payload, replies
+
+
+def encode_pipeline(entries: Iterator[tuple[PeriodKey, Total]], limit: int,
+                    per_transaction: int = KEYS_PER_TRANSACTION) -> tuple[bytes, int, int]:
+    """:func:`encode_writes` for the next ``limit`` totals of ``entries`` (fewer at their end),
+    and how many it took: a round is written a pipeline at a time from its dict's items, none
+    copied out. The compiled path hands back the pairs it took (for this pure path) where one
+    has an id to percent-encode, a count beyond 64 bits or a total beyond 128."""
     if _fast_commands is not None:
-        encoded = _fast_commands(totals, f"{USAGE_PREFIX}:", period_label, _TTL_BYTES, per_transaction)
-        if encoded is not None:
+        encoded = _fast_commands(entries, f"{USAGE_PREFIX}:", period_label, _TTL_BYTES,
+                                 per_transaction, limit)
+        if isinstance(encoded, tuple):
             return encoded
+        chunk = encoded
+    else:
+        chunk = list(itertools.islice(entries, limit))
     parts: list[str] = []
     labels: dict[str, dict[int, str]] = {"day": {}, "month": {}}
-    entries = iter(totals.items())
-    while chunk := list(itertools.islice(entries, per_transaction)):
+    for first in range(0, len(chunk), per_transaction):
         parts.append(_MULTI)
-        for (org, customer, code, kind, start), (count, total) in chunk:
+        for (org, customer, code, kind, start), (count, total) in chunk[first:first + per_transaction]:
             of_kind = labels[kind]
             label = of_kind.get(start) or of_kind.setdefault(start, period_label(kind, start))
             name = (f"{USAGE_PREFIX}:{org}:{customer}:{code}:{label}" if plain(org + customer + code)
@@ -119,8 +131,8 @@ def encode_writes(totals: dict[PeriodKey, Total],
                          f"{value}\r\n*3\r\n$6\r\nEXPIRE\r\n${size}\r\n{name}\r\n{_TTL_ARGUMENT[kind]}")
         parts.append(_EXEC)
     # MULTI: +OK; each command: +QUEUED; EXEC: *N and N integers
-    transactions = -(-len(totals) // per_transaction)
-    return "".join(parts).encode(), 2 * transactions + 4 * len(totals)
+    transactions = -(-len(chunk) // per_transaction)
+    return "".join(parts).encode(), 2 * transactions + 4 * len(chunk), len(chunk)
 
 
 def reply_size(totals: int, per_transaction: int = KEYS_PER_TRANSACTION) -> int:
@@ -278,18 +290,21 @@ class RedisTotalsWriter:
             self._write_round(batch)
 
     def _write_round(self, batch: dict[PeriodKey, Total]) -> None:
-        """Write ``batch`` in pipelines of ``max_pipeline`` totals; on a failure the unwritten
-        rest goes back to pending."""
-        entries = iter(batch.items())
-        while not self._stopping and (chunk := dict(itertools.islice(entries, self.max_pipeline))):
+        """Write ``batch`` in pipelines of ``max_pipeline`` totals, encoded from its items as
+        they come; on a failure the unwritten rest goes back to pending."""
+        entries, done = iter(batch.items()), 0
+        while not self._stopping and done < len(batch):
             try:
-                lost_data = self._write(chunk)
+                sent, lost_data = self._write(entries, self.max_pipeline)
             except REDIS_ERRORS as err:
-                chunk.update(entries)
-                self._failed(chunk, err)
+                self._record_written(batch, done)
+                self._failed(dict(itertools.islice(batch.items(), done, None)), err)
                 return
-            if self._written_ok(chunk, lost_data, entries):
+            done += sent
+            if self._written_ok(batch, done, sent, lost_data):
                 return  # a resync: the rest of the round went back to pending
+        if done < len(batch):
+            self._record_written(batch, done)  # stopped: what is in Redis is known all the same
 
     def _resting(self) -> bool:
         """Writes are spaced by ``min_interval_s`` so a busy key is written once per interval."""
@@ -301,12 +316,13 @@ class RedisTotalsWriter:
         self._in_flight = len(batch)
         return batch
 
-    def _write(self, batch: dict[PeriodKey, Total]) -> bool:
-        """One pipelined round trip; True if the sentinel was missing (Redis lost its data)."""
-        payload, replies = encode_writes(batch)
+    def _write(self, entries: Iterator[tuple[PeriodKey, Total]], limit: int) -> tuple[int, bool]:
+        """One pipelined round trip of the next ``limit`` totals of ``entries``: how many it
+        wrote, and True if the sentinel was missing (Redis lost its data)."""
+        payload, replies, sent = encode_pipeline(entries, limit)
         lines = send_commands(self._redis, [self._set_sentinel, payload], 1 + replies,
-                              _SENTINEL_REPLY_SIZE + reply_size(len(batch)))
-        return lines.startswith(b"+OK\r\n")  # SET NX set it: it was missing
+                              _SENTINEL_REPLY_SIZE + reply_size(sent))
+        return sent, lines.startswith(b"+OK\r\n")  # SET NX set it: it was missing
 
     def _failed(self, batch: dict[PeriodKey, Total], err: Exception) -> None:
         metrics.record_live_totals_redis_error()
@@ -325,31 +341,43 @@ class RedisTotalsWriter:
             while not self._stopping and self.clock() < retry_at:
                 self._cond.wait(retry_at - self.clock())
 
-    def _written_ok(self, batch: dict[PeriodKey, Total], lost_data: bool,
-                    rest_of_round: Iterator[tuple[PeriodKey, Total]] | None = None) -> bool:
-        """``batch`` is in Redis. True if Redis had lost its data and every total written before
-        is queued again: then ``rest_of_round`` (newer totals) went back to pending first, so the
+    def _written_ok(self, batch: dict[PeriodKey, Total], done: int, sent: int,
+                    lost_data: bool) -> bool:
+        """The first ``done`` totals of the round ``batch`` are in Redis, the last ``sent`` of
+        them just now. True if Redis had lost its data and every total written before is queued
+        again: then the rest of the round (newer totals) went back to pending first, so the
         resync, which skips pending totals, queues no older total behind them."""
         now = self.clock()
         recovered = self._breaker.succeeded()
-        metrics.record_live_totals_written(len(batch))
+        metrics.record_live_totals_written(sent)
         with self._cond:
-            self._written.record(batch, now)
-            resync = lost_data and self._written.beyond(batch)
+            if done == len(batch) or lost_data:
+                self._record_written(batch, done, now)
+            resync = lost_data and self._written.beyond(
+                dict(itertools.islice(batch.items(), done - sent, done)))
             if resync:
-                unwritten = dict(rest_of_round or ())
+                unwritten = dict(itertools.islice(batch.items(), done, None))
                 for key, entry in unwritten.items():
                     self._pending.setdefault(key, entry)  # a newer total submitted meanwhile wins
                 self._in_flight -= len(unwritten)
                 self._resync(now)
             if now >= self._next_prune:
                 self._prune(now)
-            self._in_flight -= len(batch)
+            self._in_flight -= sent
             metrics.record_live_totals_pending(self.part, len(self._pending))
             self._cond.notify_all()
         if recovered:
             log.info("Redis is back for live totals", extra={"part": self.part})
         return resync
+
+    def _record_written(self, batch: dict[PeriodKey, Total], done: int,
+                        now: float | None = None) -> None:
+        """The first ``done`` totals of ``batch`` are in Redis: a round is recorded once, when
+        it ends (a part of it where it stops early, or for a resync)."""
+        if done:
+            self._written.record(batch if done == len(batch) else
+                                 dict(itertools.islice(batch.items(), done)),
+                                 self.clock() if now is None else now)
 
     def _resync(self, now: float) -> None:
         """Redis lost its data: write again every total it should hold (caller holds the lock)."""

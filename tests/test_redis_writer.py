@@ -6,6 +6,7 @@ places; ``%``, ``:`` and control characters as ``%XX``), importing nothing from 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from decimal import Context, Decimal
@@ -140,13 +141,35 @@ def test_the_compiled_encoding_is_the_pure_one_byte_for_byte(totals, per_transac
     """Differential: where ``sinks/_fastresp.c`` encodes a batch, the bytes are the pure path's;
     it declines (None) only ids to percent-encode, counts beyond 64 bits, totals beyond 128."""
     keyed = period_keys(totals)
-    compiled = compiled_commands()(keyed, "tallyflow:usage:", period_label,
-                                         redis_sink._TTL_BYTES, per_transaction)
+    compiled = compiled_commands()(iter(keyed.items()), "tallyflow:usage:", period_label,
+                                   redis_sink._TTL_BYTES, per_transaction, len(keyed))
     declines = any(key_part(o + c + k) != o + c + k or not -2**63 <= n < 2**63 or not -2**127 <= t < 2**127
                    for (o, c, k, _kind, _start), (n, t) in keyed.items())
-    assert (compiled is None) == declines
-    if compiled is not None:
-        assert compiled == pure_encoding(keyed, per_transaction)
+    assert isinstance(compiled, list) == declines
+    if declines:
+        assert compiled == list(keyed.items())  # the pairs it took, for the pure path
+    else:
+        assert compiled[:2] == pure_encoding(keyed, per_transaction) and compiled[2] == len(keyed)
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.tuples(plain_ids | ids, plain_ids, plain_ids, st.sampled_from(["day", "month"])),
+                       st.tuples(st.integers(0, 2**64) | st.integers(-5, 5), wide_totals),
+                       max_size=60),
+       st.integers(1, 9), st.integers(1, 25))
+def test_a_round_encoded_pipeline_by_pipeline_is_its_pipelines_encoded_alone(totals, per_transaction, limit):
+    """``encode_pipeline`` over a round's items, ``limit`` totals at a time, compiled where it
+    can, is every pipeline's pure encoding in turn, and takes every total once."""
+    keyed = period_keys(totals)
+    entries, pairs, taken = iter(keyed.items()), list(keyed.items()), 0
+    while True:
+        payload, replies, sent = redis_sink.encode_pipeline(entries, limit, per_transaction)
+        assert (payload, replies) == pure_encoding(dict(pairs[taken:taken + sent]), per_transaction)
+        assert sent == min(limit, len(pairs) - taken)
+        taken += sent
+        if not sent:
+            break
+    assert taken == len(pairs)
 
 
 def test_written_totals_read_back_exactly_with_their_ttl(redis_server):
@@ -225,9 +248,10 @@ def test_a_resync_in_the_middle_of_a_round_never_writes_an_older_total_last():
     redis: dict = {}
     lost = iter([True])  # the first pipeline finds the sentinel missing
 
-    def write(chunk: dict) -> bool:
+    def write(entries, limit: int) -> tuple[int, bool]:
+        chunk = dict(itertools.islice(entries, limit))
         redis.update(chunk)
-        return next(lost, False)
+        return len(chunk), next(lost, False)
 
     writer._write = write
     writer._pending = {first: (2, 2), second: (2, 2)}
@@ -236,6 +260,37 @@ def test_a_resync_in_the_middle_of_a_round_never_writes_an_older_total_last():
             writer._write_round(writer._take())
     assert redis == {first: (2, 2), second: (2, 2)}
     assert writer._pending == {} and writer._in_flight == 0
+
+
+def test_a_round_failing_at_its_second_pipeline_keeps_the_first_known_and_the_rest_pending():
+    """Pipelines of 2: the first is written, the second fails: its totals and the rest go back
+    to pending, and the first two are known written (a resync would rewrite them)."""
+    import threading
+
+    from sinks.redis_client import Breaker
+
+    writer = RedisTotalsWriter.__new__(RedisTotalsWriter)  # its thread and client left out
+    writer.part, writer.max_pipeline, writer.min_interval_s, writer.clock = "0", 2, 0, time.monotonic
+    writer._breaker, writer._cond, writer._stopping, writer._draining = Breaker(), threading.Condition(), False, 0
+    writer._pending, writer._in_flight, writer._next_prune = {}, 0, time.monotonic() + 3_600
+    writer._written = redis_sink.WrittenTotals()
+    writer._breaker.first_s = 0.0  # no wait before the retry
+    keys = [("o", c, "x", "day", 0) for c in "abcde"]
+    calls = iter([None, OSError("connection reset")])
+
+    def write(entries, limit: int) -> tuple[int, bool]:
+        chunk = dict(itertools.islice(entries, limit))
+        if (failure := next(calls, None)) is not None:
+            raise failure
+        return len(chunk), False
+
+    writer._write = write
+    writer._pending = {key: (i, i) for i, key in enumerate(keys)}
+    writer._write_round(writer._take())
+    assert writer._pending == {key: (i, i) for i, key in enumerate(keys) if i >= 2}
+    assert writer._in_flight == 0
+    queued: dict = {}
+    assert writer._written.queue_missing(queued) == 2 and queued == {keys[0]: (0, 0), keys[1]: (1, 1)}
 
 
 class ChunkedSocket:
