@@ -242,7 +242,7 @@ class LiveTotalsLogic(StatefulBatchLogic):
         """
         kept = (self.totals, self.evicted_through_day, self._segments, self._segment_entries,
                 self._dirty)
-        self.totals, self._dirty = dict(self.totals), dict(self._dirty)
+        self.totals, self._dirty = self._provisional_totals(provisional), {}
         try:
             out, _ = self._on_counted(provisional)
             self._shown = {key for item in out if isinstance(item, LiveTotals) for key in item.totals}
@@ -250,6 +250,30 @@ class LiveTotalsLogic(StatefulBatchLogic):
             (self.totals, self.evicted_through_day, self._segments, self._segment_entries,
              self._dirty) = kept
         return out
+
+    def _provisional_totals(self, provisional: list) -> dict:
+        """The totals to fold the provisional deltas into, then drop: the ones they change
+        (all that the fold reads, and the alerts), not a copy of all (~30 ns a total, at each
+        batch of the end of input). All while a resync is due: it emits every total.
+
+            >>> logic = LiveTotalsLogic(LiveTotalsParams(shards=1))
+            >>> from state.records import CountedUsage
+            >>> _ = logic.on_batch([CountedUsage({("o", c, "x", 0): (1, 1, 0) for c in "ab"})])
+            >>> logic._provisional_totals([CountedUsage({("o", "a", "x", 0): (1, 1, 0)})])
+            {('o', 'a', 'x', 'day', 0): (1, 1), ('o', 'a', 'x', 'month', 0): (1, 1)}
+        """
+        totals = self.totals
+        if self._resync:
+            return dict(totals)
+        changed: dict = {}
+        for usage in provisional:
+            for org, customer, code, day in usage.deltas:
+                for key in ((org, customer, code, "day", day),
+                            (org, customer, code, "month", month_start(day))):
+                    had = totals.get(key)
+                    if had is not None:
+                        changed[key] = had
+        return changed
 
     def _on_counted(self, values: list) -> tuple[list, bool]:
         changed, latest_of, months = {}, {}, {}  # latest_of: latest event time, watched codes only

@@ -186,3 +186,33 @@ def test_compiled_fold_into_big_totals_equals_the_pure_one():
     assert compiled == big_fold(fold_deltas)
     if sys.implementation.name == "cpython" and sys.version_info[:2] in ((3, 11), (3, 12)):
         assert live_module._compiled_fold.__self__.PREFETCH == 1  # the layout read right
+
+
+class CopyingLogic(LiveTotalsLogic):
+    """Shows provisional totals on a copy of all the totals, as before ``_provisional_totals``."""
+
+    def _provisional_totals(self, provisional: list) -> dict:
+        return dict(self.totals)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(USAGE, min_size=1, max_size=3), min_size=1, max_size=6), st.lists(st.booleans()))
+def test_provisional_totals_shown_on_the_changed_ones_equal_those_shown_on_a_copy(batches, resumes):
+    """The provisional deltas folded into the totals they change, or into a copy of all: the
+    same output, alerts and state, with or without a resync due (after a resume)."""
+    params = LiveTotalsParams(shards=1, rules=RULES, day_horizon_ms=10 * DAY_MS)
+    changed_only, copying = LiveTotalsLogic(params), CopyingLogic(params)
+    shared: list = []
+    for number, drawn in enumerate(batches):
+        values = [usage_of(usage, shared) for usage in drawn]
+        values += [CountedUsage(usage.deltas, usage.watermark, True) for usage in values[:1]]
+        assert outcome(changed_only.on_batch(values)[0]) == outcome(copying.on_batch(values)[0])
+        assert list(changed_only.totals.items()) == list(copying.totals.items())
+        assert list(changed_only._dirty.items()) == list(copying._dirty.items())
+        assert (changed_only.alerted, changed_only.watermark, changed_only._shown) == \
+            (copying.alerted, copying.watermark, copying._shown)
+        assert changed_only.evicted_through_day == copying.evicted_through_day
+        assert changed_only.snapshot() == copying.snapshot()
+        if number < len(resumes) and resumes[number]:  # a resync is due: every total is shown
+            changed_only = LiveTotalsLogic(params, changed_only.snapshot())
+            copying = CopyingLogic(params, copying.snapshot())
