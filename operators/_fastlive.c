@@ -343,8 +343,20 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(presized_doc,
+"presized(n) -> dict\n\n"
+"An empty dict with room for ``n`` entries: a batch's changed totals are stored in it\n"
+"without the dict growing (and rehashing) a dozen times on the way.");
+
+static PyObject *presized(PyObject *self, PyObject *n) {
+    Py_ssize_t entries = PyLong_AsSsize_t(n);
+    if (entries == -1 && PyErr_Occurred()) return NULL;
+    return _PyDict_NewPresized(entries < 0 ? 0 : entries);
+}
+
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))fold, METH_FASTCALL, fold_doc},
+    {"presized", (PyCFunction)presized, METH_O, presized_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -364,7 +376,7 @@ PyMODINIT_FUNC PyInit__fastlive(void) {
     layout_known = check_layout();
     PyObject *created = PyModule_Create(&module);
     /* what operators/live_totals.py expects (_INTERFACE): a build from another version is not used */
-    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 1) < 0) Py_CLEAR(created);
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 2) < 0) Py_CLEAR(created);
     /* whether the dicts' slots are prefetched (CPython 3.11 or 3.12, its layout checked) */
     if (created != NULL && PyModule_AddIntConstant(created, "PREFETCH", layout_known) < 0) Py_CLEAR(created);
     return created;

@@ -48,11 +48,12 @@ USAGE = st.tuples(st.lists(DELTA, min_size=1, max_size=12), st.integers(-(2**63)
 @contextmanager
 def pure_fold():
     """The pure-Python fold, as where the module is not built."""
-    kept, live_module._compiled_fold = live_module._compiled_fold, None
+    kept = live_module._compiled_fold, live_module._presized
+    live_module._compiled_fold = live_module._presized = None
     try:
         yield
     finally:
-        live_module._compiled_fold = kept
+        live_module._compiled_fold, live_module._presized = kept
 
 
 def usage_of(drawn: tuple, shared: list) -> CountedUsage:
@@ -216,3 +217,16 @@ def test_provisional_totals_shown_on_the_changed_ones_equal_those_shown_on_a_cop
         if number < len(resumes) and resumes[number]:  # a resync is due: every total is shown
             changed_only = LiveTotalsLogic(params, changed_only.snapshot())
             copying = CopyingLogic(params, copying.snapshot())
+
+
+@compiled_only
+def test_presized_dicts_are_empty_dicts_that_fill_like_any():
+    presized = live_module._presized
+    for room in (0, 1, 5, 10_000):
+        made = presized(room)
+        assert type(made) is dict and made == {}
+        made.update((key, key) for key in range(room + 3))
+        assert list(made) == list(range(room + 3))
+    assert presized(-5) == {}
+    with pytest.raises(TypeError):
+        presized("5")
