@@ -85,7 +85,7 @@ def usage_key(key: PeriodKey) -> str:
     return redis_key(USAGE_PREFIX, org, customer, code, period_label(kind, start))
 
 
-_INTERFACE = 2
+_INTERFACE = 3
 """The version of ``sinks/_fastresp.c``'s ``commands`` this module calls (its ``INTERFACE``)."""
 
 _fast_commands = compiled_function("sinks._fastresp", _INTERFACE, "commands")
@@ -102,16 +102,20 @@ def encode_writes(totals: dict[PeriodKey, Total],
 
 
 def encode_pipeline(entries: Iterator[tuple[PeriodKey, Total]], limit: int,
-                    per_transaction: int = KEYS_PER_TRANSACTION) -> tuple[bytes, int, int]:
+                    per_transaction: int = KEYS_PER_TRANSACTION,
+                    out: bytearray | None = None) -> tuple[bytes | bytearray, int, int]:
     """:func:`encode_writes` for the next ``limit`` totals of ``entries`` (fewer at their end),
     and how many it took: a round is written a pipeline at a time from its dict's items, none
-    copied out. The compiled path hands back the pairs it took (for this pure path) where one
-    has an id to percent-encode, a count beyond 64 bits or a total beyond 128."""
+    copied out. The commands are written into ``out`` where given (and it is returned): a
+    writer keeps one from pipeline to pipeline, whose memory stays mapped. The compiled path
+    hands back the pairs it took (for this pure path) where one has an id to percent-encode, a
+    count beyond 64 bits or a total beyond 128."""
     if _fast_commands is not None:
+        into = bytearray() if out is None else out
         encoded = _fast_commands(entries, f"{USAGE_PREFIX}:", period_label, _TTL_BYTES,
-                                 per_transaction, limit)
+                                 per_transaction, limit, into)
         if isinstance(encoded, tuple):
-            return encoded
+            return (into if out is not None else bytes(into)), *encoded
         chunk = encoded
     else:
         chunk = list(itertools.islice(entries, limit))
@@ -132,7 +136,10 @@ def encode_pipeline(entries: Iterator[tuple[PeriodKey, Total]], limit: int,
         parts.append(_EXEC)
     # MULTI: +OK; each command: +QUEUED; EXEC: *N and N integers
     transactions = -(-len(chunk) // per_transaction)
-    return "".join(parts).encode(), 2 * transactions + 4 * len(chunk), len(chunk)
+    payload = "".join(parts).encode()
+    if out is not None:
+        out[:] = payload
+    return (payload if out is None else out), 2 * transactions + 4 * len(chunk), len(chunk)
 
 
 def reply_size(totals: int, per_transaction: int = KEYS_PER_TRANSACTION) -> int:
@@ -232,6 +239,7 @@ class RedisTotalsWriter:
         self._draining = 0
         self._next_write_at = 0.0
         self._written = WrittenTotals()  # what Redis holds, for a resync
+        self._payload = bytearray()  # a pipeline's commands, its memory kept for the next
         self._next_prune = clock() + PRUNE_EVERY_S
         self._thread = threading.Thread(target=self._run, name=f"redis-totals-{part}", daemon=True)
         self._thread.start()
@@ -319,7 +327,7 @@ class RedisTotalsWriter:
     def _write(self, entries: Iterator[tuple[PeriodKey, Total]], limit: int) -> tuple[int, bool]:
         """One pipelined round trip of the next ``limit`` totals of ``entries``: how many it
         wrote, and True if the sentinel was missing (Redis lost its data)."""
-        payload, replies, sent = encode_pipeline(entries, limit)
+        payload, replies, sent = encode_pipeline(entries, limit, out=self._payload)
         lines = send_commands(self._redis, [self._set_sentinel, payload], 1 + replies,
                               _SENTINEL_REPLY_SIZE + reply_size(sent))
         return sent, lines.startswith(b"+OK\r\n")  # SET NX set it: it was missing

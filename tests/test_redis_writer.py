@@ -121,6 +121,17 @@ def compiled_commands():
     return redis_sink._fast_commands
 
 
+def test_a_bytearray_with_a_view_held_is_refused_before_a_total_is_taken():
+    """The compiled path resizes the caller's bytearray before it takes a pair: where it
+    cannot (a view of it is held), it raises and the iterator has lost nothing."""
+    totals = period_keys({("o", "c", "x", "day"): (1, 10**18)})
+    entries, out = iter(totals.items()), bytearray(b"x" * 1000)
+    with memoryview(out):
+        with pytest.raises(BufferError):
+            compiled_commands()(entries, "tallyflow:usage:", period_label, redis_sink._TTL_BYTES, 1, 5, out)
+    assert list(entries) == list(totals.items())
+
+
 def test_a_build_of_another_version_is_not_used(monkeypatch):
     """A stale build of ``sinks/_fastresp.c`` is left aside: the writer encodes in pure Python."""
     compiled_commands()
@@ -141,15 +152,16 @@ def test_the_compiled_encoding_is_the_pure_one_byte_for_byte(totals, per_transac
     """Differential: where ``sinks/_fastresp.c`` encodes a batch, the bytes are the pure path's;
     it declines (None) only ids to percent-encode, counts beyond 64 bits, totals beyond 128."""
     keyed = period_keys(totals)
+    out = bytearray(b"left from the pipeline before" * 99)
     compiled = compiled_commands()(iter(keyed.items()), "tallyflow:usage:", period_label,
-                                   redis_sink._TTL_BYTES, per_transaction, len(keyed))
+                                   redis_sink._TTL_BYTES, per_transaction, len(keyed), out)
     declines = any(key_part(o + c + k) != o + c + k or not -2**63 <= n < 2**63 or not -2**127 <= t < 2**127
                    for (o, c, k, _kind, _start), (n, t) in keyed.items())
     assert isinstance(compiled, list) == declines
     if declines:
         assert compiled == list(keyed.items())  # the pairs it took, for the pure path
     else:
-        assert compiled[:2] == pure_encoding(keyed, per_transaction) and compiled[2] == len(keyed)
+        assert (bytes(out), *compiled) == (*pure_encoding(keyed, per_transaction), len(keyed))
 
 
 @settings(max_examples=200)
@@ -159,12 +171,14 @@ def test_the_compiled_encoding_is_the_pure_one_byte_for_byte(totals, per_transac
        st.integers(1, 9), st.integers(1, 25))
 def test_a_round_encoded_pipeline_by_pipeline_is_its_pipelines_encoded_alone(totals, per_transaction, limit):
     """``encode_pipeline`` over a round's items, ``limit`` totals at a time, compiled where it
-    can, is every pipeline's pure encoding in turn, and takes every total once."""
+    can, into one bytearray, is every pipeline's pure encoding in turn, and takes every total
+    once."""
     keyed = period_keys(totals)
-    entries, pairs, taken = iter(keyed.items()), list(keyed.items()), 0
+    entries, pairs, taken, out = iter(keyed.items()), list(keyed.items()), 0, bytearray()
     while True:
-        payload, replies, sent = redis_sink.encode_pipeline(entries, limit, per_transaction)
-        assert (payload, replies) == pure_encoding(dict(pairs[taken:taken + sent]), per_transaction)
+        payload, replies, sent = redis_sink.encode_pipeline(entries, limit, per_transaction, out)
+        assert payload is out  # reused from pipeline to pipeline
+        assert (bytes(payload), replies) == pure_encoding(dict(pairs[taken:taken + sent]), per_transaction)
         assert sent == min(limit, len(pairs) - taken)
         taken += sent
         if not sent:
