@@ -149,13 +149,27 @@ def _read_lines(sock, lines: int, size: int = 0) -> bytearray:
             raise redis.ConnectionError("Redis closed the connection")
         start = len(received)
         received += chunk
-        seen += received.count(b"\r\n", max(0, start - 1))
+        seen += chunk.count(b"\n")  # one a line: these replies hold no CR or LF of their own
         if error < 0:
-            error = 0 if received.startswith(b"-") else received.find(b"\r\n-", max(0, start - 2))
-            error += 2 if error > 0 else 0
+            error = _error_line(received, start)
         if error >= 0 and (end := received.find(b"\r\n", error)) >= 0:
             raise redis.ResponseError(received[error + 1:end].decode("utf-8", "replace"))
     return received
+
+
+def _error_line(received: bytearray, start: int) -> int:
+    """Where the first line starting with ``-`` (an error) at or after ``start`` begins, or -1:
+    a ``-`` found by memchr, skipped where it is inside a line (``$-1``, a nil), which is rare,
+    rather than every line boundary searched.
+
+    >>> replies = bytearray(b"$-1\\r\\n+QUEUED\\r\\n-ERR a-b\\r\\n")
+    >>> _error_line(replies, 0), _error_line(replies, 15), _error_line(bytearray(b"-X\\r\\n"), 0)
+    (14, -1, 0)
+    """
+    at = received.find(b"-", start)
+    while at > 0 and received[at - 1] != 0x0A:  # not at a line's start
+        at = received.find(b"-", at + 1)
+    return at
 
 
 _SMALL_REPLY = 4_096

@@ -324,11 +324,13 @@ def test_replies_are_counted_across_pieces_and_the_first_error_is_raised():
 
     assert _read_lines(ChunkedSocket(b"+OK\r", b"\n:1\r\n*2", b"\r\n:0\r\n:1\r\n"), 5) == (
         b"+OK\r\n:1\r\n*2\r\n:0\r\n:1\r\n")
+    assert _read_lines(ChunkedSocket(b"$-1\r\n:1", b"\r\n*-1\r", b"\n"), 3) == b"$-1\r\n:1\r\n*-1\r\n"
     for pieces in ([b"-OOM no\r\n"], [b"+OK\r\n-ERR a", b" b\r\n+QUEUED\r\n"],
-                   [b"+OK\r\n+QUEUED\r", b"\n-EXECABORT x\r\n"]):
+                   [b"+OK\r\n+QUEUED\r", b"\n-EXECABORT x\r\n"], [b"$-1\r\n+OK\r\n", b"-ERR a-b\r\n"],
+                   [b"+OK\r\n", b"-ERR a", b"-b", b"\r\n-ERR c\r\n"]):
         with pytest.raises(ResponseError) as error:
             _read_lines(ChunkedSocket(*pieces), 10)  # fewer lines come than counted
-        assert str(error.value) in {"OOM no", "ERR a b", "EXECABORT x"}
+        assert str(error.value) in {"OOM no", "ERR a b", "EXECABORT x", "ERR a-b"}
     with pytest.raises(ConnectionError):
         _read_lines(ChunkedSocket(b"+OK\r\n"), 2)
 
