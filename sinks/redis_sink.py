@@ -13,7 +13,11 @@ and checked for errors as bytes, not parsed one by one, read once they are all t
 (``reply_size``) rather than as Redis sends them, a few dozen at a time. Against the Lua script per 1,000 keys
 with one JSON argument that this replaced, Redis spends about a quarter less per total (a
 script's ``redis.call`` costs more than the command it runs) and the compiled encoding a
-fraction of the client's.
+fraction of the client's. Every write sends its ``EXPIRE``, a rewrite too: skipping it for a
+key written (with a TTL an hour longer) less than an hour before would save Redis about 0.7 of
+its 1.6 us a rewrite, but a key Redis lost alone while the sentinel stayed (evicted under
+``maxmemory``, deleted, a failover to a replica that lagged) would come back from a bare
+``HSET`` with no TTL at all.
 
 Guarantee: exact totals, eventually. Writes are absolute, so writing a total twice, or an old
 total before its successor, converges on the latest one, and a replay after a crash rewrites the
