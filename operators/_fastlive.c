@@ -16,6 +16,10 @@
  * prefetched); a prefetch changes no result. Totals are Python ints of any size, added with
  * PyNumber_Add (exactly the loop's ``+``). The tuples made of str and int only are left out
  * of the cyclic GC at once (it would untrack them at its first look, after walking them).
+ *
+ * Also here: presized(), the dict a batch's changed totals go into, and add_days(), the
+ * shard step's summing of its day groups into the deltas fold() reads (operators/
+ * usage_windows.py _add_days: ``key + (day,)`` and the summed (count, total, latest)).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,7 +27,7 @@
 #define AHEAD 8  /* periods between fetching index slots and their entries, and the stores */
 #define PROBES 3 /* slots fetched per key: a lookup of a new key probes ~1.5-3 at 2/3 full */
 
-static PyObject *DAY, *MONTH, *ZERO, *ONE, *NO_LATEST; /* "day", "month", 0, 1, -1 */
+static PyObject *DAY, *MONTH, *NO_LATEST; /* "day", "month", -1 */
 static int layout_known = 0; /* set at import when a dict of the module's own reads right */
 
 /* d[key] with key's hash known: a borrowed reference, or NULL (an error set, or absent). */
@@ -64,7 +68,9 @@ static PyObject *item(PyObject *had, Py_ssize_t index) {
         Py_INCREF(value);
         return value;
     }
-    return PyObject_GetItem(had, index ? ONE : ZERO);
+    PyObject *at = PyLong_FromSsize_t(index), *value = at == NULL ? NULL : PyObject_GetItem(had, at);
+    Py_XDECREF(at);
+    return value;
 }
 
 /* The new total of ``key``: ``(count, total)`` if absent, else the old one plus them. */
@@ -343,6 +349,103 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_TRUE;
 }
 
+/* ``key + (start,)``, a tuple (``key`` is one). */
+static PyObject *day_key_of(PyObject *key, PyObject *start) {
+    Py_ssize_t width = PyTuple_GET_SIZE(key);
+    PyObject *day_key = PyTuple_New(width + 1);
+    if (day_key == NULL) return NULL;
+    for (Py_ssize_t k = 0; k < width; k++) {
+        Py_INCREF(PyTuple_GET_ITEM(key, k));
+        PyTuple_SET_ITEM(day_key, k, PyTuple_GET_ITEM(key, k));
+    }
+    Py_INCREF(start);
+    PyTuple_SET_ITEM(day_key, width, start);
+    return plain(day_key);
+}
+
+/* ``(count, total, latest)``, or ``had``'s plus them (the later of the two times). */
+static PyObject *day_sums(PyObject *had, PyObject *count, PyObject *total, PyObject *latest) {
+    if (had == NULL) return plain(PyTuple_Pack(3, count, total, latest));
+    PyObject *sums = PyTuple_New(3);
+    if (sums == NULL) return NULL;
+    Py_INCREF(had); /* an addition may run Python code that changes the dict */
+    PyObject *parts[3] = {NULL, NULL, NULL}, *adds[2] = {count, total};
+    int ok = 1;
+    for (Py_ssize_t k = 0; ok && k < 3; k++) ok = (parts[k] = item(had, k)) != NULL;
+    for (int k = 0; ok && k < 2; k++) {
+        PyObject *sum = PyNumber_Add(parts[k], adds[k]);
+        ok = sum != NULL;
+        Py_XSETREF(parts[k], sum);
+    }
+    int later = ok ? PyObject_RichCompareBool(latest, parts[2], Py_GT) : -1; /* max(old, latest) */
+    if (later > 0) {
+        Py_INCREF(latest);
+        Py_SETREF(parts[2], latest);
+    }
+    Py_DECREF(had);
+    if (later < 0) {
+        for (int k = 0; k < 3; k++) Py_XDECREF(parts[k]);
+        Py_DECREF(sums);
+        return NULL;
+    }
+    for (int k = 0; k < 3; k++) PyTuple_SET_ITEM(sums, k, parts[k]);
+    return plain(sums);
+}
+
+PyDoc_STRVAR(add_days_doc,
+"add_days(counted, keys, starts, counts, totals, latest) -> bool\n\n"
+"Add the day groups (parallel lists) to ``counted``, ``{key + (start,): (count, total,\n"
+"latest)}``, in their order: stored as they are where ``counted`` is empty, else summed with\n"
+"what it holds (the later time). False, with nothing changed, if a list is not a list or a\n"
+"key not a tuple (the pure path then adds them).");
+
+static PyObject *add_days(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "add_days() takes 6 arguments");
+        return NULL;
+    }
+    PyObject *counted = args[0];
+    if (!PyDict_CheckExact(counted)) {
+        PyErr_SetString(PyExc_TypeError, "add_days(): counted must be a dict");
+        return NULL;
+    }
+    Py_ssize_t n = PY_SSIZE_T_MAX;
+    for (int c = 1; c < 6; c++) {
+        if (!PyList_CheckExact(args[c])) Py_RETURN_FALSE;
+        if (PyList_GET_SIZE(args[c]) < n) n = PyList_GET_SIZE(args[c]); /* zip's length */
+    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (!PyTuple_CheckExact(PyList_GET_ITEM(args[1], k))) Py_RETURN_FALSE;
+    int fresh = PyDict_GET_SIZE(counted) == 0; /* the batch's first decision: stored as they are */
+    PyObject *lists = PyTuple_Pack(5, args[1], args[2], args[3], args[4], args[5]);
+    if (lists == NULL) return NULL; /* held: the lists' items stay alive while added */
+    int ok = 1;
+    for (Py_ssize_t k = 0; ok && k < n; k++) {
+        PyObject *at[5];
+        for (int c = 0; c < 5; c++) {
+            PyObject *column = PyTuple_GET_ITEM(lists, c);
+            ok = ok && k < PyList_GET_SIZE(column);
+            at[c] = ok ? PyList_GET_ITEM(column, k) : NULL;
+            Py_XINCREF(at[c]);
+        }
+        if (!ok) PyErr_SetString(PyExc_RuntimeError, "add_days(): the groups changed while added");
+        ok = ok && PyTuple_Check(at[0]);
+        PyObject *day_key = ok ? day_key_of(at[0], at[1]) : NULL, *sums = NULL;
+        Py_hash_t hash = day_key == NULL ? -1 : PyObject_Hash(day_key);
+        if (hash != -1) {
+            PyObject *had = fresh ? NULL : get_known(counted, day_key, hash);
+            if (had != NULL || !PyErr_Occurred()) sums = day_sums(had, at[2], at[3], at[4]);
+        }
+        ok = sums != NULL && set_known(counted, day_key, sums, hash) == 0;
+        Py_XDECREF(sums);
+        Py_XDECREF(day_key);
+        for (int c = 0; c < 5; c++) Py_XDECREF(at[c]);
+    }
+    Py_DECREF(lists);
+    if (!ok) return NULL;
+    Py_RETURN_TRUE;
+}
+
 PyDoc_STRVAR(presized_doc,
 "presized(n) -> dict\n\n"
 "An empty dict with room for ``n`` entries: a batch's changed totals are stored in it\n"
@@ -357,6 +460,7 @@ static PyObject *presized(PyObject *self, PyObject *n) {
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))fold, METH_FASTCALL, fold_doc},
     {"presized", (PyCFunction)presized, METH_O, presized_doc},
+    {"add_days", (PyCFunction)(void (*)(void))add_days, METH_FASTCALL, add_days_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -369,14 +473,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastlive(void) {
     DAY = PyUnicode_InternFromString("day");
     MONTH = PyUnicode_InternFromString("month");
-    ZERO = PyLong_FromLong(0);
-    ONE = PyLong_FromLong(1);
     NO_LATEST = PyLong_FromLong(-1);
-    if (DAY == NULL || MONTH == NULL || ZERO == NULL || ONE == NULL || NO_LATEST == NULL) return NULL;
+    if (DAY == NULL || MONTH == NULL || NO_LATEST == NULL) return NULL;
     layout_known = check_layout();
     PyObject *created = PyModule_Create(&module);
     /* what operators/live_totals.py expects (_INTERFACE): a build from another version is not used */
-    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 2) < 0) Py_CLEAR(created);
+    if (created != NULL && PyModule_AddIntConstant(created, "INTERFACE", 3) < 0) Py_CLEAR(created);
     /* whether the dicts' slots are prefetched (CPython 3.11 or 3.12, its layout checked) */
     if (created != NULL && PyModule_AddIntConstant(created, "PREFETCH", layout_known) < 0) Py_CLEAR(created);
     return created;

@@ -54,7 +54,7 @@ DEFAULT_DAY_HORIZON_MS = 2 * DAY_MS
 MONTHS_KEPT = 2  # whole months kept before the watermark's month
 STATE_VERSION = 1
 _ASAP = datetime(1970, 1, 1, tzinfo=timezone.utc)  # a notify time that has always passed
-_INTERFACE = 2  # the version of operators/_fastlive.c's functions this module calls
+_INTERFACE = 3  # the version of operators/_fastlive.c's functions this module calls
 _compiled_fold = compiled_function("operators._fastlive", _INTERFACE, "fold")  # None: not built
 _presized = compiled_function("operators._fastlive", _INTERFACE, "presized")
 

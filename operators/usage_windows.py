@@ -37,6 +37,7 @@ from operators.telemetry import metrics, tracing
 from operators.telemetry.tracing import SinkTrace
 from operators.catalog import Catalog, MetricDefinition
 from state.aggregations import Sum
+from state.compiled import compiled_function
 from state.counted import CountedCopies, CountedSnapshot
 from state.held import VALUE_UNIT, HeldEvents, HeldSnapshot, Ready, scaled_values, time_range
 from state.records import (CountedUsage, LateRecord, MetricRow, ShardBatch, ShardEvent, WindowRow, WindowRowBlock,
@@ -50,6 +51,8 @@ ROLLUP_SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
 _DAY_MS = 86_400_000
 _TIMESTAMP = attrgetter("timestamp_ms")
 _HALF_UNIT = 10**9  # as in state.held: a fraction of VALUE_UNIT as two parts below 10**9
+_FASTLIVE_INTERFACE = 3  # the version of operators/_fastlive.c's add_days() called here
+_compiled_add_days = compiled_function("operators._fastlive", _FASTLIVE_INTERFACE, "add_days")  # None: not built
 _INT64_MAX = 2**63 - 1
 
 
@@ -738,7 +741,12 @@ def _add_days(counted: dict, days: _Groups) -> None:
         >>> _add_days(counted, _Groups([0, 0], [("o", "d", "x"), ("o", "c", "x")], [2, 1], [7, 1], [20, 30]))
         >>> counted
         {('o', 'c', 'x', 0): (2, 6, 30), ('o', 'd', 'x', 0): (2, 7, 20)}
+
+    Compiled where ``operators/_fastlive.c`` is built (the same dict, in the same order).
     """
+    if _compiled_add_days is not None and _compiled_add_days(
+            counted, days.keys, days.starts, days.counts, days.totals, days.latest):
+        return
     day_keys = list(map(add, days.keys, zip(days.starts)))  # (org, customer, code) + (day,)
     sums = zip(days.counts, days.totals, days.latest)
     if not counted:  # the batch's first decision: every (key, day) is new (groups are distinct)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import operators.live_totals as live_module
+import operators.usage_windows as usage_module
 from operators.live_totals import (
     LiveTotals,
     LiveTotalsLogic,
@@ -230,3 +231,58 @@ def test_presized_dicts_are_empty_dicts_that_fill_like_any():
     assert presized(-5) == {}
     with pytest.raises(TypeError):
         presized("5")
+
+
+COMPILED_ADD_DAYS = usage_module._compiled_add_days
+GROUP = st.tuples(st.tuples(IDS, IDS, CODES), DAYS, st.one_of(st.integers(1, 5), HUGE), VALUES,
+                  st.integers(-(2**64), 2**64))
+
+
+def add_days_both_ways(counted: dict, groups: list, lengths: tuple = ()) -> tuple[list, list]:
+    """``_add_days`` compiled and pure on copies of ``counted``: each dict's items, in order."""
+    columns = [list(column) for column in zip(*groups)] if groups else [[] for _ in range(5)]
+    for column, length in zip(columns, lengths):
+        del column[length:]
+    keys, starts, counts, totals, latest = columns
+    results = []
+    for compiled in (COMPILED_ADD_DAYS, None):
+        kept, usage_module._compiled_add_days = usage_module._compiled_add_days, compiled
+        try:
+            into = dict(counted)
+            usage_module._add_days(into, usage_module._Groups(starts, keys, counts, totals, latest))
+        finally:
+            usage_module._compiled_add_days = kept
+        results.append(list(into.items()))
+    return results[0], results[1]
+
+
+@pytest.mark.skipif(COMPILED_ADD_DAYS is None, reason="the compiled live fold is not built (make install)")
+@settings(max_examples=400, deadline=None)
+@given(st.lists(GROUP, max_size=12), st.lists(GROUP, max_size=6), st.booleans(),
+       st.lists(st.integers(0, 12), max_size=5))
+def test_compiled_add_days_equals_the_pure_one(groups, held, repeat, lengths):
+    """Into an empty dict (stored as they are, a repeated group overwriting) and into one
+    holding some of the same days (summed, the later time kept)."""
+    if repeat and groups:
+        groups += groups[: len(groups) // 2]
+    held_counted = {(*key, start): (count, total, latest) for key, start, count, total, latest in held}
+    held_counted.update({(*key, start): (1, 2, 3) for key, start, *_ in groups[:2]})
+    for counted in ({}, held_counted):
+        compiled, pure = add_days_both_ways(counted, groups)
+        assert compiled == pure
+        compiled, pure = add_days_both_ways(counted, groups, tuple(lengths))  # zip: the shortest
+        assert compiled == pure
+
+
+@pytest.mark.skipif(COMPILED_ADD_DAYS is None, reason="the compiled live fold is not built (make install)")
+def test_compiled_add_days_declines_what_it_cannot_add_and_changes_nothing():
+    counted = {("o", "c", "x", 0): (1, 1, 1)}
+    assert COMPILED_ADD_DAYS(counted, [["o", "c", "x"]], [0], [1], [2], [3]) is False
+    assert COMPILED_ADD_DAYS(counted, [("o", "c", "x")], (0,), [1], [2], [3]) is False
+    assert counted == {("o", "c", "x", 0): (1, 1, 1)}
+    assert COMPILED_ADD_DAYS(counted, [("o", "c", "x")], [0], [1], [2], [3]) is True
+    assert counted == {("o", "c", "x", 0): (2, 3, 3)}
+    with pytest.raises(TypeError):
+        COMPILED_ADD_DAYS(counted, [("o", "c", "x")], [0], [1], ["2"], [3])
+    with pytest.raises(TypeError):
+        COMPILED_ADD_DAYS([], [], [], [], [], [])
