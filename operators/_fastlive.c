@@ -11,9 +11,11 @@
  * 5-tuple keys and to the dict operations, whose probes of the big totals dict miss the
  * cache one by one. So the keys are built and hashed first, once each (the loop hashes a key
  * at every get and store), and the stores then prefetch the totals' index slots and entries
- * some keys ahead, their misses overlapping. The prefetch reads CPython 3.11's (and 3.12's)
- * dict layout, checked at import on a dict of its own (else, or on other versions, nothing is
- * prefetched); a prefetch changes no result. Totals are Python ints of any size, added with
+ * some keys ahead, their misses overlapping, and where the totals hold a key, its key and
+ * total objects and their items (the key is compared item by item, the total added and
+ * freed). The prefetch reads CPython 3.11's (and 3.12's) dict layout, checked at import on
+ * a dict of its own (else, or on other versions, nothing is prefetched); a prefetch changes
+ * no result. Totals are Python ints of any size, added with
  * PyNumber_Add (exactly the loop's ``+``). The tuples made of str and int only are left out
  * of the cyclic GC at once (it would untrack them at its first look, after walking them).
  *
@@ -24,7 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#define AHEAD 8  /* periods between fetching index slots and their entries, and the stores */
+#define AHEAD 8  /* periods between fetching index slots, their entries, and the stores */
 #define PROBES 3 /* slots fetched per key: a lookup of a new key probes ~1.5-3 at 2/3 full */
 
 static PyObject *DAY, *MONTH, *NO_LATEST; /* "day", "month", -1 */
@@ -238,11 +240,36 @@ static const Entry *entry_at(const Keys *keys, size_t i) {
     return (const Entry *)(keys->dk_indices + ((size_t)1 << keys->dk_log2_index_bytes)) + index;
 }
 
-/* Fetch the first PROBES index slots of a period far ahead (a lookup probes the slots of a
- * hash in a fixed order), and the entries those of one near point to, up to an empty slot.
- * Small dicts stay in the cache: nothing is fetched for them. Not inlined nor analysed
- * (noipa): GCC finds a function that only reads and prefetches pure, and drops its calls,
- * prefetches and all. */
+/* The live entry holding ``hash`` among the first PROBES slots of ``keys`` (a key's
+ * entry where the totals hold it), or NULL; only for keys of any kind (the totals'). */
+static const Entry *entry_of(const Keys *keys, Py_hash_t hash) {
+    if (keys->dk_kind != 0) return NULL; /* DICT_KEYS_GENERAL: entries as Entry says */
+    size_t mask = ((size_t)1 << keys->dk_log2_size) - 1, perturb = (size_t)hash, i = perturb & mask;
+    for (int probe = 0; probe < PROBES; probe++) {
+        const Entry *entry = entry_at(keys, i);
+        if (entry == NULL) return NULL;
+        if (entry != (const Entry *)-1 && entry->me_hash == hash) return entry;
+        perturb >>= 5;
+        i = mask & (i * 5 + perturb + 1);
+    }
+    return NULL;
+}
+
+/* Fetch the items of ``tuple`` (an object the dict holds), if it is a tuple. */
+static void fetch_items(PyObject *tuple) {
+    if (tuple == NULL || !PyTuple_CheckExact(tuple)) return;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple); k++)
+        __builtin_prefetch(PyTuple_GET_ITEM(tuple, k));
+}
+
+/* Fetch what the stores of the periods ahead will read, each in its turn: the first PROBES
+ * index slots of the one 2 * AHEAD ahead (a lookup probes the slots of a hash in a fixed
+ * order); the entries those of the one AHEAD ahead point to, up to an empty slot; for the one
+ * AHEAD / 2 ahead, the key and total objects of the entry holding its key, if the totals
+ * hold it; and for the one AHEAD / 4 ahead, their items (the key compared item by item, the
+ * count and total added, the old total freed). Small dicts stay in the cache: nothing is
+ * fetched for them. Not inlined nor analysed (noipa): GCC finds a function that only reads
+ * and prefetches pure, and drops its calls, prefetches and all. */
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((noipa))
 #endif
@@ -268,6 +295,16 @@ static void prefetch(PyObject *d, const Period *periods, Py_ssize_t k, Py_ssize_
             i = mask & (i * 5 + perturb + 1);
         }
     }
+    const Entry *entry = k + AHEAD / 2 < n ? entry_of(keys, periods[k + AHEAD / 2].hash) : NULL;
+    if (entry != NULL) {
+        __builtin_prefetch(entry->me_key);
+        __builtin_prefetch(entry->me_value);
+    }
+    entry = k + AHEAD / 4 < n ? entry_of(keys, periods[k + AHEAD / 4].hash) : NULL;
+    if (entry != NULL) {
+        fetch_items(entry->me_key);
+        fetch_items(entry->me_value);
+    }
 }
 
 /* Whether a dict made here reads as the layout above says: else nothing is prefetched. */
@@ -281,7 +318,8 @@ static int check_layout(void) {
         if (ok && (k == 0 || k == 299)) {
             ok = PyDict_SetItem(d, key, Py_True) == 0;
             const Keys *keys = keys_of(d);
-            ok = ok && keys->dk_log2_size >= 3 && keys->dk_log2_size < 8 * sizeof(Py_ssize_t)
+            ok = ok && keys->dk_kind == 0 && keys->dk_log2_size >= 3
+                && keys->dk_log2_size < 8 * sizeof(Py_ssize_t)
                 && keys->dk_log2_index_bytes >= keys->dk_log2_size
                 && keys->dk_log2_index_bytes <= keys->dk_log2_size + 3;
             /* 12345 hashes to itself and no other key shares its first slot */
