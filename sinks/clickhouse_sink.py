@@ -179,15 +179,15 @@ class ClickHousePartition(BufferedPartition[Item]):
             self._write(table, expanded(blocks))
 
     def _block_batch(self, table: str, blocks: list[WindowRowBlock]):
-        pairs = ((org, customer) for block in blocks for org, customer, _code in block.keys)
-        return block_batch(blocks, table, self._enrichment(table, pairs), key_ordered=True)
+        return block_batch(blocks, table, self._enrichment(table), key_ordered=True)
 
-    def _enrichment(self, table: str, customers) -> tuple[tuple[str, ...], dict] | None:
-        """``(fields, attributes)`` of the ``(org, customer)`` pairs ``customers`` for rows of
-        ``table``; None where rows are not enriched (no lookup is made)."""
+    def _enrichment(self, table: str) -> tuple[tuple[str, ...], Callable] | None:
+        """``(fields, lookup)`` for rows of ``table``: ``lookup(customers)`` gives the
+        attributes of those of the distinct ``(org, customer)`` pairs that have some, once per
+        batch; None where rows are not enriched (no lookup is made)."""
         if table != USAGE_AGGREGATES or self._attributes is None:
             return None
-        return self._attributes.fields, self._attributes.lookup(customers)
+        return self._attributes.fields, self._attributes.present
 
     def _write(self, table: str, rows: list) -> None:
         """Insert ``rows``; those ClickHouse cannot take go to ``usage_rejected_rows``.
@@ -227,7 +227,7 @@ class ClickHousePartition(BufferedPartition[Item]):
 
     def _batch(self, table: str, rows: list):
         """``rows`` as an Arrow record batch (``DecimalOverflow`` when a sum does not fit)."""
-        enrichment = self._enrichment(table, ((r.organization_id, r.external_customer_id) for r in rows))
+        enrichment = self._enrichment(table)
         if enrichment is not None:
             return window_batch(rows, table, enrichment)
         return _ENCODERS[table](rows, table)

@@ -32,7 +32,8 @@ insert and the HTTP interface take.
 from __future__ import annotations
 
 import re
-from itertools import chain
+from functools import partial
+from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from typing import Callable, Sequence
 
@@ -422,11 +423,15 @@ _LATE_RECORD = {
 }
 
 
-def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict] | None = None):
+def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict | Callable] | None = None):
     """``WindowRow`` s of ``table`` (the main table or a rollup) as a record batch.
 
     ``enrichment`` is ``(fields, attributes)``: a ``String`` column per field, the values from
-    ``attributes[(organization_id, external_customer_id)]`` (empty strings when absent).
+    ``attributes[(organization_id, external_customer_id)]`` (empty strings when absent: it may
+    hold only the customers that have attributes), or, where ``attributes`` is a lookup
+    (``CustomerAttributes.present``), from ``attributes(organizations, customers)``, called
+    once with the distinct customers as two lists, which answers the attributes of those that
+    have some by their position.
 
         >>> from state.records import WindowRow
         >>> rows = [WindowRow("o", "c", "x", 0, 60_000, 1, 0, 1), WindowRow("o", "d", "x", 0, 60_000, 1, 0, 1)]
@@ -435,12 +440,12 @@ def window_batch(rows: list, table: str, enrichment: tuple[tuple[str, ...], dict
     """
     arrays = _pull(rows, _WINDOW_ROW, table)
     if enrichment is not None:
-        _add_enrichment(arrays, [(row.organization_id, row.external_customer_id) for row in rows],
+        _add_enrichment(arrays, lambda: ((row.organization_id, row.external_customer_id) for row in rows),
                         enrichment)
     return _arrays_batch(arrays)
 
 
-def block_batch(blocks: list, table: str, enrichment: tuple[tuple[str, ...], dict] | None = None,
+def block_batch(blocks: list, table: str, enrichment: tuple[tuple[str, ...], dict | Callable] | None = None,
                 key_ordered: bool = False):
     """``WindowRowBlock`` s of ``table`` as one record batch: what :func:`window_batch` makes of
     their rows, without building a row (a block already holds its rows as columns).
@@ -470,8 +475,10 @@ def block_batch(blocks: list, table: str, enrichment: tuple[tuple[str, ...], dic
         arrays[column] = array if order is None else arrow_function("take", array, order)
     arrays = {column: arrays[column] for column in _WINDOW_ROW}  # the table's order
     if enrichment is not None:
-        rows_keys = keys if order is None else map(keys.__getitem__, order.tolist())
-        _add_enrichment(arrays, map(_CUSTOMER, rows_keys), enrichment)
+        if order is not None:
+            _enrich_runs(arrays, keys, order, enrichment)
+        else:
+            _add_enrichment(arrays, partial(map, _CUSTOMER, keys), enrichment)
     batch = _arrays_batch(arrays)
     return in_key_order(batch, table) if key_ordered and order is None else batch
 
@@ -587,12 +594,133 @@ _fast_key_order = _compiled("key_order")
 """What :func:`block_batch` sorts a row block's keys with; tests set it to None for the pure path."""
 
 
-def _add_enrichment(arrays: dict, customers, enrichment: tuple[tuple[str, ...], dict]) -> None:
-    """A ``String`` column per enrichment field, for the rows' ``(organization_id,
-    external_customer_id)`` pairs ``customers`` (empty strings where the attributes have none)."""
+def _add_enrichment(arrays: dict, customers: Callable, enrichment: tuple[tuple[str, ...], dict | Callable]) -> None:
+    """A ``String`` column per enrichment field for the rows of ``arrays`` (their
+    ``organization_id`` and ``external_customer_id`` columns built), ``""`` where the
+    attributes have none. ``customers()``: the rows' ``(organization_id,
+    external_customer_id)`` pairs, in order, read to look the customers up (where the
+    attributes are a lookup) and where the columns cannot be matched exactly.
+
+    No Python code runs per row but to collect the distinct customers: when none has
+    attributes (the usual flush), the columns are empty strings made at once; else Arrow
+    matches the rows' ids to those of the customers that have attributes
+    (:func:`_attribute_rows`) and takes each field's values by the match.
+
+        >>> import pyarrow as pa
+        >>> arrays = {"organization_id": pa.array(["o", "p", "o"]), "external_customer_id": pa.array(["c", "c", "d"])}
+        >>> _add_enrichment(arrays, list, (("plan", "region"), {("o", "c"): ("pro", "")}))
+        >>> arrays["plan"].to_pylist(), arrays["region"].to_pylist()
+        (['pro', '', ''], ['', '', ''])
+    """
     fields, attributes = enrichment
+    if callable(attributes):
+        distinct = list(set(customers()))
+        found = attributes([org for org, _ in distinct], [customer for _, customer in distinct])
+        attributes = {distinct[at]: values for at, values in found.items()}
+    count = len(arrays["organization_id"])
+    if not attributes:
+        arrays.update(_empty_strings(fields, count))
+        return
+    at = _attribute_rows(arrays["organization_id"], arrays["external_customer_id"], attributes)
+    if at is None:
+        empty = ("",) * len(fields)
+        arrays.update(text_columns(list(map(attributes.get, customers(), repeat(empty))), fields))
+        return
+    values = list(zip(*attributes.values()))
+    for field, field_values in zip(fields, values):
+        known = column_array([*field_values, ""], "String", field)  # "" at the end: no attributes
+        arrays[field] = _without_validity(arrow_function("take", known, at))
+
+
+def _enrich_runs(arrays: dict, keys: list, order, enrichment: tuple[tuple[str, ...], dict | Callable]) -> None:
+    """What :func:`_add_enrichment` adds, for row block keys ``keys`` taken in key ``order``
+    (organization, then customer first) into the columns of ``arrays``, whose text holds the
+    ids exactly (no character replaced): each customer's rows are one run, so its attributes
+    are looked up and encoded once, and repeated over its run by Arrow; the distinct customers
+    are the keys of the runs' first rows (no key read per row).
+
+        >>> import numpy as np, pyarrow as pa
+        >>> keys = [("o", "d", "x"), ("o", "c", "x"), ("p", "c", "x"), ("o", "c", "y")]
+        >>> arrays = {"organization_id": pa.array(["o", "o", "o", "p"]), "external_customer_id": pa.array(["c", "c", "d", "c"])}
+        >>> _enrich_runs(arrays, keys, np.array([1, 3, 0, 2]), (("plan",), {("o", "d"): ("pro",)}))
+        >>> arrays["plan"].to_pylist()
+        ['', '', 'pro', '']
+        >>> _enrich_runs(arrays, keys, np.array([1, 3, 0, 2]), (("plan",), lambda orgs, customers: {2: ("pro",)}))
+        >>> arrays["plan"].to_pylist()
+        ['', '', '', 'pro']
+    """
+    import numpy as np
+
+    fields, attributes = enrichment
+    count = len(keys)
+    organizations, customers = arrays["organization_id"], arrays["external_customer_id"]
+    starts = _run_starts(organizations, customers)
+    if callable(attributes):
+        found = attributes(arrow_function("take", organizations, starts), arrow_function("take", customers, starts))
+    else:
+        distinct = map(_CUSTOMER, map(keys.__getitem__, order[starts].tolist()))
+        found = {at: attributes[customer] for at, customer in enumerate(distinct) if customer in attributes}
+    if not found:
+        arrays.update(_empty_strings(fields, count))
+        return
     empty = ("",) * len(fields)
-    arrays.update(text_columns([attributes.get(pair, empty) for pair in customers], fields))
+    of_customer = text_columns(list(map(found.get, range(len(starts)), repeat(empty))), fields)
+    run_of_row = np.repeat(np.arange(len(starts)), np.diff(starts, append=count))
+    for field in fields:
+        arrays[field] = arrow_function("take", of_customer[field], run_of_row)
+
+
+def _run_starts(organizations, customers):
+    """The first row of each run of equal ``(organization, customer)`` in the two columns."""
+    import numpy as np
+
+    count = len(customers)
+    if count < 2:
+        return np.zeros(count, np.int64)
+    rest, previous = slice(1, count), slice(0, count - 1)
+    changed = arrow_function("or", arrow_function("not_equal", organizations[rest], organizations[previous]),
+                             arrow_function("not_equal", customers[rest], customers[previous]))
+    later = integers_view(arrow_function("indices_nonzero", changed)).astype(np.int64)
+    return np.concatenate(([0], later + 1))
+
+
+def _empty_strings(fields: tuple[str, ...], count: int) -> dict:
+    """A ``String`` column of ``count`` empty strings per field: what :func:`text_columns`
+    builds of them, with no row read."""
+    return _string_arrays([(bytes(4 * (count + 1)), b"")] * len(fields), fields, count)
+
+
+def _attribute_rows(organizations, customers, attributes: dict):
+    """For each row (its ``organizations`` and ``customers`` columns), the position of its
+    customer among those of ``attributes``, or ``len(attributes)`` where it has none: an
+    Arrow int32 array with no nulls. None where Arrow cannot match exactly: an id shared by two
+    organizations among ``attributes``, or one that UTF-8 could not hold as it is (a lone
+    surrogate, or a ``?``, which the columns use in its place)."""
+    import pyarrow as pa
+    from pyarrow._compute import SetLookupOptions, call_function
+
+    organization_ids, customer_ids = zip(*attributes)
+    if len(set(customer_ids)) < len(customer_ids) or "?" in "".join(chain(organization_ids, customer_ids)):
+        return None
+    try:
+        known_customers = pa.array(customer_ids, pa.string())
+        known_organizations = pa.array([*organization_ids, ""], pa.string())
+    except UnicodeEncodeError:
+        return None
+    none = pa.scalar(len(customer_ids), pa.int32())
+    at = call_function("index_in", [customers], SetLookupOptions(known_customers))
+    at = _without_validity(call_function("coalesce", [at, none]))
+    same = arrow_function("equal", arrow_function("take", known_organizations, at), organizations)
+    return _without_validity(call_function("if_else", [same, at, none]))
+
+
+def _without_validity(array):
+    """``array`` (no nulls) without its validity bitmap: the same values, a plain column."""
+    import pyarrow as pa
+
+    if array.buffers()[0] is None:
+        return array
+    return pa.Array.from_buffers(array.type, len(array), [None, *array.buffers()[1:]], 0, array.offset)
 
 
 def metric_batch(rows: list, table: str):

@@ -8,10 +8,12 @@ share a hash);
 cached for less than the TTL cost nothing; the others cost one pipelined round trip per call
 (one script per 1,000 customers: ``EXISTS``, then ``HMGET`` of a hash that exists), never one
 per event: the ClickHouse sink calls it once per flush with the distinct customers of the rows
-it writes. Each script call takes the key names as one JSON array and answers one JSON array,
-so neither side packs or parses a reply per customer (that cost ~7 us of client CPU a
-customer); a standalone Redis (the only kind ``connect`` makes) allows key names in arguments,
-a Redis Cluster would not.
+it writes. Each script call takes the customers' names (their hashes' names without the
+prefix) as one JSON array and answers one JSON array holding only the customers that have a
+hash (their position and values), so neither side packs or parses a reply per customer, and
+the client decodes next to nothing when few customers have attributes (the usual case); a
+standalone Redis (the only kind ``connect`` makes) allows key names built in a script, a Redis
+Cluster would not.
 
 No guarantee of freshness is needed for exactness: attributes are not part of any row key, so
 a row written again with changed attributes replaces its twin with the same totals.
@@ -31,37 +33,52 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
+from functools import cache
+from itertools import compress, islice, repeat
+from operator import ge, itemgetter
 from typing import Callable, Iterable
 
 import msgspec
 
 from operators.telemetry import metrics
-from sinks.redis_client import REDIS_ERRORS, Breaker, connect, plain, redis_key
+from sinks.redis_client import REDIS_ERRORS, Breaker, connect, key_part, plain
 
 log = logging.getLogger(__name__)
 
 CUSTOMER_PREFIX = "tallyflow:customer"
 KEYS_PER_CALL = 1_000
 _READ_SCRIPT = """
-local keys = cjson.decode(ARGV[1])
-local fields = {unpack(ARGV, 2)}
+local names = cjson.decode(ARGV[1])
+local prefix = ARGV[2]
+local fields = {unpack(ARGV, 3)}
 local out = {}
-for i, key in ipairs(keys) do
+for i, name in ipairs(names) do
+  local key = prefix .. name
   if redis.call('EXISTS', key) == 1 then
-    out[i] = redis.call('HMGET', key, unpack(fields))
-  else
-    out[i] = false
+    out[#out + 1] = i - 1
+    local values = redis.call('HMGET', key, unpack(fields))
+    for j = 1, #fields do
+      out[#out + 1] = values[j]
+    end
   end
 end
+if #out == 0 then
+  return '[]'
+end
 return cjson.encode(out)
-"""  # ARGV[1]: JSON array of customer hashes; ARGV[2:]: the fields. Answers a JSON array: per
-# key, its values (false where a field is absent), or false when there is no hash.
+"""  # ARGV[1]: JSON array of customer names (:func:`customer_names`); ARGV[2]: the hashes'
+# prefix; ARGV[3:]: the fields. Answers a JSON array of the customers that have a hash only:
+# for each, its position (from 0), then its values (false where a field is absent).
 _encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 
 
 Customer = tuple  # (organization_id, external_customer_id)
+
+_ABSENT = (float("-inf"), None)  # what the cache answers for a customer it does not hold
+_EXPIRES = itemgetter(0)
+_ATTRIBUTES = itemgetter(1)
 
 
 def customer_key(organization_id: str, external_customer_id: str) -> str:
@@ -70,16 +87,75 @@ def customer_key(organization_id: str, external_customer_id: str) -> str:
     >>> customer_key("org_1", "cus_9"), customer_key("acme:eu", "42%")
     ('tallyflow:customer:org_1:cus_9', 'tallyflow:customer:acme%3Aeu:42%25')
     """
-    if plain(organization_id + external_customer_id):  # nearly always: nothing to encode
-        return f"{CUSTOMER_PREFIX}:{organization_id}:{external_customer_id}"
-    return redis_key(CUSTOMER_PREFIX, organization_id, external_customer_id)
+    return f"{CUSTOMER_PREFIX}:{customer_names([organization_id], [external_customer_id])[0]}"
+
+
+def customer_names(organizations, customers) -> list[str]:
+    """Each customer's name: its hash's name after ``tallyflow:customer:``, the two ids
+    percent-encoded (``sinks.redis_client.key_part``) and joined by ``:``, so one name is one
+    customer. ``organizations`` and ``customers``: lists of str, or Arrow string arrays (the
+    sink's key columns), which Arrow joins, making one Python string per customer. The ids are
+    checked all at once and joined as they are when none needs encoding (nearly always).
+
+    >>> customer_names(["o", "o"], ["c1", "c2"]), customer_names(["acme:eu", "o"], ["42%", "c"])
+    (['o:c1', 'o:c2'], ['acme%3Aeu:42%25', 'o:c'])
+    >>> import pyarrow as pa
+    >>> customer_names(pa.array(["o", "acme:eu"]), pa.array(["c1", "42%"]))
+    ['o:c1', 'acme%3Aeu:42%25']
+    """
+    if not isinstance(organizations, list):
+        if _verbatim(organizations) and _verbatim(customers):
+            from pyarrow._compute import call_function
+
+            return call_function("binary_join_element_wise", [organizations, customers, ":"]).to_pylist()
+        organizations, customers = organizations.to_pylist(), customers.to_pylist()
+    if not (plain("".join(organizations)) and plain("".join(customers))):
+        organizations, customers = map(key_part, organizations), map(key_part, customers)
+    return list(map(":".join, zip(organizations, customers)))
+
+
+def _verbatim(strings) -> bool:
+    """Whether ``key_part`` keeps every string of the Arrow ``strings`` as it is: no byte of
+    ``%``, ``:`` or an ASCII control character in their UTF-8 (no such byte is ever part of
+    another character's), found by one table lookup of the bytes in numpy.
+
+    >>> import pyarrow as pa
+    >>> _verbatim(pa.array(["acme", "café", ""])), _verbatim(pa.array(["a:b", "x"])[1:]), _verbatim(pa.array(["a\x7f"]))
+    (True, True, False)
+    """
+    import numpy as np
+
+    offsets_buffer, data = strings.buffers()[1:3]
+    if data is None or not len(strings):
+        return True
+    offsets = np.frombuffer(offsets_buffer, np.int32, len(strings) + 1, strings.offset * 4)
+    text = np.frombuffer(data, np.uint8, offsets[-1] - offsets[0], offsets[0])
+    return not _encoded_bytes()[text].any()
+
+
+@cache
+def _encoded_bytes():
+    """Per byte value: whether it is (the UTF-8 of) a character ``key_part`` encodes."""
+    import numpy as np
+
+    return np.array([byte < 0x20 or byte == 0x7F or chr(byte) in "%:" for byte in range(256)])
 
 
 class CustomerAttributes:
     """Fields ``fields`` of customers' hashes, through a cache of ``max_entries`` for ``ttl_ms``.
 
-    Unknown customers are cached too (as empty attributes), so a customer without a hash is
+    Unknown customers are cached too (as no attributes), so a customer without a hash is
     looked up at most once per TTL. ``stats`` counts outcomes (also exported to Prometheus).
+
+    The cache is a plain dict keyed by customer name (:func:`customer_names`), in the order
+    customers were fetched: every entry lives for the same TTL, so that order is also the order
+    in which they expire (a customer fetched again moves to the end), and a hit moves nothing.
+    Past ``max_entries`` the cache is rebuilt with the newer half of its entries: the customers
+    fetched longest ago (first to expire) go, whether or not they were asked for since; they
+    are fetched again when next asked for. An entry costs ~110 bytes (a name of 20 characters,
+    ~70, and the dict's slot; customers fetched together share one expiry, and those without
+    attributes one entry), so the 100,000 by default hold ~11 MB per sink partition, ~180 MB for
+    a process writing 16: the default stays, as more per partition would be more per process.
     """
 
     def __init__(self, url: str, fields: tuple[str, ...], ttl_ms: int, *,
@@ -91,82 +167,109 @@ class CustomerAttributes:
         self.clock = clock
         self.stats: Counter[str] = Counter()
         self._empty = ("",) * len(self.fields)
-        self._cache: OrderedDict[Customer, tuple[float, tuple[str, ...]]] = OrderedDict()
+        # name -> (expires, attributes, or None where it has none): in order of expiry
+        self._cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}
         self._redis = connect(url, timeout_s=timeout_s)
         self._script = self._redis.register_script(_READ_SCRIPT)
         self._breaker = Breaker(clock=clock)
 
     def lookup(self, customers: Iterable[Customer]) -> dict[Customer, tuple[str, ...]]:
         """Attributes (one string per field, ``""`` when absent) of each distinct customer."""
+        distinct = list(set(customers))
+        found = self.present([org for org, _ in distinct], [customer for _, customer in distinct])
+        empty = self._empty
+        return {customer: found.get(at, empty) for at, customer in enumerate(distinct)}
+
+    def present(self, organizations, customers) -> dict[int, tuple[str, ...]]:
+        """The attributes of those of the distinct customers ``zip(organizations, customers)``
+        (lists of str, or Arrow string arrays: see :func:`customer_names`) that have some (a
+        field that is not ``""``), by their position; every other customer's are all ``""``.
+        The sink's call: when few customers have attributes, what it maps rows to is small.
+
+        Cached entries are read and checked in bulk (C iterators, no Python code per customer
+        cached); only the missing or expired go to :meth:`_fetch`.
+        """
+        names = customer_names(organizations, customers)
         now = self.clock()
-        found: dict[Customer, tuple[str, ...]] = {}
-        missing: list[Customer] = []
-        cache = self._cache
-        for customer in set(customers):
-            entry = cache.get(customer)
-            if entry is not None and entry[0] > now:
-                cache.move_to_end(customer)
-                found[customer] = entry[1]
-            else:
-                missing.append(customer)
-        self._count("hit", len(found))
-        if missing:
-            found.update(self._fetch(missing, now))
+        entries = list(map(self._cache.get, names, repeat(_ABSENT)))
+        due = list(compress(range(len(names)), map(ge, repeat(now), map(_EXPIRES, entries))))
+        found = dict(compress(enumerate(map(_ATTRIBUTES, entries)), map(_ATTRIBUTES, entries)))
+        self._count("hit", len(names) - len(due))
+        if due:
+            expired = [at for at in due if entries[at] is not _ABSENT]
+            for at in expired:
+                found.pop(at, None)  # stale: what the fetch gives (even stale) replaces it
+            fetched = self._fetch(list(map(names.__getitem__, due)), list(map(names.__getitem__, expired)), now)
+            found.update(zip(map(due.__getitem__, fetched), fetched.values()))
         return found
 
-    def _fetch(self, customers: list[Customer], now: float) -> dict[Customer, tuple[str, ...]]:
+    def _fetch(self, names: list[str], expired: list[str], now: float) -> dict[int, tuple[str, ...]]:
+        """Those of customers ``names`` (not cached, or ``expired``) that have attributes, by
+        position, and theirs: from Redis, else (Redis unavailable) from the cache even when
+        expired."""
         if not self.fields:
-            return {customer: () for customer in customers}
+            return {}
         if self._breaker.ready():
             try:
-                fetched = self._read(customers)
+                fetched = self._read(names)
             except REDIS_ERRORS as err:
                 delay = self._breaker.failed(err)
                 log.warning("Redis unavailable for enrichment: using cached or empty attributes",
-                            extra={"customers": len(customers), "retry_in_s": delay,
+                            extra={"customers": len(names), "retry_in_s": delay,
                                    "error": str(err)})
             else:
                 if self._breaker.succeeded():
                     log.info("Redis is back for enrichment")
-                return self._store(fetched, now)
-        out = {}
-        for customer in customers:
-            entry = self._cache.get(customer)
-            out[customer] = self._empty if entry is None else entry[1]
-        unavailable = sum(1 for customer in customers if customer not in self._cache)
-        self._count("unavailable", unavailable)
-        self._count("stale", len(customers) - unavailable)
-        return out
+                return self._store(names, expired, fetched, now)
+        self._count("unavailable", len(names) - len(expired))
+        self._count("stale", len(expired))
+        cached = dict(zip(expired, map(_ATTRIBUTES, map(self._cache.__getitem__, expired))))
+        return {at: cached[name] for at, name in enumerate(names) if cached.get(name) is not None}
 
-    def _read(self, customers: list[Customer]) -> list[tuple[Customer, tuple[str, ...] | None]]:
-        """One pipelined round trip, one script call per 1,000 customers; values that are not
+    def _read(self, names: list[str]) -> dict[int, tuple[str, ...]]:
+        """The attributes (``""`` for a field it lacks) of those of customers ``names`` that
+        have a hash, by position: one pipelined round trip, one script call per 1,000
+        customers, each answering only the customers that have a hash. Values that are not
         UTF-8 read with U+FFFD in place of the bad bytes."""
         pipe = self._redis.pipeline(transaction=False)
-        for start in range(0, len(customers), KEYS_PER_CALL):
-            keys = _encode_json([customer_key(org, customer)
-                                 for org, customer in customers[start:start + KEYS_PER_CALL]])
-            self._script(keys=[], args=[keys, *self.fields], client=pipe)
-        replies = [reply for chunk in pipe.execute()
-                   for reply in _decode_json(chunk.decode("utf-8", "replace"))]
-        return [(customer, None if values is False else tuple(value or "" for value in values))
-                for customer, values in zip(customers, replies)]
+        starts = range(0, len(names), KEYS_PER_CALL)
+        for start in starts:
+            self._script(keys=[], args=[_encode_json(names[start:start + KEYS_PER_CALL]),
+                                        f"{CUSTOMER_PREFIX}:", *self.fields], client=pipe)
+        found = {}
+        width = len(self.fields) + 1
+        for start, reply in zip(starts, pipe.execute()):
+            flat = _decode_json(reply.decode("utf-8", "replace"))
+            for at in range(0, len(flat), width):
+                found[start + flat[at]] = tuple([value or "" for value in flat[at + 1:at + width]])
+        return found
 
-    def _store(self, fetched, now: float) -> dict[Customer, tuple[str, ...]]:
+    def _store(self, names: list[str], expired: list[str], fetched: dict[int, tuple[str, ...]],
+               now: float) -> dict[int, tuple[str, ...]]:
+        """Cache customers ``names`` as just read (``fetched``: those with a hash, by position)
+        until ``now`` plus the TTL, at the end of the cache (its order stays the order of
+        expiry: the ``expired`` ones move there); those that have attributes, and theirs."""
         expires = now + self.ttl_s
-        out = {}
-        unknown = 0
-        for customer, attributes in fetched:
-            if attributes is None:
-                unknown += 1
-                attributes = self._empty
-            self._cache[customer] = (expires, attributes)
-            self._cache.move_to_end(customer)
-            out[customer] = attributes
-        self._count("unknown", unknown)
-        self._count("fetched", len(fetched) - unknown)
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-        return out
+        cache = self._cache
+        for name in expired:
+            del cache[name]
+        cache.update(zip(names, repeat((expires, None))))
+        found = {}
+        for at, attributes in fetched.items():
+            if any(attributes):
+                cache[names[at]] = (expires, attributes)
+                found[at] = attributes
+        self._count("unknown", len(names) - len(fetched))
+        self._count("fetched", len(fetched))
+        if len(cache) > self.max_entries:
+            self._evict()
+        return found
+
+    def _evict(self) -> None:
+        """Keep the newer half of ``max_entries`` (those fetched last), in one rebuild: never
+        deleting the oldest one by one, whose empty slots each next search would walk past."""
+        cache = self._cache
+        self._cache = dict(islice(cache.items(), len(cache) - self.max_entries // 2, None))
 
     def _count(self, outcome: str, n: int = 1) -> None:
         if n:

@@ -190,3 +190,65 @@ def test_the_sink_sends_a_row_blocks_batch_in_key_order_once():
     sent = pa.ipc.open_stream(payload).read_next_batch()
     assert table == "usage_aggregates" and sent.equals(sorted_by_bytes(block_batch(blocks, table)))
     assert sent.column("event_count").to_pylist() == [3, 7, 2, 1]
+
+
+ATTRIBUTE = st.sampled_from(["", "pro", "free", "?", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(row_blocks(), st.data(), st.integers(1, 2), st.booleans())
+def test_enriched_columns_are_each_rows_customers_attributes_on_every_path(blocks, data, width, ask):
+    """The enrichment columns on every path (compiled key order: a customer's run; pure: Arrow
+    matching the rows' ids, or rows one by one where ids repeat across organizations or hold a
+    ``?``; the attributes given, or asked for by position), against the attributes of each
+    row's customer looked up row by row: none, some (with ``""`` fields) or all customers."""
+    customers = sorted({key[:2] for block in blocks for key in block.keys})
+    chosen = data.draw(st.lists(st.sampled_from(customers), unique=True)) if customers else []
+    attributes = {customer: data.draw(st.tuples(*[ATTRIBUTE] * width)) for customer in chosen}
+    fields = ("plan", "region")[:width]
+    asked = []
+
+    def lookup(organizations, customer_ids):  # lists, or the key columns' Arrow arrays
+        if not isinstance(organizations, list):
+            organizations, customer_ids = organizations.to_pylist(), customer_ids.to_pylist()
+        asked.append(list(zip(organizations, customer_ids)))
+        return {at: attributes[customer] for at, customer in enumerate(asked[-1])
+                if any(attributes.get(customer, ()))}
+
+    enrichment = (fields, lookup if ask else attributes)
+    rows = [row for block in blocks for row in block.rows()]
+    expected = {field: [attributes.get((row.organization_id, row.external_customer_id), ("",) * width)[i]
+                        for row in rows] for i, field in enumerate(fields)}
+    unenriched = block_batch(blocks, "usage_aggregates")
+    for name, values in expected.items():
+        unenriched = unenriched.append_column(name, columnar.column_array(values, "String", name))
+    oracle = in_key_order(unenriched, "usage_aggregates")
+    ordered = block_batch(blocks, "usage_aggregates", enrichment, key_ordered=True)
+    ordered.validate(full=True)
+    assert ordered.equals(oracle)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pure(monkeypatch)
+        monkeypatch.setattr(columnar, "_fast_key_order", None)
+        assert block_batch(blocks, "usage_aggregates", enrichment, key_ordered=True).equals(oracle)
+        assert block_batch(blocks, "usage_aggregates", enrichment).equals(unenriched)
+    if ask:
+        assert all(len(set(customers_asked)) == len(customers_asked) for customers_asked in asked)
+
+
+def test_rows_of_customers_without_attributes_get_empty_strings_without_a_lookup_per_row():
+    blocks = [WindowRowBlock("", 0, 60_000, 1, [("o", "c", "x"), ("o", "d", "x"), ("o", "c", "y")], (1, 1, 1), (0, 0, 0))]
+    batch = block_batch(blocks, "usage_aggregates", (("plan", "region"), lambda organizations, customers: {}),
+                        key_ordered=True)
+    assert batch.column("plan").to_pylist() == batch.column("region").to_pylist() == ["", "", ""]
+    assert batch.column("plan").null_count == 0 and batch.column("plan").buffers()[0] is None
+
+
+def test_an_id_shared_by_two_organizations_gets_each_ones_attributes():
+    from sinks.columnar import window_batch
+    from state.records import WindowRow
+
+    rows = [WindowRow(org, "c", "x", 0, 60_000, 1, 0, 1) for org in ("o", "p", "q")]
+    for attributes in ({("o", "c"): ("pro",), ("p", "c"): ("free",)}, {("p", "c"): ("free",)},
+                       {("p", "c?"): ("x",), ("o", "c"): ("pro",)}):
+        plan = window_batch(rows, "usage_aggregates", (("plan",), attributes)).column("plan").to_pylist()
+        assert plan == [attributes.get((row.organization_id, "c"), ("",))[0] for row in rows]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from deploy.broker import ensure_topic
 from deploy.generator import generate, produce
 from deploy.runner import run_flow
 from sinks.clickhouse_backend import connect
-from sinks.enrichment import CustomerAttributes, customer_key
+from sinks.enrichment import CustomerAttributes, customer_key, customer_names
 from sinks.schema import USAGE_AGGREGATES, ensure_schema
 from support.flow import flow_env, read_output
 from support.kafka import read_all, unique_topic
@@ -94,10 +95,75 @@ def test_redis_down_falls_back_to_cached_or_empty_and_recovers(redis_server):
     attributes.close()
 
 
-def test_cache_is_bounded(redis_server):
+def test_cache_keeps_the_newer_half_when_full_and_fetches_the_evicted_again(redis_server):
+    client = redis_server.client()
+    clock = FakeClock()
+    attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=60_000, max_entries=10,
+                                    clock=clock)
+    first = [("o", f"a{i}") for i in range(6)]
+    second = [("o", f"b{i}") for i in range(6)]
+    attributes.lookup(first)
+    clock.now += 1
+    attributes.lookup(second)  # 12 > 10: the 5 fetched last stay, all of them from the second call
+    assert len(attributes._cache) == 5
+    assert set(attributes._cache) < {f"o:{customer}" for _, customer in second}
+
+    kept = [("o", name.split(":")[1]) for name in attributes._cache]
+    before = lookups_served(client)
+    attributes.lookup(kept)  # hits: nothing asked of Redis
+    assert lookups_served(client) == before and attributes.stats["hit"] == 5
+    client.hset(customer_key("o", "a0"), "plan", "pro")
+    assert attributes.lookup(first[:1]) == {("o", "a0"): ("pro",)}  # evicted: fetched again
+    assert lookups_served(client) > before
+    attributes.close()
+
+
+def test_a_customer_fetched_again_after_its_ttl_moves_to_the_end_and_is_served_until_then(redis_server):
+    client = redis_server.client()
+    clock = FakeClock()
+    attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=10_000, clock=clock)
+    attributes.lookup([("o", "early")])
+    clock.now += 5
+    attributes.lookup([("o", "late")])
+    client.hset(customer_key("o", "early"), "plan", "pro")
+    clock.now += 5  # "early" expires now (a TTL is up at its very end), "late" does not
+    assert attributes.lookup([("o", "early"), ("o", "late")]) == {
+        ("o", "early"): ("pro",), ("o", "late"): ("",)}
+    assert list(attributes._cache) == ["o:late", "o:early"]  # the order of expiry
+    assert attributes.stats == {"unknown": 2, "fetched": 1, "hit": 1}
+    attributes.close()
+
+
+def test_the_cache_is_bounded_whatever_one_lookup_asks(redis_server):
     attributes = CustomerAttributes(redis_server.url, ("plan",), ttl_ms=60_000, max_entries=10)
-    attributes.lookup([("o", str(i)) for i in range(25)])
-    assert len(attributes._cache) == 10
+    assert attributes.lookup([("o", str(i)) for i in range(25)]) == {("o", str(i)): ("",) for i in range(25)}
+    assert len(attributes._cache) == 5
+    attributes.close()
+
+
+def test_only_customers_with_a_hash_come_back_and_only_those_with_attributes_are_present(redis_server):
+    """The sparse reply: positions and values of the few customers with a hash, a field the
+    hash lacks read as "", bytes that are not UTF-8 as U+FFFD; a hash with none of the fields
+    is fetched (it exists) but gives no attributes."""
+    client = redis_server.client()
+    organizations = ["o"] * 3_000 + ["p:x"]
+    customers = [f"c{i}" for i in range(3_000)] + ["100%"]
+    client.hset(customer_key("o", "c7"), mapping={"plan": b"caf\xc3\xa9", "other": "1"})
+    client.hset(customer_key("o", "c1500"), mapping={"region": b"\xff\"x"})
+    client.hset(customer_key("o", "c2999"), mapping={"other": "only"})
+    client.hset(customer_key("p:x", "100%"), mapping={"plan": "pro", "region": "eu"})
+    attributes = CustomerAttributes(redis_server.url, ("plan", "region"), ttl_ms=60_000)
+    names = customer_names(organizations, customers)
+    assert names[-1] == "p%3Ax:100%25"
+    assert attributes._read(names) == {7: ("café", ""), 1500: ("", "\ufffd\"x"), 2999: ("", ""),
+                                       3000: ("pro", "eu")}
+    present = attributes.present(organizations, customers)
+    assert present == {7: ("café", ""), 1500: ("", "\ufffd\"x"), 3000: ("pro", "eu")}
+    assert attributes.stats == {"fetched": 4, "unknown": 2_997}
+    assert attributes.present(organizations, customers) == present  # from the cache, as sparse
+    assert attributes.stats["hit"] == 3_001
+    assert attributes.lookup([("o", "c2999"), ("o", "c7")]) == {("o", "c2999"): ("", ""),
+                                                               ("o", "c7"): ("café", "")}
     attributes.close()
 
 
@@ -173,7 +239,8 @@ awkward_values = st.binary(max_size=12) | st.text(max_size=8).map(str.encode) | 
                        min_size=1, max_size=12))
 def test_lookups_read_what_the_hashes_hold_byte_for_byte(redis_server, customers):
     """Differential: the one-JSON-argument script answers what EXISTS and HMGET give, command by
-    command, for any ids and any bytes in the values (not UTF-8: U+FFFD, as before)."""
+    command, for any ids and any bytes in the values (not UTF-8: U+FFFD, as before): the
+    customers that have a hash, by position."""
     client = redis_server.client()
     client.flushall()
     for customer, attributes in customers.items():
@@ -181,9 +248,15 @@ def test_lookups_read_what_the_hashes_hold_byte_for_byte(redis_server, customers
             client.hset(customer_key(*customer), mapping=attributes or {"other": "1"})
     fields = ("plan", "region")
     attributes = CustomerAttributes(redis_server.url, fields, ttl_ms=60_000)
+    organizations, ids = [o for o, _ in customers], [c for _, c in customers]
+    names = customer_names(organizations, ids)
+    assert customer_names(pa.array(organizations), pa.array(ids)) == names  # the sink's columns
+    assert customer_names(pa.array(["x", *organizations])[1:], pa.array(["y", *ids])[1:]) == names
     try:
-        found = attributes._read(list(customers))
-        assert found == [(c, reference_attributes(client, c, fields)) for c in customers]
+        found = attributes._read(names)
+        expected = {at: reference_attributes(client, c, fields) for at, c in enumerate(customers)}
+        assert found == {at: values for at, values in expected.items() if values is not None}
+        assert attributes.lookup(customers) == {c: expected[at] or ("", "") for at, c in enumerate(customers)}
     finally:
         attributes.close()
 
