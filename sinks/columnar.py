@@ -635,9 +635,9 @@ def _add_enrichment(arrays: dict, customers: Callable, enrichment: tuple[tuple[s
 def _enrich_runs(arrays: dict, keys: list, order, enrichment: tuple[tuple[str, ...], dict | Callable]) -> None:
     """What :func:`_add_enrichment` adds, for row block keys ``keys`` taken in key ``order``
     (organization, then customer first) into the columns of ``arrays``, whose text holds the
-    ids exactly (no character replaced): each customer's rows are one run, so its attributes
-    are looked up and encoded once, and repeated over its run by Arrow; the distinct customers
-    are the keys of the runs' first rows (no key read per row).
+    ids exactly (no character replaced): each customer's rows are one run, so it is looked up
+    once, and the attributes of the few that have some are encoded once and repeated over their
+    runs by Arrow (the other rows take ``""``); no key is read per row.
 
         >>> import numpy as np, pyarrow as pa
         >>> keys = [("o", "d", "x"), ("o", "c", "x"), ("p", "c", "x"), ("o", "c", "y")]
@@ -663,11 +663,12 @@ def _enrich_runs(arrays: dict, keys: list, order, enrichment: tuple[tuple[str, .
     if not found:
         arrays.update(_empty_strings(fields, count))
         return
-    empty = ("",) * len(fields)
-    of_customer = text_columns(list(map(found.get, range(len(starts)), repeat(empty))), fields)
-    run_of_row = np.repeat(np.arange(len(starts)), np.diff(starts, append=count))
-    for field in fields:
-        arrays[field] = arrow_function("take", of_customer[field], run_of_row)
+    of_run = np.full(len(starts), len(found), np.int64)  # the last value: no attributes
+    of_run[np.fromiter(found, np.int64, len(found))] = np.arange(len(found))
+    of_row = np.repeat(of_run, np.diff(starts, append=count))
+    for field, values in zip(fields, zip(*found.values())):
+        known = column_array([*values, ""], "String", field)
+        arrays[field] = _without_validity(arrow_function("take", known, of_row))
 
 
 def _run_starts(organizations, customers):

@@ -59,7 +59,7 @@ for i, name in ipairs(names) do
     out[#out + 1] = i - 1
     local values = redis.call('HMGET', key, unpack(fields))
     for j = 1, #fields do
-      out[#out + 1] = values[j]
+      out[#out + 1] = values[j] or ''
     end
   end
 end
@@ -69,7 +69,7 @@ end
 return cjson.encode(out)
 """  # ARGV[1]: JSON array of customer names (:func:`customer_names`); ARGV[2]: the hashes'
 # prefix; ARGV[3:]: the fields. Answers a JSON array of the customers that have a hash only:
-# for each, its position (from 0), then its values (false where a field is absent).
+# for each, its position (from 0), then its values ("" where a field is absent).
 _encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 
@@ -240,8 +240,8 @@ class CustomerAttributes:
         width = len(self.fields) + 1
         for start, reply in zip(starts, pipe.execute()):
             flat = _decode_json(reply.decode("utf-8", "replace"))
-            for at in range(0, len(flat), width):
-                found[start + flat[at]] = tuple([value or "" for value in flat[at + 1:at + width]])
+            values = zip(*[flat[field::width] for field in range(1, width)])
+            found.update(zip(map(start.__add__, flat[::width]), values))
         return found
 
     def _store(self, names: list[str], expired: list[str], fetched: dict[int, tuple[str, ...]],
