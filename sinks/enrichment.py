@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from functools import cache
 from itertools import compress, islice, repeat
-from operator import ge, itemgetter
+from operator import ge, is_, itemgetter
 from typing import Callable, Iterable
 
 import msgspec
@@ -76,7 +76,6 @@ _decode_json = msgspec.json.Decoder().decode
 
 Customer = tuple  # (organization_id, external_customer_id)
 
-_ABSENT = (float("-inf"), None)  # what the cache answers for a customer it does not hold
 _EXPIRES = itemgetter(0)
 _ATTRIBUTES = itemgetter(1)
 
@@ -154,12 +153,14 @@ class CustomerAttributes:
     fetched longest ago (first to expire) go, whether or not they were asked for since; they
     are fetched again when next asked for. An entry costs ~110 bytes (a name of 20 characters,
     ~70, and the dict's slot; customers fetched together share one expiry, and those without
-    attributes one entry), so the 100,000 by default hold ~11 MB per sink partition, ~180 MB for
-    a process writing 16: the default stays, as more per partition would be more per process.
+    attributes one entry), so the 250,000 by default hold ~28 MB for a worker (its sink
+    partitions share one client): a minute of the high-cardinality bench's customers (~65,000)
+    four times over, so that a TTL's worth of customers is never evicted at up to four times
+    that rate (100,000 before, when each partition had its own).
     """
 
     def __init__(self, url: str, fields: tuple[str, ...], ttl_ms: int, *,
-                 max_entries: int = 100_000, timeout_s: float = 0.25,
+                 max_entries: int = 250_000, timeout_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.fields = tuple(fields)
         self.ttl_s = ttl_ms / 1000
@@ -187,28 +188,32 @@ class CustomerAttributes:
         The sink's call: when few customers have attributes, what it maps rows to is small.
 
         Cached entries are read and checked in bulk (C iterators, no Python code per customer
-        cached); only the missing or expired go to :meth:`_fetch`.
+        cached); a customer not cached is entered as fetched with no attributes by the same
+        search (``setdefault``: one search a customer, not two), and only the new or expired go
+        to :meth:`_fetch`.
         """
+        if not self.fields:
+            return {}
         names = customer_names(organizations, customers)
         now = self.clock()
-        entries = list(map(self._cache.get, names, repeat(_ABSENT)))
-        due = list(compress(range(len(names)), map(ge, repeat(now), map(_EXPIRES, entries))))
+        unknown = (now + self.ttl_s, None)  # a customer fetched now without attributes
+        entries = list(map(self._cache.setdefault, names, repeat(unknown)))
+        new = list(compress(range(len(names)), map(is_, entries, repeat(unknown))))
+        expired = list(compress(range(len(names)), map(ge, repeat(now), map(_EXPIRES, entries))))
         found = dict(compress(enumerate(map(_ATTRIBUTES, entries)), map(_ATTRIBUTES, entries)))
-        self._count("hit", len(names) - len(due))
-        if due:
-            expired = [at for at in due if entries[at] is not _ABSENT]
+        self._count("hit", len(names) - len(new) - len(expired))
+        if new or expired:
             for at in expired:
-                found.pop(at, None)  # stale: what the fetch gives (even stale) replaces it
-            fetched = self._fetch(list(map(names.__getitem__, due)), list(map(names.__getitem__, expired)), now)
+                found.pop(at, None)  # what the fetch gives (stale where Redis is down) replaces it
+            due = new + expired
+            fetched = self._fetch(list(map(names.__getitem__, due)), len(new), unknown)
             found.update(zip(map(due.__getitem__, fetched), fetched.values()))
         return found
 
-    def _fetch(self, names: list[str], expired: list[str], now: float) -> dict[int, tuple[str, ...]]:
-        """Those of customers ``names`` (not cached, or ``expired``) that have attributes, by
-        position, and theirs: from Redis, else (Redis unavailable) from the cache even when
-        expired."""
-        if not self.fields:
-            return {}
+    def _fetch(self, names: list[str], new: int, unknown: tuple) -> dict[int, tuple[str, ...]]:
+        """Those of customers ``names`` (the first ``new`` entered as ``unknown`` just now, the
+        others expired) that have attributes, by position, and theirs: from Redis, else (Redis
+        unavailable) from the cache even when expired, the new ones taken out of it again."""
         if self._breaker.ready():
             try:
                 fetched = self._read(names)
@@ -220,11 +225,14 @@ class CustomerAttributes:
             else:
                 if self._breaker.succeeded():
                     log.info("Redis is back for enrichment")
-                return self._store(names, expired, fetched, now)
-        self._count("unavailable", len(names) - len(expired))
-        self._count("stale", len(expired))
-        cached = dict(zip(expired, map(_ATTRIBUTES, map(self._cache.__getitem__, expired))))
-        return {at: cached[name] for at, name in enumerate(names) if cached.get(name) is not None}
+                return self._store(names, new, unknown, fetched)
+        cache = self._cache
+        for name in names[:new]:
+            cache.pop(name, None)  # not fetched: asked again next time
+        self._count("unavailable", new)
+        self._count("stale", len(names) - new)
+        stale = zip(range(new, len(names)), map(_ATTRIBUTES, map(cache.__getitem__, names[new:])))
+        return {at: attributes for at, attributes in stale if attributes is not None}
 
     def _read(self, names: list[str]) -> dict[int, tuple[str, ...]]:
         """The attributes (``""`` for a field it lacks) of those of customers ``names`` that
@@ -244,20 +252,20 @@ class CustomerAttributes:
             found.update(zip(map(start.__add__, flat[::width]), values))
         return found
 
-    def _store(self, names: list[str], expired: list[str], fetched: dict[int, tuple[str, ...]],
-               now: float) -> dict[int, tuple[str, ...]]:
+    def _store(self, names: list[str], new: int, unknown: tuple,
+               fetched: dict[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]:
         """Cache customers ``names`` as just read (``fetched``: those with a hash, by position)
-        until ``now`` plus the TTL, at the end of the cache (its order stays the order of
-        expiry: the ``expired`` ones move there); those that have attributes, and theirs."""
-        expires = now + self.ttl_s
+        until ``unknown``'s expiry; the first ``new`` are cached already, as ``unknown``, the
+        expired others move to the end (the cache's order stays the order of expiry). Those
+        that have attributes, and theirs."""
         cache = self._cache
-        for name in expired:
+        for name in names[new:]:
             del cache[name]
-        cache.update(zip(names, repeat((expires, None))))
+            cache[name] = unknown
         found = {}
         for at, attributes in fetched.items():
             if any(attributes):
-                cache[names[at]] = (expires, attributes)
+                cache[names[at]] = (unknown[0], attributes)
                 found[at] = attributes
         self._count("unknown", len(names) - len(fetched))
         self._count("fetched", len(fetched))
