@@ -90,9 +90,26 @@ class BufferedPartition(StatefulSinkPartition[X, None], Generic[X]):
             pending.items.extend(values)
             pending.rows += self.rows_in(values)
             if pending.rows >= self._max_rows or self._clock() - pending.last_write >= self._max_age_s:
-                self.flush()
+                self.flush_due()
+
+    def flush_due(self) -> None:
+        """A batch is full or old: write it. A subclass may let the write run on while the
+        worker goes on (``sinks.clickhouse_sink``); :meth:`flush` is the one that waits."""
+        self.flush()
 
     def flush(self) -> None:
+        """Write everything buffered, and return once it is written (see :meth:`settle`)."""
+        self.hand_over()
+        self.settle()
+
+    def settle(self) -> None:
+        """Return once every write ``flush_items`` started is done (or raise its error).
+
+        Here ``flush_items`` has written before it returns; a subclass whose writes run on
+        waits for them."""
+
+    def hand_over(self) -> None:
+        """Give everything buffered to ``flush_items`` (under the buffer's lock)."""
         pending = self._pending
         with pending.lock:
             if pending.items:

@@ -226,10 +226,11 @@ def test_any_window_rows_match_the_oracle(chdb_url, rows):
 
 def test_row_batches_go_to_their_grains_tables_and_count_as_rows(backend):
     """The shard step sends ``WindowRows`` batches: the partition buffers their rows by count
-    (not by item) and writes each to its grain's table."""
+    (not by item) and writes each to its grain's table. (Inserts run in the background:
+    ``settle`` waits for those handed over, and writes nothing still buffered.)"""
     partition = ClickHousePartition(backend, max_rows=3, max_age_s=3600.0)
-    counts = lambda: [backend.query(f"SELECT count() FROM {t}")[1][0][0]
-                      for t in ("usage_aggregates", "usage_aggregates_hourly")]
+    counts = lambda: partition.settle() or [backend.query(f"SELECT count() FROM {t}")[1][0][0]
+                                            for t in ("usage_aggregates", "usage_aggregates_hourly")]
     minute = lambda c: WindowRow("o", c, "x", 0, 60_000, 1, 10**18, 1)
     hour = lambda c: WindowRow("o", c, "x", 0, 3_600_000, 1, 10**18, 1, grain="hour")
     partition.write_batch([WindowRows("", [minute("first")])])  # nothing written yet: at once
