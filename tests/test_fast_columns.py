@@ -137,6 +137,28 @@ def test_a_key_ordered_row_blocks_batch_is_the_sorted_batch(blocks, table, enric
 
 
 @compiled_only
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32), st.text(alphabet="cus_0\x00é", max_size=6), st.integers(6, 14))
+def test_many_distinct_values_sharing_a_prefix_are_ordered_by_their_bytes(seed, prefix, longest):
+    """Thousands of distinct values a column (the compiled sort's radix path, past 4,096):
+    one shared prefix, then suffixes that end before, inside and past the 8 bytes it compares
+    as an integer, with NULs, multi-byte characters and many equal 8-byte prefixes."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = ["0", "1", "\x00", "\x01", "é", "\U0001f600", "z"]
+    def text() -> str:
+        return prefix + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+    rows = [(text(), text(), rng.choice(["a", "b\x00", "b"]), rng.randint(0, 2)) for _ in range(6_000)]
+    keys = [row[:3] for row in rows]
+    buffers, order = columnar._fast_key_order(keys, np.array([row[3] for row in rows], np.int64), 3)
+    expected = sorted(range(len(rows)), key=lambda i: (*(t.encode() for t in keys[i]), rows[i][3]))
+    assert np.frombuffer(order, np.int64).tolist() == expected
+    columns = columnar._string_arrays(buffers, columnar._BLOCK_KEY, len(rows))
+    assert columns["organization_id"].to_pylist() == [keys[i][0] for i in expected]
+
+
+@compiled_only
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(KEY_TEXT, KEY_TEXT, KEY_TEXT, st.integers(0, 2)), max_size=40))
 def test_the_compiled_key_order_is_pythons_sort_by_utf8_bytes(rows):
