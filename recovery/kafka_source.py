@@ -277,6 +277,11 @@ class UsageSource(FixedPartitionedSource[IntakeBatch, PartitionResume]):
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 50,
+            # librdkafka stops fetching a partition whose queue holds queued.min.messages (100k)
+            # and, by default, waits 1 s before asking again: a consumer slower than the broker
+            # (catching up on a backlog, as after a restart) drained its queue in ~0.3 s and
+            # then sat idle. Asking again after 10 ms keeps it fed.
+            "fetch.queue.backoff.ms": 10,
         }
         config.update(self.extra_config)
         return self.kafka.consumer(config)
