@@ -213,19 +213,49 @@ class BackgroundInserts:
                 self._cond.notify_all()
 
 
+@dataclass
+class WorkerWriter:
+    """What the partitions of one sink on one worker share: their buffer, so a flush writes
+    every partition's rows in one insert per table (16 shards' partitions on one worker made
+    16 small inserts, 16 parts for ClickHouse to merge, where one does), and one customer
+    attributes client with its cache, and the thread that inserts. The last partition to close
+    stops the thread and closes the client. A partition built alone has one of its own."""
+
+    buffer: SharedBuffer
+    inserts: BackgroundInserts
+    attributes: CustomerAttributes | None
+    partitions: int = 0
+    closed: bool = False
+
+    def release(self) -> None:
+        with self.buffer.lock:
+            self.partitions -= 1
+            if self.partitions == 0 and not self.closed:
+                self.closed = True
+                self.inserts.stop()
+                if self.attributes is not None:
+                    self.attributes.close()
+
+    @classmethod
+    def start(cls, backend: ClickHouseBackend, attributes: CustomerAttributes | None) -> "WorkerWriter":
+        return cls(SharedBuffer(), BackgroundInserts(backend), attributes)
+
+
 class ClickHousePartition(BufferedPartition[Item]):
     def __init__(self, backend: ClickHouseBackend, max_rows: int, max_age_s: float,
                  attributes: CustomerAttributes | None = None,
                  table_of: Callable[[Row], str] = window_table, *,
-                 buffer: SharedBuffer | None = None, inserts: BackgroundInserts | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
-        super().__init__(max_rows, max_age_s, buffer=buffer)
+                 writer: WorkerWriter | None = None) -> None:
+        """``writer``: what this partition shares with the others of its sink on its worker
+        (``ClickHouseSink.build_part``); by default its own, with ``attributes``."""
+        writer = WorkerWriter.start(backend, attributes) if writer is None else writer
+        writer.partitions += 1
+        super().__init__(max_rows, max_age_s, buffer=writer.buffer)
         self._backend = backend
-        self._attributes = attributes
+        self._writer = writer
+        self._attributes = writer.attributes
+        self._inserts = writer.inserts
         self._table_of = table_of
-        self._own_inserts = inserts is None
-        self._inserts = BackgroundInserts(backend) if inserts is None else inserts
-        self._on_close = on_close
 
     def flush_due(self) -> None:
         """A full or old batch: encoded here, inserted while the worker goes on (at most
@@ -356,12 +386,7 @@ class ClickHousePartition(BufferedPartition[Item]):
         try:
             super().close()
         finally:
-            if self._own_inserts:
-                self._inserts.stop()
-            if self._on_close is not None:
-                self._on_close()
-            elif self._attributes is not None:
-                self._attributes.close()
+            self._writer.release()
 
 
 def _about_rows(err: ClickHouseError) -> bool:
@@ -429,7 +454,7 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
     """ClickHouse output of one typed stream, split into ``partitions`` (``sink_partitions``);
     ``table_of`` says where a row goes (:func:`window_table`, the default,
     :func:`metric_table`, :func:`late_table`). The partitions a worker holds write together:
-    one insert per table per flush, whatever the number of partitions (``_WorkerWriter``).
+    one insert per table per flush, whatever the number of partitions (``WorkerWriter``).
 
     Items arrive keyed by shard (``"0"``, ``"1"``, …); shard ``k`` goes to partition ``"k"``
     when it exists, so each writer takes whole shards and none is hashed onto another's:
@@ -453,7 +478,7 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
         self.table_of = table_of
         # Bytewax indexes part_fn's value into the sorted global list of partitions.
         self._index = {name: i for i, name in enumerate(sorted(self._parts()))}
-        self._writers: dict[int, _WorkerWriter] = {}
+        self._writers: dict[int, WorkerWriter] = {}
         self._writers_lock = threading.Lock()
 
     def list_parts(self) -> list[str]:
@@ -472,44 +497,16 @@ class ClickHouseSink(FixedPartitionedSink[Item, None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ClickHousePartition:
         """A partition that shares its buffer, and its customer attributes' cache, with this
-        sink's other partitions on the same worker (:class:`_WorkerWriter`)."""
+        sink's other partitions on the same worker (:class:`WorkerWriter`)."""
         backend = _process_backend(self.url)
         _ensure_schema_once(self.url, backend, self.enrichment.fields if self.enrichment else ())
-        writer = self._worker_writer(backend)
-        return ClickHousePartition(backend, self.max_rows, self.max_age_s, writer.attributes,
-                                   self.table_of, buffer=writer.buffer, inserts=writer.inserts,
-                                   on_close=writer.release)
-
-    def _worker_writer(self, backend: ClickHouseBackend) -> "_WorkerWriter":
         with self._writers_lock:
             worker = threading.get_ident()  # Bytewax builds a worker's partitions on its thread
             writer = self._writers.get(worker)
             if writer is None or writer.closed:
                 attributes = self.enrichment.client() if self.enrichment else None
-                writer = self._writers[worker] = _WorkerWriter(SharedBuffer(), BackgroundInserts(backend),
-                                                               attributes)
-            writer.partitions += 1
-            return writer
+                writer = self._writers[worker] = WorkerWriter.start(backend, attributes)
+            return ClickHousePartition(backend, self.max_rows, self.max_age_s, table_of=self.table_of,
+                                       writer=writer)
 
 
-@dataclass
-class _WorkerWriter:
-    """What the partitions of one sink on one worker share: their buffer, so a flush writes
-    every partition's rows in one insert per table (16 shards' partitions on one worker made
-    16 small inserts, 16 parts for ClickHouse to merge, where one does), and one customer
-    attributes client with its cache. The last partition to close closes the client."""
-
-    buffer: SharedBuffer
-    inserts: BackgroundInserts
-    attributes: CustomerAttributes | None
-    partitions: int = 0
-    closed: bool = False
-
-    def release(self) -> None:
-        with self.buffer.lock:
-            self.partitions -= 1
-            if self.partitions == 0 and not self.closed:
-                self.closed = True
-                self.inserts.stop()
-                if self.attributes is not None:
-                    self.attributes.close()

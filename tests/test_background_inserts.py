@@ -93,7 +93,7 @@ def test_an_error_that_is_not_about_rows_is_raised_on_the_worker_at_the_snapshot
     with pytest.raises(ClickHouseError) as raised:
         part.snapshot()
     assert raised.value.code == 60
-    part._inserts.stop()
+    part._writer.release()
 
 
 def test_rows_refused_in_the_background_are_written_alone_on_the_worker(monkeypatch):
